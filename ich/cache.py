@@ -1,0 +1,78 @@
+"""The image cache: one uint8 array of every image, read by memory mapping.
+
+Layout, in a clean dir:
+- `images.npy`: shape (n_files, size, size, n_windows), uint8, one row per
+  input file in sorted file-name order (rows of rejected files stay zero).
+  A `.npy` header makes it self-describing; `np.load(mmap_mode="r")` gives
+  random access without decoding anything, so a training loader reads one
+  image in microseconds, and the OS page cache does the rest.
+- `cache_meta.json`: the settings the cache was built with (size, windows,
+  sigmoid, crop, chunk size), the number of files and a digest of their names:
+  a rerun reuses the cache only when all of these match.
+- `parts/chunk_XXXXXXXX.parquet`: per-chunk results (header fields, quality,
+  rejection reasons). A chunk is done when its part exists: that is what
+  makes a killed run resumable without redoing finished chunks.
+
+Why this format (see BENCHMARKS.md): decoding DICOM costs about a millisecond
+per slice and PNG encoding several more; a memory-mapped uint8 array costs
+nothing to decode and writes at disk speed. Its price is size: 196,608 bytes
+per image at 256 px with three windows (about 172 GB for the full train and
+test data, against about 450 GB of DICOMs). Rows follow file order, not slice
+order, so prepare can write each image as soon as it is read (one pass over
+the DICOMs); a reader finds neighbors through slices.parquet's `cache_row`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+IMAGES = "images.npy"
+META = "cache_meta.json"
+PARTS = "parts"
+FORMAT_VERSION = 1
+
+
+def files_digest(names) -> str:
+    h = hashlib.sha1()
+    for name in names:
+        h.update(name.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def read_meta(clean_dir: Path) -> dict | None:
+    path = Path(clean_dir) / META
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_atomic(path: Path, write) -> None:
+    """Write through a temporary file and rename, so a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def create_images(clean_dir: Path, n: int, size: int, channels: int) -> None:
+    # open_memmap makes a sparse file: untouched rows cost no disk and read as zeros
+    arr = np.lib.format.open_memmap(Path(clean_dir) / IMAGES, mode="w+", dtype=np.uint8,
+                                    shape=(n, size, size, channels))
+    del arr
+
+
+def open_images(clean_dir: Path, writable: bool = False) -> np.ndarray:
+    """The cache as a memory map: (n_rows, size, size, channels) uint8."""
+    return np.load(Path(clean_dir) / IMAGES, mmap_mode="r+" if writable else "r")
