@@ -130,6 +130,8 @@ def _open(path, stop_before_pixels: bool):
 
 def header_from_dataset(ds) -> SliceHeader:
     """Validate the tags prepare_data needs; raise Rejected naming the first problem."""
+    if "SOPInstanceUID" not in ds and "Modality" not in ds:
+        raise Rejected("unreadable", "header incomplete: no SOPInstanceUID and no Modality (truncated file?)")
     try:
         modality = str(ds.get("Modality", "")).strip().upper()
         if modality != "CT":

@@ -182,7 +182,7 @@ def _finish(table: pd.DataFrame, labels, cfg: PrepareConfig, summary: Summary):
         ok = ok[has]
         summary.labels_without_image = int((~labels.index.isin(ok["image_id"])).sum())
 
-    ok = ok.drop(columns=["reason", "detail"])
+    ok = ok.drop(columns=["reason", "detail"]).astype({"rows": np.int32, "cols": np.int32})
     if labels is not None:
         ok = ok.join(labels, on="image_id")
     slices = order_slices(ok)

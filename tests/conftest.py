@@ -1,0 +1,76 @@
+"""Shared fixtures: the real competition slice, and small hand-made DICOM sets."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ich.labels import LABELS, to_long
+from ich.synthetic.dicom_writer import write_ct_slice
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_SLICE = Path(os.environ.get("ICH_REAL_SLICE", REPO.parent / "shared" / "data" / "ID_0000ca2f6.dcm"))
+
+
+@pytest.fixture
+def real_slice() -> Path:
+    if not REAL_SLICE.is_file():
+        pytest.skip(f"real competition slice not found at {REAL_SLICE} (set ICH_REAL_SLICE)")
+    return REAL_SLICE
+
+
+def phantom(size: int = 64, seed: int = 0, lesion: bool = False) -> np.ndarray:
+    """A small disc 'head' in HU: air, skull ring, brain, optional bright blob."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - size / 2, xx - size / 2) / (size / 2)
+    hu = np.full((size, size), -1000.0)
+    hu[r < 0.85] = 1000.0
+    hu[r < 0.75] = 35.0
+    if lesion:
+        hu[np.hypot(yy - size * 0.4, xx - size * 0.6) < size * 0.1] = 75.0
+    return hu + rng.normal(0, 3, hu.shape) * (r < 0.75)
+
+
+def write_series(folder: Path, *, series: str, patient: str, study: str | None = None, n: int = 6,
+                 spacing: float = 5.0, size: int = 64, tilt: bool = False, descending: bool = False,
+                 first_id: int = 0, **kwargs) -> list[str]:
+    """n slices of one series, written in scrambled file-name order; returns image ids by true z order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    orientation = (1.0, 0.0, 0.0, 0.0, 0.920505, -0.390731) if tilt else (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    o = np.array(orientation)
+    normal = np.cross(o[:3], o[3:])
+    ids = []
+    rng = np.random.default_rng(first_id)
+    hexes = rng.permutation(n)  # file names unrelated to order
+    for k in range(n):
+        step = -k if descending else k
+        pos = np.array([-125.0, -112.0, 0.0]) + normal * step * spacing
+        image_id = f"ID_{series[-3:]}{hexes[k]:03d}{first_id:02d}"
+        write_ct_slice(folder / f"{image_id}.dcm", phantom(size, seed=k), sop_uid=image_id, patient_id=patient,
+                       study_uid=study or f"ID_st{series}", series_uid=series, position=tuple(pos),
+                       orientation=orientation, **kwargs)
+        ids.append(image_id)
+    return ids[::-1] if descending else ids
+
+
+def write_labels(path: Path, image_ids, seed: int = 0, positive_rate: float = 0.3) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    wide = pd.DataFrame((rng.random((len(image_ids), 5)) < positive_rate).astype(np.int8),
+                        index=pd.Index(image_ids, name="image_id"), columns=list(LABELS[:5]))
+    wide["any"] = wide.max(axis=1)
+    to_long(wide).to_csv(path, index=False)
+    return wide
+
+
+SETTINGS_TEMPLATE = {
+    "RAW_DATA_DIR": "raw",
+    "TRAIN_DATA_CLEAN_PATH": "clean/train",
+    "TEST_DATA_CLEAN_PATH": "clean/test",
+    "MODEL_CHECKPOINT_DIR": "models",
+    "LOGS_DIR": "logs",
+    "SUBMISSION_DIR": "submissions",
+}

@@ -1,0 +1,126 @@
+"""Reading one slice: the real competition slice, each quirk, each rejection reason."""
+import warnings
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import JPEG2000Lossless, RLELossless
+
+from conftest import phantom
+from ich.dicom import REASONS, Rejected, read_header, read_hu
+from ich.synthetic.dicom_writer import write_ct_slice
+
+IDS = dict(sop_uid="ID_0123abcde", patient_id="ID_p1", study_uid="ID_st1", series_uid="ID_se1")
+
+
+def test_real_slice(real_slice):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the ID_ UIDs must not spam warnings
+        header, hu = read_hu(real_slice)
+    assert header.image_id == "ID_0000ca2f6" and header.series_id == "ID_d6ba679446"
+    assert header.patient_id == "ID_8c5a14af" and header.study_id == "ID_a84b7a0dcd"
+    assert (header.window_center, header.window_width) == (30.0, 80.0)
+    assert (header.intercept, header.slope, header.bits_stored) == (-1024.0, 1.0, 16)
+    assert not header.needs_bits12_fix
+    assert hu.shape == (512, 512) and hu.dtype == np.float32
+    # -2000 padding clipped to air; skull is bright; brain tissue present
+    assert hu.min() == -1024 and 1500 < hu.max() <= 3071
+    assert 0.2 < np.mean((hu > 0) & (hu < 80)) < 0.5
+    # tilted gantry: z is the position projected on the slice normal, not the raw z
+    o = np.array(header.orientation)
+    assert header.z == pytest.approx(np.dot(np.cross(o[:3], o[3:]), header.position))
+    assert header.z != pytest.approx(header.position[2])
+
+
+def write(path, hu=None, **kw):
+    write_ct_slice(path, phantom(32) if hu is None else hu, **{**IDS, **kw})
+    return path
+
+
+def test_bits12_fix_recovers_hu(tmp_path):
+    hu = phantom(32, lesion=True).round()
+    header, got = read_hu(write(tmp_path / "a.dcm", hu, bits12_quirk=True))
+    assert header.bits_stored == 12 and header.pixel_representation == 0 and header.needs_bits12_fix
+    np.testing.assert_array_equal(got, np.clip(hu, -1000, 3071))
+    # without the fix the air would read as bone: check the quirk is real
+    raw = pydicom.dcmread(tmp_path / "a.dcm").pixel_array
+    assert raw.max() > 3000
+
+
+def test_padding_and_window_list(tmp_path):
+    hu = phantom(32)
+    mask = np.zeros_like(hu, dtype=bool)
+    mask[:2] = True
+    header, got = read_hu(write(tmp_path / "a.dcm", hu, padding_mask=mask, window_center=[36, 40],
+                                window_width=[80, 90]))
+    assert (header.window_center, header.window_width) == (36.0, 80.0)
+    assert got[:2].min() == -1024 and got[:2].max() == -1024
+    np.testing.assert_allclose(got[2:], np.clip(np.round(hu[2:]), -1024, 3071))
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless])
+def test_compressed_transfer_syntax(tmp_path, syntax):
+    hu = phantom(32, lesion=True)
+    try:
+        write(tmp_path / "c.dcm", hu, transfer_syntax=syntax)
+    except Exception as exc:  # encoder missing is the writer's problem, not the reader's
+        pytest.skip(f"cannot encode {syntax.name} here: {exc}")
+    assert pydicom.dcmread(tmp_path / "c.dcm").file_meta.TransferSyntaxUID == syntax
+    _, plain = read_hu(write(tmp_path / "p.dcm", hu))
+    _, comp = read_hu(tmp_path / "c.dcm")
+    np.testing.assert_array_equal(plain, comp)
+
+
+def _edit(path, fn):
+    ds = pydicom.dcmread(path)
+    fn(ds)
+    ds.save_as(path)
+    return path
+
+
+def make_bad(tmp_path, reason):
+    """A file that must be rejected for `reason` (the prepare tests reuse this)."""
+    p = tmp_path / f"{reason}.dcm"
+    if reason == "not_dicom":
+        p.write_text("this is not a DICOM file\n" * 10)
+    elif reason == "unreadable":
+        good = write(tmp_path / "tmp_src.dcm").read_bytes()
+        p.write_bytes(good[:200])  # truncated inside the header
+        (tmp_path / "tmp_src.dcm").unlink()
+    elif reason == "not_ct":
+        _edit(write(p), lambda ds: setattr(ds, "Modality", "MR"))
+    elif reason == "missing_uid":
+        _edit(write(p), lambda ds: delattr(ds, "SeriesInstanceUID"))
+    elif reason == "unsafe_id":
+        write(p, sop_uid="../../evil")
+    elif reason == "missing_position":
+        _edit(write(p), lambda ds: delattr(ds, "ImagePositionPatient"))
+    elif reason == "missing_rescale":
+        _edit(write(p), lambda ds: delattr(ds, "RescaleIntercept"))
+    elif reason == "no_pixel_data":
+        _edit(write(p), lambda ds: delattr(ds, "PixelData"))
+    elif reason == "pixel_decode_failed":
+        good = write(p).read_bytes()
+        p.write_bytes(good[: len(good) - 700])  # truncated in the pixel data, like ID_6431af929
+    elif reason == "bad_shape":
+        def two_frames(ds):
+            ds.NumberOfFrames = 2
+            ds.PixelData = ds.PixelData * 2
+        _edit(write(p), two_frames)
+    return p
+
+
+FILE_REASONS = [r for r in REASONS if r not in ("duplicate_id", "no_labels")]  # those need a whole set
+
+
+@pytest.mark.parametrize("reason", FILE_REASONS)
+def test_each_rejection_reason(tmp_path, reason):
+    path = make_bad(tmp_path, reason)
+    with pytest.raises(Rejected) as info:
+        read_hu(path)
+    assert info.value.reason == reason, info.value
+
+
+def test_header_pass_does_not_need_pixels(tmp_path):
+    path = make_bad(tmp_path, "pixel_decode_failed")
+    assert read_header(path).image_id == IDS["sop_uid"]

@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+
+from conftest import phantom
+from ich.dicom import read_stored
+from ich.image import Window, apply_windows, crop_box, process_slice, window_linear, window_sigmoid
+
+BRAIN = Window("brain", 40, 80)
+
+
+def test_linear_window_matches_definition():
+    hu = np.linspace(-200, 300, 1001, dtype=np.float32).reshape(1, -1)
+    got = window_linear(hu, BRAIN).astype(float)
+    ref = np.clip((hu - 0) / 80 * 255, 0, 255)
+    assert np.abs(got - ref).max() <= 0.5 + 1e-6  # rounding only
+    assert got[0, 0] == 0 and got[0, -1] == 255
+
+
+def test_sigmoid_window_is_smooth_and_monotonic():
+    hu = np.linspace(-200, 300, 1001, dtype=np.float32).reshape(1, -1)
+    got = window_sigmoid(hu, BRAIN).astype(int)[0]
+    assert np.all(np.diff(got) >= 0)
+    center = got[np.argmin(np.abs(hu[0] - 40))]
+    assert 120 <= center <= 135
+    assert got[np.argmin(np.abs(hu[0] - 0))] <= 2 and got[np.argmin(np.abs(hu[0] - 80))] >= 253
+
+
+def test_apply_windows_channel_order():
+    hu = np.full((4, 4), 60.0, dtype=np.float32)
+    out = apply_windows(hu, [BRAIN, Window("bone", 40, 380)])
+    assert out.shape == (4, 4, 2) and out.dtype == np.uint8
+    assert out[0, 0, 0] == round(60 / 80 * 255) and out[0, 0, 1] == round((60 + 150) / 380 * 255)
+
+
+def test_crop_box_finds_the_head_not_the_holder():
+    hu = np.full((256, 256), -1000.0, dtype=np.float32)
+    hu[60:200, 80:180] = 40.0  # head
+    hu[20:240, 5:8] = 100.0    # head holder arc, separate from the head
+    y0, y1, x0, x1 = crop_box(hu)
+    assert y1 - y0 == x1 - x0  # square
+    assert y0 <= 60 and y1 >= 200 and x0 > 8 and x1 - x0 < 160
+    assert crop_box(np.full((64, 64), -1000.0, dtype=np.float32)) is None
+
+
+@pytest.mark.parametrize("crop", [False, True])
+def test_process_real_slice(real_slice, crop):
+    header, stored = read_stored(real_slice)
+    img, quality = process_slice(stored, header, size=128, windows=[BRAIN, Window("bone", 40, 380)], crop=crop)
+    assert img.shape == (128, 128, 2) and img.dtype == np.uint8
+    assert quality["fixes"] == "padding" and quality["cropped"] == crop
+    assert 0.2 < quality["brain_fraction"] < 0.6
+    # the brain window shows mid-grey tissue; the corners are air
+    assert img[0, 0, 0] == 0 and 40 < img[48:80, 48:80, 0].mean() < 160
+
+
+def test_process_bits12(tmp_path):
+    from ich.synthetic.dicom_writer import write_ct_slice
+    hu = phantom(64)
+    write_ct_slice(tmp_path / "a.dcm", hu, sop_uid="ID_a", patient_id="ID_p", study_uid="ID_s",
+                   series_uid="ID_se", bits12_quirk=True)
+    header, stored = read_stored(tmp_path / "a.dcm")
+    img, quality = process_slice(stored, header, size=64, windows=[BRAIN])
+    assert quality["fixes"] == "bits12"
+    assert img[0, 0, 0] == 0 and img[32, 32, 0] == round(np.clip(round(hu[32, 32]), -1000, 3071) / 80 * 255)
