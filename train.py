@@ -1,7 +1,48 @@
 #!/usr/bin/env python
-"""Stage one: K-fold timm CNNs on the image cache (not built yet: issue "Stage one")."""
-import sys
+"""Stage one: train K-fold timm CNNs on the image cache (see entry_points.md).
+
+Several GPUs: torchrun --nproc_per_node=N train.py --config ... (same outputs).
+"""
+from ich.cli import friendly_errors, parser
+from ich.settings import load_settings
+
+
+def main(argv=None):
+    p = parser(__doc__)
+    p.add_argument("--config", required=True, help="experiment config, e.g. configs/demo_cpu.yaml")
+    p.add_argument("--folds", default=None, help="comma-separated folds to train (default: all)")
+    p.add_argument("--resume", action="store_true", help="continue killed folds, skip finished ones")
+    p.add_argument("--force", action="store_true", help="retrain the requested folds from scratch")
+    p.add_argument("--lr-find", action="store_true", help="run the learning-rate finder instead of training")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+
+    from models.experiment import TrainError, load_train_table, run_experiment
+    from models.net import MissingWeightsError
+    with friendly_errors(TrainError, MissingWeightsError):
+        from models import runtime as rt
+        from models.config import load_experiment
+        settings = load_settings(args.settings)
+        cfg = load_experiment(args.config)
+        folds = None if args.folds is None else [int(f) for f in args.folds.split(",") if f.strip()]
+        runtime = rt.setup(cfg.train.amp, cfg.train.channels_last)
+        log = print if runtime.is_main else (lambda *a, **k: None)
+        try:
+            log(f"{cfg.name}: {cfg.model.backbone} at {cfg.final_size} px, input {cfg.input.mode}, "
+                f"device {runtime.device}" + (f" x {runtime.world_size} processes" if runtime.distributed else ""))
+            if args.lr_find:
+                from models.lr_finder import find_lr
+                slices = load_train_table(settings.train_clean_dir)
+                out = find_lr(cfg, slices, settings.train_clean_dir, runtime,
+                              settings.logs_dir / cfg.name / "lr_finder.png", progress=not args.no_progress)
+                log(f"suggested lr {out['suggested_lr']:.2e} (steepest descent); plot: {out['plot']}")
+                return
+            run_experiment(cfg, clean_dir=settings.train_clean_dir, model_dir=settings.model_checkpoint_dir,
+                           logs_dir=settings.logs_dir, runtime=runtime, folds=folds, resume=args.resume,
+                           force=args.force, progress=not args.no_progress, log=log)
+        finally:
+            rt.teardown()
+
 
 if __name__ == "__main__":
-    print("train.py is not built yet: stage one is the next issue. See entry_points.md.", file=sys.stderr)
-    sys.exit(3)
+    main()

@@ -76,3 +76,10 @@ def create_images(clean_dir: Path, n: int, size: int, channels: int) -> None:
 def open_images(clean_dir: Path, writable: bool = False) -> np.ndarray:
     """The cache as a memory map: (n_rows, size, size, channels) uint8."""
     return np.load(Path(clean_dir) / IMAGES, mmap_mode="r+" if writable else "r")
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+    write_atomic(path, write)

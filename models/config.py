@@ -1,0 +1,184 @@
+"""Stage-one experiment configs: one YAML file per experiment in configs/.
+
+The file is the whole experiment: backbone, input, augmentations, loss,
+sampler, optimizer, schedule and run settings. Sections and keys map to the
+dataclasses below; an unknown key is an error (a typo must not silently fall
+back to a default), and so is a value of the wrong type.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ich.config import ConfigError, load_yaml
+
+
+@dataclass
+class ModelCfg:
+    backbone: str = "resnet18"       # any timm model name
+    pretrained: str | None = None    # local weights file (.pth/.bin/.safetensors); None = random init
+    dropout: float = 0.0             # before the linear head
+
+
+@dataclass
+class InputCfg:
+    mode: str = "windows"            # windows: the cached windows of one slice | adjacent: one window on slices i-1, i, i+1
+    adjacent_channel: int = 0        # adjacent mode: which cached window (0 = brain by default)
+    size: int = 256                  # training and inference size (cache images are resized when different)
+    progressive: list | None = None  # [[size, epochs], ...]: progressive resizing; epochs must add up to train.epochs
+
+
+@dataclass
+class AugmentCfg:
+    hflip: float = 0.5               # probability
+    shift_scale_rotate: float = 0.5  # probability of an affine jitter with the limits below
+    shift_limit: float = 0.0625      # fraction of the image size
+    scale_limit: float = 0.1
+    rotate_limit: float = 15.0       # degrees
+    transpose: float = 0.0
+    blur: float = 0.0
+    blur_limit: int = 3
+    contrast: float = 0.0            # probability of brightness/contrast jitter
+    contrast_limit: float = 0.2
+    erasing: float = 0.0             # probability of random erasing (CoarseDropout)
+    erasing_holes: int = 4
+    erasing_size: float = 0.2        # max hole side, fraction of the image size
+
+
+@dataclass
+class LossCfg:
+    any_weight: float = 2.0          # the metric's weight on `any`
+    pos_weight: bool = False         # weight positives by each label's negative/positive ratio (hurts calibration)
+
+
+@dataclass
+class SamplerCfg:
+    kind: str = "all"                # all | balanced (every positive + neg_ratio x as many random negatives per epoch)
+    neg_ratio: float = 1.0
+
+
+@dataclass
+class OptimCfg:
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"         # cosine | onecycle | step
+    warmup_epochs: float = 0.0       # cosine: linear warm-up length
+    step_epochs: int = 2             # step: decay every this many epochs
+    step_gamma: float = 0.3
+
+
+@dataclass
+class TrainCfg:
+    epochs: int = 3
+    batch_size: int = 32
+    accumulate: int = 1              # gradient accumulation steps
+    amp: str = "bf16"                # none | bf16 | fp16 (CUDA only; CPU runs fp32)
+    channels_last: bool = True       # CUDA only
+    freeze_epochs: int = 0           # epochs with the backbone frozen (head warm-up)
+    num_workers: int = 2
+    seed: int = 0
+    tta_hflip: bool = True           # flip TTA for out-of-fold and test predictions
+    n_folds: int | None = None       # None: every fold in slices.parquet
+
+
+@dataclass
+class ExperimentCfg:
+    name: str = "experiment"
+    model: ModelCfg = field(default_factory=ModelCfg)
+    input: InputCfg = field(default_factory=InputCfg)
+    augment: AugmentCfg = field(default_factory=AugmentCfg)
+    loss: LossCfg = field(default_factory=LossCfg)
+    sampler: SamplerCfg = field(default_factory=SamplerCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def size_at(self, epoch: int) -> int:
+        """Image size for an epoch (progressive resizing), the final size past the end."""
+        if not self.input.progressive:
+            return self.input.size
+        done = 0
+        for size, epochs in self.input.progressive:
+            done += epochs
+            if epoch < done:
+                return int(size)
+        return int(self.input.progressive[-1][0])
+
+    @property
+    def final_size(self) -> int:
+        return self.size_at(self.train.epochs - 1)
+
+
+SECTIONS = {"model": ModelCfg, "input": InputCfg, "augment": AugmentCfg, "loss": LossCfg,
+            "sampler": SamplerCfg, "optim": OptimCfg, "train": TrainCfg}
+_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
+
+
+def _check_value(where: str, key: str, value, type_text: str):
+    optional = "None" in type_text
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}.{key} must not be empty")
+    base = type_text.replace(" | None", "").strip()
+    if base == "list":
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}.{key} must be a list, got {value!r}")
+        return value
+    want = _TYPES[base]
+    if isinstance(value, bool) and base != "bool":
+        raise ConfigError(f"{where}.{key} must be {base}, got {value!r}")
+    if not isinstance(value, want):
+        raise ConfigError(f"{where}.{key} must be {base}, got {value!r}")
+    return float(value) if base == "float" else value
+
+
+def from_dict(data: dict, where: str = "config") -> ExperimentCfg:
+    unknown = sorted(set(data) - set(SECTIONS) - {"name"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; known: name, {', '.join(SECTIONS)}")
+    kwargs = {"name": str(data.get("name", "experiment"))}
+    for section, cls in SECTIONS.items():
+        values = data.get(section) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section {section} must be a mapping")
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        bad = sorted(set(values) - set(types))
+        if bad:
+            raise ConfigError(f"{where}: unknown key(s) {section}.{', '.join(bad)}; known: {', '.join(types)}")
+        kwargs[section] = cls(**{k: _check_value(f"{where}: {section}", k, v, types[k]) for k, v in values.items()})
+    cfg = ExperimentCfg(**kwargs)
+    _validate(cfg, where)
+    return cfg
+
+
+def _validate(cfg: ExperimentCfg, where: str) -> None:
+    def need(ok, message):
+        if not ok:
+            raise ConfigError(f"{where}: {message}")
+    need(cfg.input.mode in ("windows", "adjacent"), "input.mode must be windows or adjacent")
+    need(cfg.sampler.kind in ("all", "balanced"), "sampler.kind must be all or balanced")
+    need(cfg.optim.schedule in ("cosine", "onecycle", "step"), "optim.schedule must be cosine, onecycle or step")
+    need(cfg.train.amp in ("none", "bf16", "fp16"), "train.amp must be none, bf16 or fp16")
+    need(cfg.train.epochs >= 1 and cfg.train.batch_size >= 1 and cfg.train.accumulate >= 1,
+         "train.epochs, train.batch_size and train.accumulate must be >= 1")
+    need(0 <= cfg.train.freeze_epochs < cfg.train.epochs or cfg.train.freeze_epochs == 0,
+         "train.freeze_epochs must be smaller than train.epochs")
+    need(cfg.input.size >= 16, "input.size must be >= 16")
+    if cfg.input.progressive:
+        try:
+            pairs = [(int(s), int(e)) for s, e in cfg.input.progressive]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: input.progressive must be a list of [size, epochs] pairs") from None
+        need(sum(e for _, e in pairs) == cfg.train.epochs,
+             f"input.progressive epochs add up to {sum(e for _, e in pairs)}, train.epochs is {cfg.train.epochs}")
+        cfg.input.progressive = [list(p) for p in pairs]
+
+
+def load_experiment(path: str | Path) -> ExperimentCfg:
+    data = load_yaml(path)
+    data.setdefault("name", Path(path).stem)
+    return from_dict(data, where=str(path))

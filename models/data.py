@@ -1,0 +1,133 @@
+"""Stage-one data: slices.parquet + the image cache -> uint8 tensors.
+
+The dataset never decodes DICOM: it reads rows of the memory-mapped cache
+(ich.cache). Batches stay uint8 until they reach the device, where the model
+normalizes them (4x less to copy than float32).
+
+Input modes (config `input.mode`):
+- windows: the cached windows of one slice as channels;
+- adjacent: one cached window (input.adjacent_channel) of slices i-1, i, i+1
+  of the same series, neighbors found by slice_index (edges repeat the slice).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ich import cache
+from ich.labels import LABELS
+
+cv2.setNumThreads(1)
+
+
+def with_neighbors(slices: pd.DataFrame) -> pd.DataFrame:
+    """Add prev_row / next_row: cache rows of the neighbor slices in the same series."""
+    s = slices.sort_values(["series_id", "slice_index"], kind="mergesort")
+    same_prev = s["series_id"].eq(s["series_id"].shift(1))
+    same_next = s["series_id"].eq(s["series_id"].shift(-1))
+    rows = s["cache_row"]
+    prev = rows.shift(1).where(same_prev, rows)
+    nxt = rows.shift(-1).where(same_next, rows)
+    out = slices.copy()
+    out["prev_row"] = prev.reindex(slices.index).astype(np.int64)
+    out["next_row"] = nxt.reindex(slices.index).astype(np.int64)
+    return out
+
+
+class SliceDataset(Dataset):
+    """Item i -> (uint8 tensor C x H x W, float32 labels (6,) or zeros, i)."""
+
+    def __init__(self, table: pd.DataFrame, clean_dir: str | Path, *, mode: str = "windows",
+                 channel: int = 0, size: int = 256, transform=None):
+        self.clean_dir = str(clean_dir)
+        self.rows = table["cache_row"].to_numpy(np.int64)
+        self.prev = table["prev_row"].to_numpy(np.int64) if mode == "adjacent" else None
+        self.next = table["next_row"].to_numpy(np.int64) if mode == "adjacent" else None
+        has_labels = all(c in table for c in LABELS)
+        self.labels = (np.array(table[list(LABELS)].to_numpy(np.float32)) if has_labels
+                       else np.zeros((len(table), len(LABELS)), np.float32))
+        self.mode, self.channel, self.size, self.transform = mode, channel, size, transform
+        self._images = None  # opened lazily: a memmap must not be pickled into workers
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            self._images = cache.open_images(Path(self.clean_dir))
+        return self._images
+
+    def image(self, i: int) -> np.ndarray:
+        """HxWxC uint8 as the network sees it (before augmentation)."""
+        if self.mode == "windows":
+            img = np.asarray(self.images[self.rows[i]])
+        else:
+            c = self.channel
+            img = np.stack([self.images[self.prev[i], :, :, c], self.images[self.rows[i], :, :, c],
+                            self.images[self.next[i], :, :, c]], axis=-1)
+        if img.shape[0] != self.size or img.shape[1] != self.size:
+            shrink = img.shape[0] > self.size
+            img = cv2.resize(img, (self.size, self.size),
+                             interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        return img
+
+    def __getitem__(self, i: int):
+        img = self.image(i)
+        if self.transform is not None:
+            img = self.transform(image=img)["image"]
+        x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+        return x, torch.tensor(self.labels[i]), i
+
+
+class EpochSampler(Sampler):
+    """Indices for one epoch: all items or balanced, shuffled by (seed, epoch), sharded by rank.
+
+    One sampler serves both single-process and DistributedDataParallel
+    training: every rank draws the same permutation from (seed, epoch) and
+    takes every world_size-th item, padded so all ranks see as many batches.
+    `balanced`: every positive (`any`) plus neg_ratio times as many negatives,
+    redrawn each epoch, so the network sees all negatives over many epochs.
+    """
+
+    def __init__(self, labels_any: np.ndarray, *, kind: str = "all", neg_ratio: float = 1.0,
+                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.pos = np.flatnonzero(labels_any > 0)
+        self.neg = np.flatnonzero(labels_any <= 0)
+        self.n_all = len(labels_any)
+        self.kind, self.neg_ratio, self.shuffle, self.seed = kind, neg_ratio, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_indices(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.kind == "balanced" and len(self.pos):
+            n_neg = min(len(self.neg), int(round(self.neg_ratio * len(self.pos))))
+            idx = np.concatenate([self.pos, rng.choice(self.neg, n_neg, replace=False)])
+        else:
+            idx = np.arange(self.n_all)
+        if self.shuffle:
+            idx = rng.permutation(idx)
+        per_rank = math.ceil(len(idx) / self.world_size)
+        if per_rank * self.world_size > len(idx):  # pad by repeating the start
+            idx = np.concatenate([idx, idx[: per_rank * self.world_size - len(idx)]])
+        return idx[self.rank::self.world_size]
+
+    def __iter__(self):
+        return iter(self.epoch_indices().tolist())
+
+    def __len__(self) -> int:
+        if self.kind == "balanced" and len(self.pos):
+            n = len(self.pos) + min(len(self.neg), int(round(self.neg_ratio * len(self.pos))))
+        else:
+            n = self.n_all
+        return math.ceil(n / self.world_size)

@@ -1,0 +1,138 @@
+"""train.py's work: every requested fold of one experiment, then the OOF files.
+
+Outputs in MODEL_CHECKPOINT_DIR/<experiment>/ (DESIGN.md, contract 2):
+- fold{k}.pt: best weights + config; fold{k}.last.pt: resume state;
+- fold{k}.oof.parquet / fold{k}.oof_emb.npy: that fold's held-out predictions;
+- oof.parquet (image_id + six probabilities, every train image exactly once,
+  in slices.parquet order) and oof_emb.npy (float16 pooled embeddings, rows
+  aligned), written once every fold is done.
+Logs in LOGS_DIR/<experiment>/: history.csv and training_curves.png.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ich.cache import save_npy_atomic, write_atomic
+from ich.labels import LABELS
+from ich.metric import per_label_log_loss, prior_baseline, weighted_log_loss
+
+from . import plots
+from .config import ExperimentCfg
+from .data import with_neighbors
+from .inference import make_loader, predict
+from .runtime import Runtime
+from .trainer import FoldData, make_dataset, train_fold
+
+
+class TrainError(RuntimeError):
+    """train.py cannot go on; the message says what to do."""
+
+
+def load_train_table(clean_dir: Path) -> pd.DataFrame:
+    path = clean_dir / "slices.parquet"
+    if not path.is_file():
+        raise TrainError(f"{path} not found: run prepare_data.py first")
+    slices = pd.read_parquet(path)
+    missing = [c for c in ("fold", "cache_row", *LABELS) if c not in slices]
+    if missing:
+        raise TrainError(f"{path} lacks columns {missing}: is it the train split?")
+    return with_neighbors(slices)
+
+
+def fold_done(out_dir: Path, k: int) -> bool:
+    return (out_dir / f"fold{k}.pt").is_file() and (out_dir / f"fold{k}.oof.parquet").is_file()
+
+
+def run_experiment(cfg: ExperimentCfg, *, clean_dir: Path, model_dir: Path, logs_dir: Path, runtime: Runtime,
+                   folds: list[int] | None = None, resume: bool = False, force: bool = False,
+                   progress: bool = True, log=print) -> dict:
+    slices = load_train_table(clean_dir)
+    all_folds = sorted(int(f) for f in slices["fold"].unique())
+    if cfg.train.n_folds is not None:
+        all_folds = all_folds[: cfg.train.n_folds]
+    folds = all_folds if folds is None else folds
+    bad = sorted(set(folds) - set(all_folds))
+    if bad:
+        raise TrainError(f"fold(s) {bad} do not exist; slices.parquet has folds {all_folds}")
+    out_dir, log_dir = model_dir / cfg.name, logs_dir / cfg.name
+    started = [k for k in folds if (out_dir / f"fold{k}.last.pt").is_file() or fold_done(out_dir, k)]
+    if started and not (resume or force):
+        raise TrainError(f"{out_dir} already has fold(s) {started}: pass --resume to continue "
+                         "(finished folds are skipped) or --force to retrain them from scratch")
+    if runtime.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        if force:
+            for k in folds:
+                for name in (f"fold{k}.pt", f"fold{k}.last.pt", f"fold{k}.oof.parquet", f"fold{k}.oof_emb.npy"):
+                    (out_dir / name).unlink(missing_ok=True)
+            for name in ("oof.parquet", "oof_emb.npy"):
+                (out_dir / name).unlink(missing_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    runtime.barrier()
+
+    for k in folds:
+        if fold_done(out_dir, k):
+            log(f"fold {k}: done already, skipped")
+            continue
+        t0 = time.time()
+        data = FoldData(train=slices[slices["fold"] != k], valid=slices[slices["fold"] == k], clean_dir=clean_dir)
+        model, history = train_fold(cfg, k, data, out_dir, runtime, resume=resume, progress=progress, log=log)
+        valid_set = make_dataset(cfg, data.valid, clean_dir, cfg.final_size, train=False)
+        loader = make_loader(valid_set, runtime, cfg.train.batch_size * 2, cfg.train.num_workers)
+        probs, emb = predict(model, loader, runtime, tta_hflip=cfg.train.tta_hflip, desc=f"fold {k} oof",
+                             progress=progress)
+        if runtime.is_main:
+            piece = pd.DataFrame(probs, columns=list(LABELS))
+            piece.insert(0, "image_id", data.valid["image_id"].to_numpy())
+            save_npy_atomic(out_dir / f"fold{k}.oof_emb.npy", emb)
+            write_atomic(out_dir / f"fold{k}.oof.parquet", lambda p: piece.to_parquet(p, index=False))
+            history.to_csv(log_dir / f"fold{k}_history.csv", index=False)
+            y = data.valid[list(LABELS)].to_numpy()
+            log(f"fold {k}: out-of-fold weighted log loss {weighted_log_loss(y, probs):.4f} with flip TTA "
+                f"({time.time() - t0:.0f} s)")
+        runtime.barrier()
+
+    result = {"out_dir": out_dir, "complete": all(fold_done(out_dir, k) for k in all_folds)}
+    if runtime.is_main:
+        histories = {k: pd.read_csv(log_dir / f"fold{k}_history.csv") for k in all_folds
+                     if (log_dir / f"fold{k}_history.csv").is_file()}
+        if histories:
+            pd.concat(histories.values()).to_csv(log_dir / "history.csv", index=False)
+            result["curves"] = plots.training_curves(histories, log_dir / "training_curves.png", cfg.name)
+        if result["complete"]:
+            result.update(assemble_oof(slices, out_dir, all_folds))
+            log(f"OOF weighted log loss {result['oof']:.4f} vs prior baseline {result['prior']:.4f} "
+                f"({len(slices)} images, {len(all_folds)} folds) -> {out_dir / 'oof.parquet'}")
+    return result
+
+
+def assemble_oof(slices: pd.DataFrame, out_dir: Path, folds: list[int]) -> dict:
+    """Join the fold pieces into oof.parquet / oof_emb.npy in slices.parquet order."""
+    pieces, embs = [], []
+    for k in folds:
+        piece = pd.read_parquet(out_dir / f"fold{k}.oof.parquet")
+        pieces.append(piece)
+        embs.append(np.load(out_dir / f"fold{k}.oof_emb.npy"))
+    oof = pd.concat(pieces, ignore_index=True)
+    emb = np.concatenate(embs)
+    position = pd.Series(np.arange(len(oof)), index=oof["image_id"])
+    if not position.index.is_unique or set(position.index) != set(slices["image_id"]):
+        raise TrainError("fold pieces do not cover every train image exactly once: rerun with --force")
+    order = position.loc[slices["image_id"]].to_numpy()
+    oof, emb = oof.iloc[order].reset_index(drop=True), emb[order]
+    save_npy_atomic(out_dir / "oof_emb.npy", emb)
+    write_atomic(out_dir / "oof.parquet", lambda p: oof.to_parquet(p, index=False))
+    y = slices[list(LABELS)].to_numpy()
+    p = oof[list(LABELS)].to_numpy()
+    prior = np.zeros_like(p)
+    for k in folds:  # each fold's prior comes from its own training folds, like the model
+        held = (slices["fold"] == k).to_numpy()
+        prior[held] = prior_baseline(y[~held], int(held.sum()))
+    return {"oof": weighted_log_loss(y, p), "prior": weighted_log_loss(y, prior),
+            "oof_per_label": dict(zip(LABELS, per_label_log_loss(y, p))), "n_images": len(slices)}

@@ -1,0 +1,82 @@
+"""Where training runs: device, precision, and torchrun's process group.
+
+`train.py` works unchanged under `torchrun --nproc_per_node=N`: torchrun sets
+RANK / WORLD_SIZE / LOCAL_RANK, and this module joins the process group
+(NCCL on CUDA, gloo on CPU). Only rank 0 writes files and prints.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    amp_dtype: torch.dtype | None = None  # None: full precision
+    channels_last: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    def gather(self, obj):
+        """List of every rank's obj (a one-element list when not distributed)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj):
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def setup(amp: str = "bf16", channels_last: bool = True) -> Runtime:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    amp_dtype = None
+    if device.type == "cuda" and amp != "none":
+        amp_dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return Runtime(device=device, rank=rank, world_size=world_size, amp_dtype=amp_dtype,
+                   channels_last=channels_last and device.type == "cuda")
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,189 @@
+"""Training one fold: epochs, validation, best checkpoint, resume state.
+
+Per epoch: train on the other folds (sampler, augmentations, AMP, gradient
+accumulation), validate on the held-out fold with the competition metric,
+append a row to the history, save `fold{k}.last.pt` (everything needed to
+resume) and, when the score improves, `fold{k}.pt` (weights + config only).
+Both load with torch.load(..., weights_only=True).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ich.labels import LABELS
+from ich.metric import per_label_log_loss, prior_baseline, weighted_log_loss
+
+from .augment import build_train_transform
+from .config import ExperimentCfg
+from .data import EpochSampler, SliceDataset
+from .inference import make_loader, predict
+from .net import SliceNet
+from .runtime import Runtime
+from .schedule import build_scheduler
+
+
+@dataclass
+class FoldData:
+    train: pd.DataFrame
+    valid: pd.DataFrame
+    clean_dir: Path
+
+
+def build_model(cfg: ExperimentCfg, runtime: Runtime) -> SliceNet:
+    model = SliceNet(cfg.model.backbone, cfg.model.pretrained, cfg.model.dropout).to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def make_dataset(cfg: ExperimentCfg, table, clean_dir, size: int, train: bool) -> SliceDataset:
+    return SliceDataset(table, clean_dir, mode=cfg.input.mode, channel=cfg.input.adjacent_channel,
+                        size=size, transform=build_train_transform(cfg.augment) if train else None)
+
+
+class WeightedBCE(nn.Module):
+    """BCE per label, weighted like the metric (2 on `any`), optional positive weights."""
+
+    def __init__(self, any_weight: float = 2.0, pos_weight=None):
+        super().__init__()
+        w = torch.ones(len(LABELS))
+        w[-1] = any_weight
+        self.register_buffer("weights", w / w.sum())
+        self.register_buffer("pos_weight", None if pos_weight is None else torch.as_tensor(pos_weight).float())
+
+    def forward(self, logits, target):
+        loss = nn.functional.binary_cross_entropy_with_logits(
+            logits.float(), target, pos_weight=self.pos_weight, reduction="none")
+        return (loss * self.weights).sum(dim=1).mean()
+
+
+def validate(model, dataset, runtime: Runtime, cfg: ExperimentCfg, progress: bool):
+    loader = make_loader(dataset, runtime, cfg.train.batch_size * 2, cfg.train.num_workers)
+    probs, _ = predict(model, loader, runtime, tta_hflip=False, embeddings=False, desc="validate",
+                       progress=progress)
+    return probs
+
+
+def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, runtime: Runtime, *,
+               resume: bool, progress: bool = True, log=print) -> tuple[SliceNet, pd.DataFrame]:
+    """Train one fold; returns the best model (loaded) and the epoch history."""
+    torch.manual_seed(cfg.train.seed + fold)
+    model = build_model(cfg, runtime)
+    raw_model = model
+    if runtime.distributed:
+        model = DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
+
+    y_train = data.train[list(LABELS)].to_numpy(np.float32)
+    pos_weight = None
+    if cfg.loss.pos_weight:
+        pos = y_train.sum(0).clip(min=1)
+        pos_weight = (len(y_train) - pos) / pos
+    criterion = WeightedBCE(cfg.loss.any_weight, pos_weight).to(runtime.device)
+
+    sampler = EpochSampler(y_train[:, -1], kind=cfg.sampler.kind, neg_ratio=cfg.sampler.neg_ratio,
+                           seed=cfg.train.seed + 1000 * fold, rank=runtime.rank, world_size=runtime.world_size)
+    steps_per_epoch = math.ceil(len(sampler) / cfg.train.batch_size / cfg.train.accumulate)
+    optimizer = torch.optim.AdamW(
+        [{"params": list(raw_model.backbone_parameters())}, {"params": list(raw_model.head_parameters())}],
+        lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps=steps_per_epoch * cfg.train.epochs,
+                                steps_per_epoch=steps_per_epoch, freeze_epochs=cfg.train.freeze_epochs)
+    scaler = torch.amp.GradScaler(enabled=runtime.amp_dtype == torch.float16)
+
+    best_path, last_path = out_dir / f"fold{fold}.pt", out_dir / f"fold{fold}.last.pt"
+    start_epoch, best, history = 0, math.inf, []
+    if resume and last_path.is_file():
+        state = torch.load(last_path, map_location=runtime.device, weights_only=True)
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best, history = state["epoch"] + 1, state["best"], list(state["history"])
+        log(f"fold {fold}: resuming after epoch {start_epoch} of {cfg.train.epochs} (best {best:.4f})")
+
+    y_valid = data.valid[list(LABELS)].to_numpy(np.float32)
+    prior = weighted_log_loss(y_valid, prior_baseline(y_train, len(y_valid)))
+    valid_set = make_dataset(cfg, data.valid, data.clean_dir, cfg.final_size, train=False)
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        t0 = time.time()
+        size = cfg.size_at(epoch)
+        train_set = make_dataset(cfg, data.train, data.clean_dir, size, train=True)
+        sampler.set_epoch(epoch)
+        loader = DataLoader(train_set, batch_size=cfg.train.batch_size, sampler=sampler,
+                            num_workers=cfg.train.num_workers, pin_memory=runtime.device.type == "cuda",
+                            drop_last=False, prefetch_factor=4 if cfg.train.num_workers else None,
+                            persistent_workers=False)
+        train_loss = run_epoch(model, loader, criterion, optimizer, scheduler, scaler, runtime, cfg,
+                               desc=f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs}", progress=progress)
+        valid_set.size = cfg.size_at(epoch)
+        probs = validate(raw_model, valid_set, runtime, cfg, progress)
+        score = weighted_log_loss(y_valid, probs)
+        per_label = per_label_log_loss(y_valid, probs)
+        improved = score < best
+        if improved:
+            best = score
+        row = {"fold": fold, "epoch": epoch + 1, "size": size, "train_loss": train_loss,
+               "val_wlogloss": score, "val_prior": prior, "lr": optimizer.param_groups[1]["lr"],
+               "seconds": time.time() - t0, **{f"val_{k}": float(v) for k, v in zip(LABELS, per_label)}}
+        history.append(row)
+        if runtime.is_main:
+            if improved:
+                torch.save({"state_dict": raw_model.state_dict(), "config": cfg.to_dict(), "fold": fold,
+                            "epoch": epoch + 1, "val_wlogloss": score}, best_path)
+            torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                        "best": best, "history": history}, last_path)
+            labels = " ".join(f"{k[:4]} {v:.3f}" for k, v in zip(LABELS, per_label))
+            log(f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs} size {size} | train {train_loss:.4f} | "
+                f"val {score:.4f} (prior {prior:.4f}) | {labels} | {row['seconds']:.0f} s"
+                + (" | best" if improved else ""))
+        runtime.barrier()
+
+    state = torch.load(best_path, map_location=runtime.device, weights_only=True)
+    raw_model.load_state_dict(state["state_dict"])
+    return raw_model, pd.DataFrame(history)
+
+
+def run_epoch(model, loader, criterion, optimizer, scheduler, scaler, runtime: Runtime, cfg: ExperimentCfg,
+              *, desc: str, progress: bool) -> float:
+    model.train()
+    total, count = 0.0, 0
+    accumulate = cfg.train.accumulate
+    optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(loader, desc=desc, leave=False, disable=not (progress and runtime.is_main), unit="batch")
+    n_batches = len(loader)
+    for i, (x, y, _) in enumerate(bar):
+        x = x.to(runtime.device, non_blocking=True)
+        y = y.to(runtime.device, non_blocking=True)
+        if runtime.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        last_of_step = (i + 1) % accumulate == 0 or i + 1 == n_batches
+        sync = model.no_sync() if runtime.distributed and not last_of_step else contextlib.nullcontext()
+        with sync:
+            with runtime.autocast():
+                loss = criterion(model(x), y)
+            scaler.scale(loss / accumulate).backward()
+        if last_of_step:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        total += loss.item() * len(x)
+        count += len(x)
+        if i % 10 == 0:
+            bar.set_postfix(loss=f"{total / count:.4f}")
+    sums = runtime.gather((total, count))
+    return sum(t for t, _ in sums) / max(sum(c for _, c in sums), 1)
