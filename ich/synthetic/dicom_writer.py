@@ -17,11 +17,15 @@ Kaggle's files:
   the community fix "x = stored + 1000; x[x >= 4096] -= 4096; intercept =
   -1000" recovers HU exactly.
 
+Like the real file, the dataset has no SOPClassUID element (0008,0016): CT
+Image Storage is only in the file meta (MediaStorageSOPClassUID).
+
 Elements are built with validation switched off, which both silences the
 ``ID_...`` UID warnings and keeps a 512x512 slice at a few milliseconds.
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +35,7 @@ from pydicom import config
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 PADDING_VALUE = -2000  # stored value of the outside-scanner padding in the real data
 QUIRK_HU_RANGE = (-1000, 3095)  # the HU range the 12-bit fix recipe recovers exactly
@@ -41,6 +45,12 @@ IMPLEMENTATION_VERSION = "dcm4che-1.4.35"
 MEDIA_UID_PREFIX = "1.2.840.4267.32."  # root of the real file's MediaStorageSOPInstanceUID
 
 _IGNORE = config.IGNORE
+
+
+def media_uid(sop_uid: str) -> str:
+    """A valid, deterministic MediaStorageSOPInstanceUID shaped like the real one (root + 39 digits)."""
+    digest = int.from_bytes(hashlib.sha256(str(sop_uid).encode()).digest(), "big")
+    return MEDIA_UID_PREFIX + str(digest % 10**39 or 1)
 
 
 def _num(x: float, fmt: str = "") -> str:
@@ -109,9 +119,10 @@ def write_ct_slice(path, hu, *, sop_uid, patient_id, study_uid, series_uid,
         bits_stored, pixel_rep = 16, 1
 
     meta = FileMetaDataset()
+    meta.add(_el(0x00020000, "UL", 0))  # group length, filled in by dcmwrite
     meta.add(_el(0x00020001, "OB", b"\x00\x01"))
     meta.add(_el(0x00020002, "UI", CTImageStorage))
-    meta.add(_el(0x00020003, "UI", generate_uid(MEDIA_UID_PREFIX, entropy_srcs=[str(sop_uid)])))
+    meta.add(_el(0x00020003, "UI", media_uid(sop_uid)))
     meta.add(_el(0x00020010, "UI", ExplicitVRLittleEndian))
     meta.add(_el(0x00020012, "UI", IMPLEMENTATION_CLASS_UID))
     meta.add(_el(0x00020013, "SH", IMPLEMENTATION_VERSION))
@@ -119,7 +130,6 @@ def write_ct_slice(path, hu, *, sop_uid, patient_id, study_uid, series_uid,
     ds = Dataset()
     ds.file_meta = meta
     ds.preamble = b"\x00" * 128
-    ds.add(_el(0x00080016, "UI", CTImageStorage))
     ds.add(_el(0x00080018, "UI", str(sop_uid)))
     ds.add(_el(0x00080060, "CS", "CT"))
     ds.add(_el(0x00100020, "LO", str(patient_id)))
@@ -148,4 +158,6 @@ def write_ct_slice(path, hu, *, sop_uid, patient_id, study_uid, series_uid,
         if transfer_syntax is not None:
             # keep our SOPInstanceUID: compress() would otherwise mint a new one
             ds.compress(transfer_syntax, arr, generate_instance_uid=False)
-        dcmwrite(Path(path), ds, enforce_file_format=True)
+        # enforce_file_format=True would overwrite MediaStorageSOPInstanceUID with the
+        # ID_... SOPInstanceUID; the header above is already complete, write it as is.
+        dcmwrite(Path(path), ds, enforce_file_format=False)

@@ -1,0 +1,253 @@
+"""Stage one: config, dataset, sampler, schedule, network, and train.py end to end."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import REPO
+from ich.config import ConfigError, PrepareConfig
+from ich.labels import LABELS
+from ich.prepare import prepare_split
+from ich.synthetic import generate_dataset
+from models.config import OptimCfg, from_dict, load_experiment
+from models.data import EpochSampler, SliceDataset, with_neighbors
+from models.net import MissingWeightsError, SliceNet
+from models.schedule import build_scheduler, lr_factor
+
+TINY = {
+    "model": {"backbone": "test_resnet"},
+    "input": {"mode": "windows", "size": 64},
+    "augment": {"hflip": 0.5, "shift_scale_rotate": 0.0},
+    "optim": {"lr": 0.001, "schedule": "cosine"},
+    "train": {"epochs": 8, "batch_size": 16, "num_workers": 0, "amp": "none"},
+}
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """A small generated dataset, prepared once for all stage-one tests (3 folds, 64 px)."""
+    root = tmp_path_factory.mktemp("stage1")
+    generate_dataset(root / "raw", n_train_patients=14, n_test_patients=2, image_size=64, seed=3,
+                     n_jobs=2, progress=False)
+    cfg = PrepareConfig(image_size=64, n_folds=3, n_jobs=2)
+    prepare_split(root / "raw", root / "clean" / "train", "train", cfg, progress=False)
+    return root
+
+
+def settings_for(root, tmp_path):
+    s = {"RAW_DATA_DIR": str(root / "raw"), "TRAIN_DATA_CLEAN_PATH": str(root / "clean" / "train"),
+         "TEST_DATA_CLEAN_PATH": str(root / "clean" / "test"), "MODEL_CHECKPOINT_DIR": str(tmp_path / "models"),
+         "LOGS_DIR": str(tmp_path / "logs"), "SUBMISSION_DIR": str(tmp_path / "sub")}
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps(s))
+    return path
+
+
+def write_config(tmp_path, name="tiny", **overrides):
+    cfg = json.loads(json.dumps(TINY))
+    for section, values in overrides.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_train(*args, env=None):
+    return subprocess.run([sys.executable, str(REPO / "train.py"), "--no-progress", *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO, env=env)
+
+
+# --- units ---------------------------------------------------------------------------------
+
+def test_shipped_experiment_configs_load():
+    names = [p.name for p in (REPO / "configs").glob("*.yaml")]
+    assert "demo_cpu.yaml" in names and len(names) >= 3
+    for path in (REPO / "configs").glob("*.yaml"):
+        cfg = load_experiment(path)
+        assert cfg.name == path.stem
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"train": {"epoch": 3}}, "unknown key.*train.epoch"),
+    ({"trian": {}}, "unknown section"),
+    ({"train": {"epochs": "3"}}, "train.epochs must be int"),
+    ({"input": {"mode": "stack"}}, "input.mode"),
+    ({"input": {"progressive": [[64, 1], [128, 1]]}, "train": {"epochs": 3}}, "add up to 2"),
+])
+def test_config_errors(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(data)
+
+
+def test_progressive_sizes():
+    cfg = from_dict({"input": {"progressive": [[64, 1], [128, 2]]}, "train": {"epochs": 3}})
+    assert [cfg.size_at(e) for e in range(3)] == [64, 128, 128] and cfg.final_size == 128
+
+
+def test_dataset_modes(prepared):
+    clean = prepared / "clean" / "train"
+    slices = with_neighbors(pd.read_parquet(clean / "slices.parquet"))
+    images = np.load(clean / "images.npy", mmap_mode="r")
+    series = slices[slices.n_slices >= 3].series_id.iloc[0]
+    s = slices[slices.series_id == series].sort_values("slice_index")
+    mid = s.iloc[1]
+    i = int(np.flatnonzero(slices.image_id.to_numpy() == mid.image_id)[0])
+    assert slices.prev_row.iloc[i] == s.iloc[0].cache_row and slices.next_row.iloc[i] == s.iloc[2].cache_row
+    first = s.iloc[0]
+    assert slices.loc[slices.image_id == first.image_id, "prev_row"].item() == first.cache_row  # edge repeats
+
+    x, y, idx = SliceDataset(slices, clean, mode="windows", size=64)[i]
+    assert x.dtype == torch.uint8 and x.shape == (3, 64, 64) and idx == i
+    np.testing.assert_array_equal(x.numpy(), images[mid.cache_row].transpose(2, 0, 1))
+    assert y.tolist() == mid[list(LABELS)].astype(float).tolist()
+
+    x, _, _ = SliceDataset(slices, clean, mode="adjacent", channel=1, size=32)[i]
+    assert x.shape == (3, 32, 32)
+    ds = SliceDataset(slices, clean, mode="adjacent", channel=1, size=64)
+    stacked = ds.image(i)
+    for c, row in enumerate([s.iloc[0].cache_row, mid.cache_row, s.iloc[2].cache_row]):
+        np.testing.assert_array_equal(stacked[..., c], images[row][..., 1])
+
+
+def test_sampler_balanced_and_sharded():
+    labels = np.array([1] * 10 + [0] * 90)
+    s = EpochSampler(labels, kind="balanced", neg_ratio=2.0, seed=0)
+    idx = s.epoch_indices()
+    assert len(idx) == len(s) == 30 and labels[idx].sum() == 10
+    s.set_epoch(1)
+    assert set(s.epoch_indices()) != set(idx)  # negatives redrawn each epoch
+    shards = [EpochSampler(labels, seed=0, rank=r, world_size=3).epoch_indices() for r in range(3)]
+    assert len({len(x) for x in shards}) == 1 and set(np.concatenate(shards)) == set(range(100))
+
+
+def test_schedules_and_freeze():
+    for kind in ("cosine", "onecycle", "step"):
+        cfg = OptimCfg(schedule=kind, warmup_epochs=1, step_epochs=1, step_gamma=0.5)
+        f = [lr_factor(cfg, s, 100, 10) for s in range(100)]
+        assert max(f) <= 1.0 + 1e-9 and f[-1] < 0.5, kind
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW([{"params": [net.weight]}, {"params": [net.bias]}], lr=1.0)
+    sched = build_scheduler(opt, OptimCfg(schedule="cosine"), total_steps=20, steps_per_epoch=10, freeze_epochs=1)
+    lrs = []
+    for _ in range(20):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert all(b == 0 for b, _ in lrs[:10]) and all(b > 0 for b, _ in lrs[10:])
+    assert lrs[0][1] == 1.0 and lrs[-1][1] < 0.05
+
+
+def test_pretrained_weights_from_a_local_file_only(tmp_path):
+    with pytest.raises(MissingWeightsError, match="nope.pth"):
+        SliceNet("test_resnet", str(tmp_path / "nope.pth"))
+    import timm
+    src = timm.create_model("test_resnet", num_classes=1000)
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    net = SliceNet("test_resnet", str(tmp_path / "w.pth"))
+    key = next(k for k in net.backbone.state_dict() if k.endswith("weight"))
+    torch.testing.assert_close(net.backbone.state_dict()[key], src.state_dict()[key])
+    logits, emb = net(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), return_embedding=True)
+    assert logits.shape == (2, 6) and emb.shape == (2, net.num_features)
+
+
+# --- train.py end to end -------------------------------------------------------------------
+
+def test_train_end_to_end_beats_prior(prepared, tmp_path):
+    settings = settings_for(prepared, tmp_path)
+    out = run_train("--settings", settings, "--config", write_config(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OOF weighted log loss" in out.stdout
+    model_dir = tmp_path / "models" / "tiny"
+    slices = pd.read_parquet(prepared / "clean" / "train" / "slices.parquet")
+    oof = pd.read_parquet(model_dir / "oof.parquet")
+    emb = np.load(model_dir / "oof_emb.npy")
+    assert oof["image_id"].tolist() == slices["image_id"].tolist()  # every image once, table order
+    assert list(oof.columns) == ["image_id", *LABELS]
+    assert emb.shape[0] == len(oof) and emb.ndim == 2 and np.isfinite(emb.astype(np.float32)).all()
+    for k in range(3):
+        ckpt = torch.load(model_dir / f"fold{k}.pt", weights_only=True)
+        assert ckpt["config"]["model"]["backbone"] == "test_resnet" and ckpt["fold"] == k
+        torch.load(model_dir / f"fold{k}.last.pt", weights_only=True)
+    assert (tmp_path / "logs" / "tiny" / "training_curves.png").stat().st_size > 10_000
+    history = pd.read_csv(tmp_path / "logs" / "tiny" / "history.csv")
+    assert len(history) == 24 and {"val_wlogloss", "val_prior", "train_loss"} <= set(history.columns)
+
+    from ich.metric import prior_baseline, weighted_log_loss
+    y = slices[list(LABELS)].to_numpy()
+    prior = np.zeros(y.shape)
+    for k in range(3):
+        held = (slices.fold == k).to_numpy()
+        prior[held] = prior_baseline(y[~held], held.sum())
+    score, base = weighted_log_loss(y, oof[list(LABELS)].to_numpy()), weighted_log_loss(y, prior)
+    assert f"{score:.4f}" in out.stdout and f"{base:.4f}" in out.stdout
+    assert score < 0.9 * base, (score, base)
+
+    again = run_train("--settings", settings, "--config", write_config(tmp_path))
+    assert again.returncode == 2 and "--resume" in again.stderr  # nothing overwritten silently
+    again = run_train("--settings", settings, "--config", write_config(tmp_path), "--resume")
+    assert again.returncode == 0 and again.stdout.count("done already, skipped") == 3
+
+
+def test_resume_after_kill_matches_uninterrupted(prepared, tmp_path, monkeypatch):
+    from models import experiment, runtime, trainer
+    from models.config import load_experiment as load
+    cfg_path = write_config(tmp_path, "resume", augment={"hflip": 0.0}, train={"epochs": 2})
+    cfg = load(cfg_path)
+    rt = runtime.setup("none", False)
+    clean = prepared / "clean" / "train"
+    kw = dict(clean_dir=clean, logs_dir=tmp_path / "logs", runtime=rt, folds=[0], progress=False,
+              log=lambda *a: None)
+    experiment.run_experiment(cfg, model_dir=tmp_path / "straight", **kw)
+
+    real = trainer.run_epoch
+    calls = {"n": 0}
+
+    def dies_in_second_epoch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "run_epoch", dies_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run_experiment(cfg, model_dir=tmp_path / "killed", **kw)
+    monkeypatch.setattr(trainer, "run_epoch", real)
+    assert not (tmp_path / "killed" / "resume" / "fold0.oof.parquet").exists()
+    logs = []
+    experiment.run_experiment(cfg, model_dir=tmp_path / "killed", resume=True,
+                              **{**kw, "log": logs.append})
+    assert any("resuming after epoch 1" in line for line in logs)
+    a = torch.load(tmp_path / "straight" / "resume" / "fold0.last.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "resume" / "fold0.last.pt", weights_only=True)
+    assert [h["epoch"] for h in b["history"]] == [1, 2]
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], msg=key)
+
+
+def test_torchrun_two_cpu_processes(prepared, tmp_path):
+    settings = settings_for(prepared, tmp_path)
+    cfg = write_config(tmp_path, "ddp", train={"epochs": 1})
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port=29531", str(REPO / "train.py"), "--no-progress", "--settings",
+                          str(settings), "--config", str(cfg)], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "x 2 processes" in out.stdout and out.stdout.count("OOF weighted log loss") == 1
+    oof = pd.read_parquet(tmp_path / "models" / "ddp" / "oof.parquet")
+    slices = pd.read_parquet(prepared / "clean" / "train" / "slices.parquet")
+    assert oof["image_id"].tolist() == slices["image_id"].tolist()
+    assert oof[list(LABELS)].notna().all().all() and (oof[list(LABELS)].to_numpy() > 0).all()
+
+
+def test_cli_missing_weights_and_lr_finder(prepared, tmp_path):
+    settings = settings_for(prepared, tmp_path)
+    cfg = write_config(tmp_path, "pre", model={"pretrained": str(tmp_path / "missing_weights.pth")})
+    out = run_train("--settings", settings, "--config", cfg)
+    assert out.returncode == 2 and "missing_weights.pth" in out.stderr and "Traceback" not in out.stderr
+    out = run_train("--settings", settings, "--config", write_config(tmp_path, "lr"), "--lr-find")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "suggested lr" in out.stdout and (tmp_path / "logs" / "lr" / "lr_finder.png").stat().st_size > 5000
