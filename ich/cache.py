@@ -5,7 +5,8 @@ Layout, in a clean dir:
   input file in sorted file-name order (rows of rejected files stay zero).
   A `.npy` header makes it self-describing; `np.load(mmap_mode="r")` gives
   random access without decoding anything, so a training loader reads one
-  image in microseconds, and the OS page cache does the rest.
+  image in microseconds, and the OS page cache does the rest. prepare writes it with one pwrite per chunk of
+  consecutive rows (ich.prepare), so a worker holds at most one chunk of images.
 - `cache_meta.json`: the settings the cache was built with (size, windows,
   sigmoid, crop, chunk size), the number of files and a digest of their names:
   a rerun reuses the cache only when all of these match.
@@ -71,6 +72,24 @@ def create_images(clean_dir: Path, n: int, size: int, channels: int) -> None:
     arr = np.lib.format.open_memmap(Path(clean_dir) / IMAGES, mode="w+", dtype=np.uint8,
                                     shape=(n, size, size, channels))
     del arr
+
+
+def write_rows(clean_dir: Path, start: int, rows: np.ndarray) -> None:
+    """Write consecutive rows [start, start + len(rows)) of images.npy with one pwrite.
+
+    Faster than assigning into a memory map from several processes: no page
+    fault per 4 KB page, one copy into the page cache, no msync.
+    """
+    path = Path(clean_dir) / IMAGES
+    with open(path, "r+b") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        offset = f.tell()
+        row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+        if rows.shape[1:] != tuple(shape[1:]) or rows.dtype != dtype or start + len(rows) > shape[0]:
+            raise ValueError(f"rows {rows.shape} {rows.dtype} do not fit {path} {shape} {dtype} at {start}")
+        os.pwrite(f.fileno(), np.ascontiguousarray(rows).data, offset + start * row_bytes)
 
 
 def open_images(clean_dir: Path, writable: bool = False) -> np.ndarray:

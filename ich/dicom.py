@@ -85,26 +85,71 @@ class SliceHeader:
         Sorting by the raw z coordinate is wrong for tilted gantries; the
         projection on row x column direction is what the scanner stepped along.
         """
-        o = np.asarray(self.orientation, dtype=np.float64)
-        normal = np.cross(o[:3], o[3:])
-        return float(np.dot(normal, np.asarray(self.position, dtype=np.float64)))
+        r0, r1, r2, c0, c1, c2 = self.orientation
+        x, y, z = self.position
+        return (r1 * c2 - r2 * c1) * x + (r2 * c0 - r0 * c2) * y + (r0 * c1 - r1 * c0) * z
 
 
-def _first(value) -> float:
-    if value is None or value == "":
-        return float("nan")
-    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
-        value = value[0] if len(value) else float("nan")
+# The tags prepare needs, read straight from the raw element bytes when the file is
+# little endian (all CT files in practice): pydicom's per-element conversion costs
+# about as much as decoding the pixels, and these are plain ASCII numbers and IDs.
+_TAGS = {
+    "Modality": 0x00080060, "SOPInstanceUID": 0x00080018, "PatientID": 0x00100020,
+    "StudyInstanceUID": 0x0020000D, "SeriesInstanceUID": 0x0020000E,
+    "ImagePositionPatient": 0x00200032, "ImageOrientationPatient": 0x00200037,
+    "Rows": 0x00280010, "Columns": 0x00280011, "PixelSpacing": 0x00280030,
+    "BitsStored": 0x00280101, "PixelRepresentation": 0x00280103,
+    "WindowCenter": 0x00281050, "WindowWidth": 0x00281051,
+    "RescaleIntercept": 0x00281052, "RescaleSlope": 0x00281053,
+    "BitsAllocated": 0x00280100, "SamplesPerPixel": 0x00280002, "NumberOfFrames": 0x00280008,
+}
+_BINARY = {"Rows", "Columns", "BitsStored", "PixelRepresentation", "BitsAllocated", "SamplesPerPixel"}
+_NATIVE = {pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian}
+
+
+def _tag_values(ds) -> dict:
+    """keyword -> list of str (text tags) or int (US tags); absent or empty tags are left out."""
+    little = getattr(ds, "original_encoding", (None, True))[1] is not False
+    out = {}
+    for keyword, tag in _TAGS.items():
+        try:
+            el = ds.get_item(tag)
+        except (KeyError, ValueError):
+            el = None
+        if el is None:
+            continue
+        raw = getattr(el, "value", None)
+        if isinstance(el, pydicom.dataelem.RawDataElement) and little and isinstance(raw, bytes):
+            if keyword in _BINARY:
+                if len(raw) >= 2:
+                    out[keyword] = int.from_bytes(raw[:2], "little")
+                continue
+            text = raw.decode("latin-1").strip(" \x00")
+            if text:
+                out[keyword] = [v.strip(" \x00") for v in text.split("\\")]
+            continue
+        value = ds[tag].value  # converted by pydicom (big endian, or already converted)
+        if value is None or value == "":
+            continue
+        if keyword in _BINARY:
+            out[keyword] = int(value)
+        elif isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+            out[keyword] = [str(v).strip() for v in value]
+        else:
+            out[keyword] = [str(value).strip()]
+    return out
+
+
+def _first(values) -> float:
     try:
-        return float(value)
+        return float(values[0]) if values else float("nan")
     except (TypeError, ValueError):
         return float("nan")
 
 
-def _floats(ds, keyword: str, n: int) -> tuple | None:
-    value = ds.get(keyword)
+def _floats(values, n: int) -> tuple | None:
     try:
-        out = tuple(float(v) for v in value)
+        out = tuple(float(v) for v in values or ())
     except (TypeError, ValueError):
         return None
     if len(out) != n or not np.all(np.isfinite(out)):
@@ -128,52 +173,50 @@ def _open(path, stop_before_pixels: bool):
     return ds
 
 
-def header_from_dataset(ds) -> SliceHeader:
+def header_from_dataset(ds, v: dict | None = None) -> SliceHeader:
     """Validate the tags prepare_data needs; raise Rejected naming the first problem."""
-    if "SOPInstanceUID" not in ds and "Modality" not in ds:
-        raise Rejected("unreadable", "header incomplete: no SOPInstanceUID and no Modality (truncated file?)")
     try:
-        modality = str(ds.get("Modality", "")).strip().upper()
-        if modality != "CT":
-            raise Rejected("not_ct", f"Modality is {modality or 'absent'}")
-        ids = {}
-        for key in ("SOPInstanceUID", "PatientID", "StudyInstanceUID", "SeriesInstanceUID"):
-            value = str(ds.get(key, "") or "").strip()
-            if not value:
-                raise Rejected("missing_uid", f"{key} absent")
-            ids[key] = value
-        for key in ("SOPInstanceUID", "SeriesInstanceUID"):
-            if not SAFE_ID.match(ids[key]) or ids[key] in (".", ".."):
-                raise Rejected("unsafe_id", f"{key} {ids[key]!r} is not a safe file name")
-        position = _floats(ds, "ImagePositionPatient", 3)
-        orientation = _floats(ds, "ImageOrientationPatient", 6)
-        if position is None or orientation is None:
-            raise Rejected("missing_position", "ImagePositionPatient/ImageOrientationPatient absent or malformed")
-        slope, intercept = _first(ds.get("RescaleSlope")), _first(ds.get("RescaleIntercept"))
-        if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
-            raise Rejected("missing_rescale", "RescaleSlope/RescaleIntercept absent or malformed")
-        spacing = ds.get("PixelSpacing")
-        return SliceHeader(
-            image_id=ids["SOPInstanceUID"],
-            patient_id=ids["PatientID"],
-            study_id=ids["StudyInstanceUID"],
-            series_id=ids["SeriesInstanceUID"],
-            position=position,
-            orientation=orientation,
-            rows=int(ds.get("Rows", 0) or 0),
-            cols=int(ds.get("Columns", 0) or 0),
-            pixel_spacing=_first(spacing),
-            slope=slope,
-            intercept=intercept,
-            bits_stored=int(ds.get("BitsStored", 16) or 16),
-            pixel_representation=int(ds.get("PixelRepresentation", 1) or 0),
-            window_center=_first(ds.get("WindowCenter")),
-            window_width=_first(ds.get("WindowWidth")),
-        )
-    except Rejected:
-        raise
+        v = _tag_values(ds) if v is None else v
     except Exception as exc:  # noqa: BLE001 - malformed values of any kind
         raise Rejected("unreadable", f"{type(exc).__name__}: {exc}") from exc
+    if "SOPInstanceUID" not in v and "Modality" not in v:
+        raise Rejected("unreadable", "header incomplete: no SOPInstanceUID and no Modality (truncated file?)")
+    modality = v.get("Modality", [""])[0].upper()
+    if modality != "CT":
+        raise Rejected("not_ct", f"Modality is {modality or 'absent'}")
+    ids = {}
+    for key in ("SOPInstanceUID", "PatientID", "StudyInstanceUID", "SeriesInstanceUID"):
+        value = "\\".join(v.get(key, [])).strip()
+        if not value:
+            raise Rejected("missing_uid", f"{key} absent")
+        ids[key] = value
+    for key in ("SOPInstanceUID", "SeriesInstanceUID"):
+        if not SAFE_ID.match(ids[key]) or ids[key] in (".", ".."):
+            raise Rejected("unsafe_id", f"{key} {ids[key]!r} is not a safe file name")
+    position = _floats(v.get("ImagePositionPatient"), 3)
+    orientation = _floats(v.get("ImageOrientationPatient"), 6)
+    if position is None or orientation is None:
+        raise Rejected("missing_position", "ImagePositionPatient/ImageOrientationPatient absent or malformed")
+    slope, intercept = _first(v.get("RescaleSlope")), _first(v.get("RescaleIntercept"))
+    if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
+        raise Rejected("missing_rescale", "RescaleSlope/RescaleIntercept absent or malformed")
+    return SliceHeader(
+        image_id=ids["SOPInstanceUID"],
+        patient_id=ids["PatientID"],
+        study_id=ids["StudyInstanceUID"],
+        series_id=ids["SeriesInstanceUID"],
+        position=position,
+        orientation=orientation,
+        rows=v.get("Rows", 0),
+        cols=v.get("Columns", 0),
+        pixel_spacing=_first(v.get("PixelSpacing")),
+        slope=slope,
+        intercept=intercept,
+        bits_stored=v.get("BitsStored", 16),
+        pixel_representation=v.get("PixelRepresentation", 1),
+        window_center=_first(v.get("WindowCenter")),
+        window_width=_first(v.get("WindowWidth")),
+    )
 
 
 def read_header(path) -> SliceHeader:
@@ -181,13 +224,18 @@ def read_header(path) -> SliceHeader:
     return header_from_dataset(_open(path, stop_before_pixels=True))
 
 
+def fix_bits12(stored: np.ndarray) -> np.ndarray:
+    """The broken 12-bit files store HU mod 4096: shift by 1000 and wrap (use intercept -1000)."""
+    x = stored.astype(np.int16) + np.int16(1000)  # 12-bit values + 1000 fit in int16
+    x[x >= 4096] -= 4096
+    return x
+
+
 def to_hu(stored: np.ndarray, header: SliceHeader) -> np.ndarray:
     """Stored values -> float32 HU in [HU_MIN, HU_MAX], with the 12-bit fix."""
     slope, intercept = header.slope, header.intercept
     if header.needs_bits12_fix:
-        x = stored.astype(np.int32) + 1000
-        x[x >= 4096] -= 4096
-        stored, intercept = x, -1000.0
+        stored, intercept = fix_bits12(stored), -1000.0
     hu = stored.astype(np.float32)
     if slope != 1:
         hu *= np.float32(slope)
@@ -199,16 +247,44 @@ def to_hu(stored: np.ndarray, header: SliceHeader) -> np.ndarray:
 def read_stored(path) -> tuple[SliceHeader, np.ndarray]:
     """Full read: header plus the stored pixel values (2-D), no conversion yet."""
     ds = _open(path, stop_before_pixels=False)
-    header = header_from_dataset(ds)
+    try:
+        values = _tag_values(ds)
+    except Exception as exc:  # noqa: BLE001 - malformed values of any kind
+        raise Rejected("unreadable", f"{type(exc).__name__}: {exc}") from exc
+    header = header_from_dataset(ds, values)
     if "PixelData" not in ds:
         raise Rejected("no_pixel_data", "no PixelData element")
-    try:
-        stored = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - truncated / corrupt / unsupported codec
-        raise Rejected("pixel_decode_failed", f"{type(exc).__name__}: {exc}") from exc
+    stored = _native_pixels(ds, header, values)
+    if stored is None:
+        try:
+            stored = ds.pixel_array
+        except Exception as exc:  # noqa: BLE001 - truncated / corrupt / unsupported codec
+            raise Rejected("pixel_decode_failed", f"{type(exc).__name__}: {exc}") from exc
     if stored.ndim != 2 or min(stored.shape) < 8:
         raise Rejected("bad_shape", f"pixel array shape {stored.shape}")
     return header, stored
+
+
+def _native_pixels(ds, header: SliceHeader, v: dict) -> np.ndarray | None:
+    """The common case without pydicom's pixel machinery: uncompressed little-endian
+    16-bit single-frame grayscale is just a buffer view (what pydicom returns too,
+    at a fraction of its bookkeeping cost). Anything else (compressed, other bit
+    depths, sign extension of <16-bit signed, a wrong length): None, so pydicom
+    decodes it and reports its errors."""
+    try:
+        if ds.file_meta.TransferSyntaxUID not in _NATIVE:
+            return None
+    except AttributeError:
+        return None
+    frames = v.get("NumberOfFrames", ["1"])[0]
+    if (v.get("BitsAllocated") != 16 or v.get("SamplesPerPixel", 1) != 1 or frames not in ("1", "")
+            or (header.bits_stored != 16 and header.pixel_representation != 0)):
+        return None
+    data = ds.get_item(0x7FE00010).value
+    if not isinstance(data, bytes) or len(data) != header.rows * header.cols * 2:
+        return None
+    dtype = "<i2" if header.pixel_representation == 1 else "<u2"
+    return np.frombuffer(data, dtype=dtype).reshape(header.rows, header.cols)
 
 
 def read_hu(path) -> tuple[SliceHeader, np.ndarray]:

@@ -1,10 +1,11 @@
 """prepare_data's work: DICOM folder -> slices.parquet, rejected.csv, image cache.
 
 One pass over the files: each worker process takes a chunk of files, reads
-each once (header + pixels), writes the windowed image into the shared
-memory-mapped cache and returns the header fields. Slice order, labels and
-folds are computed afterwards from those fields alone. Memory stays flat: no
-worker holds more than one image, and the parent holds only table rows.
+each once (header + pixels), windows it into a chunk buffer, writes the
+buffer into the cache with one pwrite and returns the header fields. Slice
+order, labels and folds are computed afterwards from those fields alone.
+Memory stays flat: a worker holds one chunk of small images (chunk_size x
+196 KB at 256 px), and the parent holds only table rows.
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ HEADER_COLUMNS = ("image_id", "patient_id", "study_id", "series_id", "z", "rows"
 
 def _process_chunk(folder: str, names: list[str], start: int, clean_dir: str, cfg: PrepareConfig) -> pd.DataFrame:
     """Worker: read, window and cache one chunk of files; return one row per file."""
-    images = cache.open_images(Path(clean_dir), writable=True)
+    images = np.zeros((len(names), cfg.image_size, cfg.image_size, len(cfg.windows)), np.uint8)
     rows = []
     for i, name in enumerate(names):
         row = {"cache_row": start + i, "file": name, "reason": "", "detail": ""}
@@ -89,13 +90,12 @@ def _process_chunk(folder: str, names: list[str], start: int, clean_dir: str, cf
             header, stored = read_stored(Path(folder) / name)
             image, quality = process_slice(stored, header, size=cfg.image_size, windows=cfg.windows,
                                            sigmoid=cfg.sigmoid, crop=cfg.crop_border)
-            images[start + i] = image
+            images[i] = image
             row.update({k: getattr(header, k) for k in HEADER_COLUMNS if k != "z"}, z=header.z, **quality)
         except Rejected as rej:
             row.update(reason=rej.reason, detail=rej.detail[:300])
         rows.append(row)
-    images.flush()
-    del images
+    cache.write_rows(Path(clean_dir), start, images)  # rows of rejected files: zeros
     return pd.DataFrame(rows)
 
 

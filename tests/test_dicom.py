@@ -124,3 +124,24 @@ def test_each_rejection_reason(tmp_path, reason):
 def test_header_pass_does_not_need_pixels(tmp_path):
     path = make_bad(tmp_path, "pixel_decode_failed")
     assert read_header(path).image_id == IDS["sop_uid"]
+
+
+@pytest.mark.parametrize("kind", ["plain", "bits12", "list_window", "rle"])
+def test_fast_paths_match_pydicom(tmp_path, kind, real_slice):
+    """Raw-byte tag parsing and the native pixel view give exactly what pydicom gives."""
+    from ich.dicom import read_stored
+    path = {"plain": lambda: real_slice,
+            "bits12": lambda: write(tmp_path / "a.dcm", bits12_quirk=True),
+            "list_window": lambda: write(tmp_path / "a.dcm", window_center=[36, 40], window_width=[80, 90]),
+            "rle": lambda: write(tmp_path / "a.dcm", transfer_syntax=RLELossless)}[kind]()
+    header, stored = read_stored(path)
+    ds = pydicom.dcmread(path)
+    np.testing.assert_array_equal(stored, ds.pixel_array)
+    assert stored.dtype == ds.pixel_array.dtype
+    assert header.image_id == ds.SOPInstanceUID and header.series_id == ds.SeriesInstanceUID
+    assert header.position == tuple(float(x) for x in ds.ImagePositionPatient)
+    assert header.orientation == tuple(float(x) for x in ds.ImageOrientationPatient)
+    assert (header.rows, header.cols, header.bits_stored) == (ds.Rows, ds.Columns, ds.BitsStored)
+    wc = ds.WindowCenter
+    assert header.window_center == float(wc[0] if isinstance(wc, pydicom.multival.MultiValue) else wc)
+    assert header.intercept == float(ds.RescaleIntercept) and header.slope == float(ds.RescaleSlope)

@@ -62,3 +62,19 @@ def test_process_bits12(tmp_path):
     img, quality = process_slice(stored, header, size=64, windows=[BRAIN])
     assert quality["fixes"] == "bits12"
     assert img[0, 0, 0] == 0 and img[32, 32, 0] == round(np.clip(round(hu[32, 32]), -1000, 3071) / 80 * 255)
+
+
+@pytest.mark.parametrize("crop", [False, True])
+def test_fast_path_matches_float_reference(real_slice, crop):
+    """Clip + resize in stored int16 units, then HU: same as the float path to rounding."""
+    from ich.dicom import to_hu
+    from ich.image import _crop, resize
+    header, stored = read_stored(real_slice)
+    windows = [BRAIN, Window("subdural", 80, 200), Window("bone", 40, 380)]
+    fast, _ = process_slice(stored, header, size=128, windows=windows, crop=crop)
+    hu = to_hu(stored, header)
+    if crop:
+        hu = _crop(hu, crop_box(hu), -1024.0)
+    ref = apply_windows(resize(hu, 128), windows)
+    diff = np.abs(fast.astype(int) - ref.astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.3
