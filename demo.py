@@ -22,6 +22,8 @@ STEPS = [
       "--test-patients", "10", "--size", "256", "--seed", "0", "--jobs", "2"]),
     ("Prepare: DICOM -> slices.parquet + image cache",
      [PY, "prepare_data.py", "--settings", SETTINGS, "--config", "configs/prepare/demo.yaml"]),
+    ("Stage one: 5-fold CNN (tiny, CPU) -> checkpoints, out-of-fold probabilities and embeddings",
+     [PY, "train.py", "--settings", SETTINGS, "--config", "configs/demo_cpu.yaml", "--resume"]),
 ]
 
 
@@ -35,8 +37,12 @@ def main():
         result = subprocess.run(cmd, cwd=ROOT)
         if result.returncode:
             sys.exit(f"demo: step {i} failed with exit code {result.returncode}")
-    print(f"\nDemo finished in {time.time() - t0:.0f} s. Outputs under data/demo/ "
-          "(clean tables: data/demo/clean/*/slices.parquet, rejected files: rejected.csv).")
+    print(f"\nDemo finished in {time.time() - t0:.0f} s. Outputs under data/demo/:")
+    for path, what in [("clean/train/slices.parquet", "clean slice table (train)"),
+                       ("clean/train/rejected.csv", "files that could not be used, with the reason"),
+                       ("models/demo_cpu/oof.parquet", "stage-one out-of-fold probabilities"),
+                       ("logs/demo_cpu/training_curves.png", "training curves per fold")]:
+        print(f"  {what:48s} data/demo/{path}")
 
 
 if __name__ == "__main__":

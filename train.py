@@ -14,6 +14,7 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true", help="continue killed folds, skip finished ones")
     p.add_argument("--force", action="store_true", help="retrain the requested folds from scratch")
     p.add_argument("--lr-find", action="store_true", help="run the learning-rate finder instead of training")
+    p.add_argument("--lr-steps", type=int, default=200, help="batches in the learning-rate finder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
 
@@ -34,7 +35,8 @@ def main(argv=None):
                 from models.lr_finder import find_lr
                 slices = load_train_table(settings.train_clean_dir)
                 out = find_lr(cfg, slices, settings.train_clean_dir, runtime,
-                              settings.logs_dir / cfg.name / "lr_finder.png", progress=not args.no_progress)
+                              settings.logs_dir / cfg.name / "lr_finder.png", steps=args.lr_steps,
+                              progress=not args.no_progress)
                 log(f"suggested lr {out['suggested_lr']:.2e} (steepest descent); plot: {out['plot']}")
                 return
             run_experiment(cfg, clean_dir=settings.train_clean_dir, model_dir=settings.model_checkpoint_dir,
