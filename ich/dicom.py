@@ -54,6 +54,7 @@ class Rejected(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        self.header: SliceHeader | None = None  # set when the header was valid (pixel problems)
 
 
 @dataclass
@@ -252,16 +253,20 @@ def read_stored(path) -> tuple[SliceHeader, np.ndarray]:
     except Exception as exc:  # noqa: BLE001 - malformed values of any kind
         raise Rejected("unreadable", f"{type(exc).__name__}: {exc}") from exc
     header = header_from_dataset(ds, values)
-    if "PixelData" not in ds:
-        raise Rejected("no_pixel_data", "no PixelData element")
-    stored = _native_pixels(ds, header, values)
-    if stored is None:
-        try:
-            stored = ds.pixel_array
-        except Exception as exc:  # noqa: BLE001 - truncated / corrupt / unsupported codec
-            raise Rejected("pixel_decode_failed", f"{type(exc).__name__}: {exc}") from exc
-    if stored.ndim != 2 or min(stored.shape) < 8:
-        raise Rejected("bad_shape", f"pixel array shape {stored.shape}")
+    try:
+        if "PixelData" not in ds:
+            raise Rejected("no_pixel_data", "no PixelData element")
+        stored = _native_pixels(ds, header, values)
+        if stored is None:
+            try:
+                stored = ds.pixel_array
+            except Exception as exc:  # noqa: BLE001 - truncated / corrupt / unsupported codec
+                raise Rejected("pixel_decode_failed", f"{type(exc).__name__}: {exc}") from exc
+        if stored.ndim != 2 or min(stored.shape) < 8:
+            raise Rejected("bad_shape", f"pixel array shape {stored.shape}")
+    except Rejected as rej:
+        rej.header = header  # the image is known: predict can still place it in its series
+        raise
     return header, stored
 
 

@@ -94,6 +94,9 @@ def _process_chunk(folder: str, names: list[str], start: int, clean_dir: str, cf
             row.update({k: getattr(header, k) for k in HEADER_COLUMNS if k != "z"}, z=header.z, **quality)
         except Rejected as rej:
             row.update(reason=rej.reason, detail=rej.detail[:300])
+            if rej.header is not None:  # pixels unusable, header fine: keep where the image sits
+                row.update({k: getattr(rej.header, k) for k in ("image_id", "patient_id", "study_id", "series_id")},
+                           z=rej.header.z)
         rows.append(row)
     cache.write_rows(Path(clean_dir), start, images)  # rows of rejected files: zeros
     return pd.DataFrame(rows)
@@ -170,6 +173,9 @@ def prepare_split(raw_dir: Path, clean_dir: Path, split: str, cfg: PrepareConfig
 
 def _finish(table: pd.DataFrame, labels, cfg: PrepareConfig, summary: Summary):
     """Rows of all files -> (slices table, rejected table); fills the summary."""
+    for col in (*HEADER_COLUMNS, "z", "brain_fraction", "cropped", "fixes"):
+        if col not in table:  # every file of the split rejected before its header was read
+            table[col] = np.nan
     ok = table[table["reason"] == ""].copy()
     dup = ok.duplicated("image_id", keep="first")
     table.loc[ok.index[dup], ["reason", "detail"]] = ["duplicate_id", ""]
@@ -194,7 +200,8 @@ def _finish(table: pd.DataFrame, labels, cfg: PrepareConfig, summary: Summary):
     slices = slices[front + [c for c in slices.columns if c not in front]]
     slices["cache_row"] = slices["cache_row"].astype(np.int64)
 
-    rejected = table[table["reason"] != ""][["file", "image_id", "reason", "detail"]].reset_index(drop=True)
+    cols = ["file", "image_id", "reason", "detail", "patient_id", "study_id", "series_id", "z"]
+    rejected = table[table["reason"] != ""].reindex(columns=cols).reset_index(drop=True)
     summary.n_images = len(slices)
     summary.n_series = int(slices["series_id"].nunique())
     summary.n_studies = int(slices["study_id"].nunique())

@@ -72,6 +72,10 @@ def test_train_contract(raw, tmp_path):
     rejected = pd.read_csv(clean / "rejected.csv")
     assert set(rejected["reason"]) == set(REASONS)
     assert rejected.loc[rejected.reason == "duplicate_id", "detail"].str.contains("same SOPInstanceUID").all()
+    # an image whose pixels fail but whose header is fine keeps its place (predict's fallback uses it)
+    broken = rejected[rejected.reason == "pixel_decode_failed"].iloc[0]
+    assert broken.series_id == "ID_se1" and np.isfinite(broken.z)
+    assert pd.isna(rejected[rejected.reason == "not_dicom"].iloc[0].series_id)
     assert summary.rejected == rejected["reason"].value_counts().to_dict()
     assert summary.n_images == 22 and summary.n_series == 4 and summary.n_patients == 3
     text = "\n".join(summary.lines())
