@@ -1,0 +1,99 @@
+"""Neighbor-slice features from stage-one outputs.
+
+A hemorrhage spans several slices, so a slice's neighbors say much about it:
+the stage-one probabilities of the k previous and k next slices of the same
+series (NaN past the series ends, which LightGBM handles natively), the
+differences to them, per-series mean / max / std of each label, and where the
+slice sits (relative position, number of slices, spacing). Optionally a few
+principal components of the pooled CNN embeddings and their differences to
+the neighbors. Everything is vectorised on arrays sorted by (series, slice).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ich.labels import LABELS
+
+SHORT = {"epidural": "epi", "intraparenchymal": "iph", "intraventricular": "ivh",
+         "subarachnoid": "sah", "subdural": "sdh", "any": "any"}
+
+
+def _shift(values: np.ndarray, codes: np.ndarray, j: int) -> np.ndarray:
+    """values of the slice j positions later (j > 0) or earlier (j < 0) in the same series, else NaN."""
+    out = np.full(values.shape, np.nan, dtype=np.float32)
+    n = len(values)
+    if abs(j) >= n:
+        return out
+    if j > 0:
+        same = codes[j:] == codes[:-j]
+        out[:-j][same] = values[j:][same]
+    else:
+        j = -j
+        same = codes[:-j] == codes[j:]
+        out[j:][same] = values[:-j][same]
+    return out
+
+
+def _series_stats(values: np.ndarray, codes: np.ndarray):
+    """Per-series mean, max and std, broadcast back to rows (codes sorted, contiguous)."""
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    counts = np.diff(np.r_[starts, len(codes)])
+    total = np.add.reduceat(values, starts, axis=0)
+    mean = total / counts[:, None]
+    sq = np.add.reduceat(values.astype(np.float64) ** 2, starts, axis=0) / counts[:, None]
+    std = np.sqrt(np.maximum(sq - mean.astype(np.float64) ** 2, 0)).astype(np.float32)
+    mx = np.maximum.reduceat(values, starts, axis=0)
+    rep = lambda a: np.repeat(a, counts, axis=0).astype(np.float32)  # noqa: E731
+    return rep(mean), rep(mx), rep(std)
+
+
+def build_features(slices: pd.DataFrame, probs: dict[str, np.ndarray], *, k: int = 5,
+                   embeddings: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Feature matrix (rows aligned with `slices`) and feature names.
+
+    probs[name]: (n, 6) stage-one probabilities in `slices` row order;
+    embeddings[name]: (n, c) already reduced (e.g. PCA) embeddings, same order.
+    """
+    order = np.lexsort((slices["slice_index"].to_numpy(), slices["series_id"].to_numpy()))
+    codes = pd.factorize(slices["series_id"].to_numpy()[order])[0]
+    blocks, names = [], []
+
+    def add(block, block_names):
+        blocks.append(np.asarray(block, dtype=np.float32).reshape(len(order), -1))
+        names.extend(block_names)
+
+    n_slices = slices["n_slices"].to_numpy()[order].astype(np.float32)
+    index = slices["slice_index"].to_numpy()[order].astype(np.float32)
+    add(np.where(n_slices > 1, index / np.maximum(n_slices - 1, 1), 0.5), ["rel_position"])
+    add(n_slices, ["n_slices"])
+    add(slices["z_spacing"].to_numpy()[order], ["z_spacing"])
+
+    for exp, p in probs.items():
+        p = np.asarray(p, dtype=np.float32)[order]
+        tag = [f"{exp}.{SHORT[c]}" for c in LABELS]
+        add(p, tag)
+        for j in range(1, k + 1):
+            for sign, word in ((-1, "prev"), (1, "next")):
+                q = _shift(p, codes, sign * j)
+                add(q, [f"{t}.{word}{j}" for t in tag])
+                add(p - q, [f"{t}.diff_{word}{j}" for t in tag])
+        mean, mx, std = _series_stats(p, codes)
+        add(mean, [f"{t}.series_mean" for t in tag])
+        add(mx, [f"{t}.series_max" for t in tag])
+        add(std, [f"{t}.series_std" for t in tag])
+    if len(probs) > 1:
+        avg = np.mean([np.asarray(p, dtype=np.float32)[order] for p in probs.values()], axis=0)
+        add(avg, [f"mean.{SHORT[c]}" for c in LABELS])
+
+    for exp, e in (embeddings or {}).items():
+        e = np.asarray(e, dtype=np.float32)[order]
+        tag = [f"{exp}.pc{i}" for i in range(e.shape[1])]
+        add(e, tag)
+        for sign, word in ((-1, "prev"), (1, "next")):
+            add(e - _shift(e, codes, sign), [f"{t}.diff_{word}1" for t in tag])
+
+    features = np.concatenate(blocks, axis=1)
+    out = np.empty_like(features)
+    out[order] = features  # back to slices row order
+    return out, names
