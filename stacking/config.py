@@ -34,6 +34,7 @@ class PredictCfg:
     k_neighbors: int = 5             # previous/next slices whose probabilities become features
     pca_components: int = 0          # principal components of the embeddings (0: none)
     lgb: dict = field(default_factory=dict)  # overrides of DEFAULT_LGB
+    start_from_stage_one: bool = True  # boost from logit(mean stage-one probability): learn corrections
     num_boost_round: int = 2000
     early_stopping_rounds: int = 50
     clip: list = field(default_factory=lambda: [1e-6, 1 - 1e-6])  # submission probabilities

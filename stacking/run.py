@@ -123,9 +123,11 @@ def run_stacking(cfg: PredictCfg, *, train_slices: pd.DataFrame, test_slices: pd
     folds = train_slices["fold"].to_numpy()
     log(f"stage two: {X.shape[0]} train rows x {X.shape[1]} features from {', '.join(cfg.experiments)}"
         + (f"; {X_test.shape[0]} test rows" if X_test is not None else ""))
+    base = np.mean(list(train_probs.values()), axis=0) if cfg.start_from_stage_one else None
+    base_test = np.mean(list(test_probs.values()), axis=0) if base is not None and test_probs else None
     res = fit_predict(X, y, folds, X_test, params=cfg.lgb_params, feature_names=names,
                       num_boost_round=cfg.num_boost_round, early_stopping_rounds=cfg.early_stopping_rounds,
-                      progress=progress)
+                      progress=progress, base=base, base_test=base_test)
 
     out_dir, log_dir = model_dir / "stacking" / cfg.name, logs_dir / "stacking" / cfg.name
     (out_dir / "boosters").mkdir(parents=True, exist_ok=True)

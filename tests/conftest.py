@@ -1,7 +1,10 @@
 """Shared fixtures: the real competition slice, and small hand-made DICOM sets."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +77,67 @@ SETTINGS_TEMPLATE = {
     "LOGS_DIR": "logs",
     "SUBMISSION_DIR": "submissions",
 }
+
+
+# --- a tiny trained pipeline shared by the stage-one, stage-two and predict tests -----------
+
+TINY = {
+    "model": {"backbone": "test_resnet"},
+    "input": {"mode": "windows", "size": 64},
+    "augment": {"hflip": 0.5, "shift_scale_rotate": 0.0},
+    "optim": {"lr": 0.001, "schedule": "cosine"},
+    "train": {"epochs": 8, "batch_size": 16, "num_workers": 0, "amp": "none"},
+}
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """A small generated dataset, prepared once for the session (3 folds, 64 px, train and test)."""
+    from ich.config import PrepareConfig
+    from ich.prepare import prepare_split
+    from ich.synthetic import generate_dataset
+    root = tmp_path_factory.mktemp("pipeline")
+    generate_dataset(root / "raw", n_train_patients=14, n_test_patients=3, image_size=64, seed=3,
+                     n_jobs=2, progress=False)
+    cfg = PrepareConfig(image_size=64, n_folds=3, n_jobs=2)
+    prepare_split(root / "raw", root / "clean" / "train", "train", cfg, progress=False)
+    prepare_split(root / "raw", root / "clean" / "test", "test", cfg, progress=False)
+    return root
+
+
+def settings_for(root: Path, tmp_path: Path) -> Path:
+    s = {"RAW_DATA_DIR": str(root / "raw"), "TRAIN_DATA_CLEAN_PATH": str(root / "clean" / "train"),
+         "TEST_DATA_CLEAN_PATH": str(root / "clean" / "test"), "MODEL_CHECKPOINT_DIR": str(tmp_path / "models"),
+         "LOGS_DIR": str(tmp_path / "logs"), "SUBMISSION_DIR": str(tmp_path / "sub")}
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps(s))
+    return path
+
+
+def write_config(tmp_path: Path, name: str = "tiny", **overrides) -> Path:
+    import yaml
+    cfg = json.loads(json.dumps(TINY))
+    for section, values in overrides.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_script(script: str, *args):
+    return subprocess.run([sys.executable, str(REPO / script), "--no-progress", *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO)
+
+
+def run_train(*args):
+    return run_script("train.py", *args)
+
+
+@pytest.fixture(scope="session")
+def trained(prepared, tmp_path_factory):
+    """train.py run once with the tiny config: (settings path, completed process, work dir)."""
+    work = tmp_path_factory.mktemp("trained")
+    settings = settings_for(prepared, work)
+    out = run_train("--settings", settings, "--config", write_config(work))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return settings, out, work

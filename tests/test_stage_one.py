@@ -1,5 +1,4 @@
 """Stage one: config, dataset, sampler, schedule, network, and train.py end to end."""
-import json
 import subprocess
 import sys
 
@@ -9,58 +8,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
-from ich.config import ConfigError, PrepareConfig
+from conftest import REPO, run_train, settings_for, write_config
+from ich.config import ConfigError
 from ich.labels import LABELS
-from ich.prepare import prepare_split
-from ich.synthetic import generate_dataset
 from models.config import OptimCfg, from_dict, load_experiment
 from models.data import EpochSampler, SliceDataset, with_neighbors
 from models.net import MissingWeightsError, SliceNet
 from models.schedule import build_scheduler, lr_factor
-
-TINY = {
-    "model": {"backbone": "test_resnet"},
-    "input": {"mode": "windows", "size": 64},
-    "augment": {"hflip": 0.5, "shift_scale_rotate": 0.0},
-    "optim": {"lr": 0.001, "schedule": "cosine"},
-    "train": {"epochs": 8, "batch_size": 16, "num_workers": 0, "amp": "none"},
-}
-
-
-@pytest.fixture(scope="session")
-def prepared(tmp_path_factory):
-    """A small generated dataset, prepared once for all stage-one tests (3 folds, 64 px)."""
-    root = tmp_path_factory.mktemp("stage1")
-    generate_dataset(root / "raw", n_train_patients=14, n_test_patients=2, image_size=64, seed=3,
-                     n_jobs=2, progress=False)
-    cfg = PrepareConfig(image_size=64, n_folds=3, n_jobs=2)
-    prepare_split(root / "raw", root / "clean" / "train", "train", cfg, progress=False)
-    return root
-
-
-def settings_for(root, tmp_path):
-    s = {"RAW_DATA_DIR": str(root / "raw"), "TRAIN_DATA_CLEAN_PATH": str(root / "clean" / "train"),
-         "TEST_DATA_CLEAN_PATH": str(root / "clean" / "test"), "MODEL_CHECKPOINT_DIR": str(tmp_path / "models"),
-         "LOGS_DIR": str(tmp_path / "logs"), "SUBMISSION_DIR": str(tmp_path / "sub")}
-    path = tmp_path / "settings.json"
-    path.write_text(json.dumps(s))
-    return path
-
-
-def write_config(tmp_path, name="tiny", **overrides):
-    cfg = json.loads(json.dumps(TINY))
-    for section, values in overrides.items():
-        cfg.setdefault(section, {}).update(values)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def run_train(*args, env=None):
-    return subprocess.run([sys.executable, str(REPO / "train.py"), "--no-progress", *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, env=env)
-
 
 # --- units ---------------------------------------------------------------------------------
 
@@ -157,10 +111,8 @@ def test_pretrained_weights_from_a_local_file_only(tmp_path):
 
 # --- train.py end to end -------------------------------------------------------------------
 
-def test_train_end_to_end_beats_prior(prepared, tmp_path):
-    settings = settings_for(prepared, tmp_path)
-    out = run_train("--settings", settings, "--config", write_config(tmp_path))
-    assert out.returncode == 0, out.stderr[-3000:]
+def test_train_end_to_end_beats_prior(prepared, trained):
+    settings, out, tmp_path = trained
     assert "OOF weighted log loss" in out.stdout
     model_dir = tmp_path / "models" / "tiny"
     slices = pd.read_parquet(prepared / "clean" / "train" / "slices.parquet")
@@ -187,9 +139,9 @@ def test_train_end_to_end_beats_prior(prepared, tmp_path):
     assert f"{score:.4f}" in out.stdout and f"{base:.4f}" in out.stdout
     assert score < 0.9 * base, (score, base)
 
-    again = run_train("--settings", settings, "--config", write_config(tmp_path))
+    again = run_train("--settings", settings, "--config", tmp_path / "tiny.yaml")
     assert again.returncode == 2 and "--resume" in again.stderr  # nothing overwritten silently
-    again = run_train("--settings", settings, "--config", write_config(tmp_path), "--resume")
+    again = run_train("--settings", settings, "--config", tmp_path / "tiny.yaml", "--resume")
     assert again.returncode == 0 and again.stdout.count("done already, skipped") == 3
 
 

@@ -1,0 +1,142 @@
+"""Stage two (features, boosting, fold check), the submission, and predict.py end to end."""
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import run_script
+from ich.config import ConfigError
+from ich.labels import LABELS
+from ich.submission import build_submission, read_sample
+from stacking.config import load_predict_config
+from stacking.features import build_features
+from stacking.model import fit_predict
+from stacking.run import StackingError, check_folds
+
+
+def toy_slices():
+    return pd.DataFrame({"image_id": list("abcde"), "series_id": ["s2", "s1", "s1", "s2", "s1"],
+                         "slice_index": [1, 0, 2, 0, 1], "n_slices": [2, 3, 3, 2, 3], "z_spacing": [5.0] * 5})
+
+
+def test_neighbor_features_follow_series_order():
+    slices = toy_slices()
+    p = np.arange(30, dtype=float).reshape(5, 6) / 30
+    X, names = build_features(slices, {"e": p}, k=2)
+    f = pd.DataFrame(X, columns=names, index=slices.image_id)
+    # series s1 in slice order: b (0.2), e (0.8), c (0.4); s2: d (0.6), a (0.0)
+    assert f.loc["e", "e.epi.prev1"] == pytest.approx(0.2) and f.loc["e", "e.epi.next1"] == pytest.approx(0.4)
+    assert f.loc["c", "e.epi.prev2"] == pytest.approx(0.2) and np.isnan(f.loc["c", "e.epi.next1"])
+    assert np.isnan(f.loc["b", "e.epi.prev1"]) and np.isnan(f.loc["a", "e.epi.prev2"])
+    assert f.loc["e", "e.epi.diff_prev1"] == pytest.approx(0.6)
+    assert f.loc["a", "e.epi.series_max"] == pytest.approx(0.6) and f.loc["b", "e.epi.series_mean"] == pytest.approx(
+        (0.2 + 0.8 + 0.4) / 3)
+    assert list(f["rel_position"]) == [1.0, 0.0, 1.0, 0.0, 0.5]
+    assert len(names) == len(set(names)) == 3 + 6 * (1 + 4 * 2 + 3)
+
+
+def synthetic_series(n_series=120, seed=0):
+    """Series with contiguous positive runs and a noisy stage one: neighbors carry signal."""
+    rng = np.random.default_rng(seed)
+    rows, probs = [], []
+    for s in range(n_series):
+        n = int(rng.integers(20, 40))
+        y = np.zeros((n, 6))
+        if rng.random() < 0.5:
+            j = int(rng.integers(0, 5))
+            a = int(rng.integers(0, n - 6))
+            y[a:a + int(rng.integers(3, 7)), j] = 1
+        y[:, 5] = y[:, :5].max(1)
+        logit = (y * 2 - 1) * 1.2 + rng.normal(0, 1.5, y.shape)
+        probs.append(1 / (1 + np.exp(-logit)))
+        for i in range(n):
+            rows.append({"image_id": f"ID_{s}_{i}", "series_id": f"S{s}", "patient_id": f"P{s // 2}",
+                         "slice_index": i, "n_slices": n, "z_spacing": 5.0, "fold": (s // 2) % 3,
+                         **dict(zip(LABELS, y[i]))})
+    return pd.DataFrame(rows), np.concatenate(probs)
+
+
+def test_stage_two_beats_noisy_stage_one():
+    from ich.metric import weighted_log_loss
+    slices, p = synthetic_series()
+    X, names = build_features(slices, {"e": p}, k=3)
+    y = slices[list(LABELS)].to_numpy()
+    res = fit_predict(X, y, slices["fold"].to_numpy(), X[:50], params={"objective": "binary", "verbose": -1,
+                      "num_leaves": 7, "min_data_in_leaf": 20, "learning_rate": 0.1, "num_threads": 2},
+                      feature_names=names, num_boost_round=200, early_stopping_rounds=20, progress=False)
+    assert np.isfinite(res.oof).all() and res.test.shape == (50, 6)
+    assert len(res.boosters) == 18 and res.importance.sum() > 0
+    assert weighted_log_loss(y, res.oof) < 0.8 * weighted_log_loss(y, p)
+
+
+def test_folds_are_checked_not_assumed(tmp_path):
+    slices = pd.DataFrame({"image_id": ["a", "b", "c", "d"], "fold": [0, 0, 1, 1]})
+    for k, ids in ((0, ["a", "b"]), (1, ["c", "d"])):
+        pd.DataFrame({"image_id": ids}).to_parquet(tmp_path / f"fold{k}.oof.parquet")
+    check_folds(tmp_path, slices)
+    pd.DataFrame({"image_id": ["a", "c"]}).to_parquet(tmp_path / "fold0.oof.parquet")
+    with pytest.raises(StackingError, match="fold 0 of stage one differs"):
+        check_folds(tmp_path, slices)
+
+
+def test_predict_config_errors(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"experiments": []}))
+    with pytest.raises(ConfigError, match="experiments"):
+        load_predict_config(path)
+    path.write_text(yaml.safe_dump({"experiments": ["x"], "k_neigbours": 3}))
+    with pytest.raises(ConfigError, match="k_neigbours"):
+        load_predict_config(path)
+
+
+def test_submission_order_and_fallbacks(tmp_path):
+    ids = ["ID_a", "ID_b", "ID_c", "ID_d"]
+    sample = pd.DataFrame({"ID": [f"{i}_{c}" for i in ids[::-1] for c in LABELS], "Label": 0.5})
+    sample.to_csv(tmp_path / "sample.csv", index=False)
+    sample = read_sample(tmp_path / "sample.csv")
+    preds = pd.DataFrame({"image_id": ["ID_a", "ID_c"], **{c: [0.2, 0.6] for c in LABELS}})
+    test_slices = pd.DataFrame({"image_id": ["ID_a", "ID_c"], "series_id": ["S", "S"], "z": [0.0, 10.0]})
+    rejected = pd.DataFrame({"image_id": ["ID_b", None], "series_id": ["S", None], "z": [5.0, np.nan],
+                             "reason": ["pixel_decode_failed", "not_dicom"]})
+    prior = np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.1])
+    sub, stats = build_submission(sample, preds, prior=prior, test_slices=test_slices, rejected=rejected,
+                                  clip=(0.001, 0.999))
+    assert sub["ID"].tolist() == sample["ID"].tolist()  # exactly the sample's rows and order
+    got = sub.assign(image=sub.ID.str.rsplit("_", n=1).str[0]).groupby("image")["Label"].first()
+    assert got["ID_a"] == 0.2 and got["ID_c"] == 0.6
+    assert got["ID_b"] == pytest.approx(0.4)  # between its series neighbors
+    assert got["ID_d"] == pytest.approx(0.01)  # never seen: the prior
+    assert (stats.predicted, stats.from_neighbors, stats.from_prior) == (2, 1, 1)
+    sub, _ = build_submission(sample, preds.assign(any=1.0), prior=prior, clip=(0.001, 0.999))
+    assert sub["Label"].max() == 0.999
+
+
+def test_predict_end_to_end(prepared, trained):
+    settings, _, work = trained
+    cfg = work / "predict.yaml"
+    cfg.write_text(yaml.safe_dump({"experiments": ["tiny"], "k_neighbors": 3, "pca_components": 2,
+                                   "lgb": {"num_leaves": 7, "min_data_in_leaf": 10, "learning_rate": 0.05},
+                                   "num_boost_round": 300, "early_stopping_rounds": 30, "num_workers": 0}))
+    out = run_script("predict.py", "--settings", settings, "--config", cfg)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sub = pd.read_csv(work / "sub" / "submission.csv")
+    sample = pd.read_csv(prepared / "raw" / "stage_2_sample_submission.csv")
+    assert sub["ID"].tolist() == sample["ID"].tolist()
+    assert sub["Label"].between(1e-6, 1 - 1e-6).all()
+    assert "test weighted log loss (labels known): stage one" in out.stdout
+    assert "kaggle competitions submit -c rsna-intracranial-hemorrhage-detection" in out.stdout
+    # stage-one test outputs (contract 2) and stage-two outputs (contract 3)
+    tiny = work / "models" / "tiny"
+    test = pd.read_parquet(tiny / "test.parquet")
+    assert len(test) == len(np.load(tiny / "test_emb.npy")) == len(pd.read_parquet(
+        prepared / "clean" / "test" / "slices.parquet"))
+    stack = work / "models" / "stacking" / "predict"
+    assert len(list((stack / "boosters").glob("*_fold*.txt"))) == 18
+    assert (work / "logs" / "stacking" / "predict" / "feature_importance.png").stat().st_size > 5000
+    metrics = pd.read_csv(work / "logs" / "stacking" / "predict" / "metrics.csv", index_col=0)
+    assert metrics.loc["stage two", "weighted"] < metrics.loc["tiny", "weighted"] < metrics.loc[
+        "prior baseline", "weighted"]
+    # a rerun reuses the stage-one test predictions; --stage1-only writes its own file
+    again = run_script("predict.py", "--settings", settings, "--config", cfg, "--stage1-only")
+    assert again.returncode == 0 and "reused" in again.stdout
+    assert (work / "sub" / "submission_stage1.csv").is_file()
