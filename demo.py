@@ -24,6 +24,8 @@ STEPS = [
      [PY, "prepare_data.py", "--settings", SETTINGS, "--config", "configs/prepare/demo.yaml"]),
     ("Stage one: 5-fold CNN (tiny, CPU) -> checkpoints, out-of-fold probabilities and embeddings",
      [PY, "train.py", "--settings", SETTINGS, "--config", "configs/demo_cpu.yaml", "--resume"]),
+    ("Predict: stage one on test, stage two (neighbor-slice LightGBM), submission.csv",
+     [PY, "predict.py", "--settings", SETTINGS, "--config", "configs/predict/demo.yaml"]),
 ]
 
 
@@ -41,7 +43,10 @@ def main():
     for path, what in [("clean/train/slices.parquet", "clean slice table (train)"),
                        ("clean/train/rejected.csv", "files that could not be used, with the reason"),
                        ("models/demo_cpu/oof.parquet", "stage-one out-of-fold probabilities"),
-                       ("logs/demo_cpu/training_curves.png", "training curves per fold")]:
+                       ("logs/demo_cpu/training_curves.png", "training curves per fold"),
+                       ("logs/stacking/demo/metrics.csv", "log-loss table: prior, stage one, stage two"),
+                       ("logs/stacking/demo/feature_importance.png", "stage-two feature importance"),
+                       ("submissions/submission.csv", "the Kaggle submission")]:
         print(f"  {what:48s} data/demo/{path}")
 
 
