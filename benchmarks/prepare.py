@@ -81,7 +81,8 @@ def main():
     print(f"(a) dcmread + pixel_array : {raw_rate:8.1f} img/s  ({1000 * min(raw_t) / n:.2f} ms/img wall)")
     print(f"(b) prepare_data          : {prep_rate:8.1f} img/s  ({1000 * min(prep_t) / n:.2f} ms/img wall)")
     print(f"ratio (b)/(a)             : {prep_rate / raw_rate:8.2f}x  (target >= 0.5x)")
-    print(f"cache bytes per image     : {per_image:8d}  ({per_image * FULL_DATA / 1e9:.0f} GB for {FULL_DATA:,} slices)")
+    print(f"cache bytes per image     : {per_image:8d}  "
+          f"({per_image * FULL_DATA / 1e9:.0f} GB for {FULL_DATA:,} slices)")
     print(f"projected full data here  : {FULL_DATA / prep_rate / 3600:8.2f} h with {args.jobs} workers "
           f"(decode alone {FULL_DATA / raw_rate / 3600:.2f} h)")
 

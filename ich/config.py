@@ -81,7 +81,7 @@ def load_prepare_config(path: str | Path | None) -> PrepareConfig:
             raise ConfigError(f"{path}: windows must be a list of {{name, center, width}}: {exc}") from exc
         if not kwargs["windows"] or any(w.width <= 0 for w in kwargs["windows"]):
             raise ConfigError(f"{path}: windows must be non-empty with positive widths")
-    for key, kind in (("image_size", int), ("n_folds", int), ("fold_seed", int), ("n_jobs", int), ("chunk_size", int)):
+    for key in ("image_size", "n_folds", "fold_seed", "n_jobs", "chunk_size"):
         if key in kwargs and (not isinstance(kwargs[key], int) or isinstance(kwargs[key], bool)):
             raise ConfigError(f"{path}: {key} must be an integer, got {kwargs[key]!r}")
     for key in ("sigmoid", "crop_border"):

@@ -64,7 +64,8 @@ class Summary:
         if self.fixes:
             out.append("  fixes applied: " + ", ".join(f"{k} {v}" for k, v in self.fixes.items()))
         total = sum(self.rejected.values())
-        out.append(f"  rejected: {total}" + (" (" + ", ".join(f"{k} {v}" for k, v in self.rejected.items()) + ")" if total else ""))
+        reasons = ", ".join(f"{k} {v}" for k, v in self.rejected.items())
+        out.append(f"  rejected: {total}" + (f" ({reasons})" if total else ""))
         if self.labels_without_image:
             out.append(f"  label rows for {self.labels_without_image} images with no file (ignored)")
         out.append(f"  written to {self.clean_dir}")

@@ -23,7 +23,8 @@ class ModelCfg:
 
 @dataclass
 class InputCfg:
-    mode: str = "windows"            # windows: the cached windows of one slice | adjacent: one window on slices i-1, i, i+1
+    mode: str = "windows"            # windows: the cached windows of one slice
+    #                                  adjacent: one window on slices i-1, i, i+1
     adjacent_channel: int = 0        # adjacent mode: which cached window (0 = brain by default)
     size: int = 256                  # training and inference size (cache images are resized when different)
     progressive: list | None = None  # [[size, epochs], ...]: progressive resizing; epochs must add up to train.epochs

@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from conftest import REPO, run_train, settings_for, write_config
 from ich.config import ConfigError
