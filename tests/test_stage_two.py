@@ -140,3 +140,24 @@ def test_predict_end_to_end(prepared, trained):
     again = run_script("predict.py", "--settings", settings, "--config", cfg, "--stage1-only")
     assert again.returncode == 0 and "reused" in again.stdout
     assert (work / "sub" / "submission_stage1.csv").is_file()
+
+
+def test_two_experiments_combine(prepared, trained):
+    """Stage two over two experiments: both feature sets and a 'mean of stage one' row."""
+    import shutil
+    from stacking.config import PredictCfg
+    from stacking.run import run_stacking
+    settings, _, work = trained
+    models = work / "models"
+    if not (models / "tiny2").exists():
+        shutil.copytree(models / "tiny", models / "tiny2")
+        oof = pd.read_parquet(models / "tiny2" / "oof.parquet")
+        oof[list(LABELS)] = oof[list(LABELS)] ** 1.3  # a different (worse-calibrated) second model
+        oof.to_parquet(models / "tiny2" / "oof.parquet", index=False)
+    train = pd.read_parquet(prepared / "clean" / "train" / "slices.parquet")
+    cfg = PredictCfg(name="two", experiments=["tiny", "tiny2"], k_neighbors=2,
+                     lgb={"num_leaves": 7, "min_data_in_leaf": 10}, num_boost_round=100)
+    res = run_stacking(cfg, train_slices=train, test_slices=None, model_dir=models, logs_dir=work / "logs",
+                       progress=False, log=lambda *a: None)
+    assert list(res["metrics"].index) == ["prior baseline", "tiny", "tiny2", "mean of stage one", "stage two"]
+    assert res["oof"]["image_id"].tolist() == train["image_id"].tolist()
