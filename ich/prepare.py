@@ -126,7 +126,9 @@ def prepare_split(raw_dir: Path, clean_dir: Path, split: str, cfg: PrepareConfig
     t0 = time.time()
     folder = Path(raw_dir) / (TRAIN_DIR if split == "train" else TEST_DIR)
     if not folder.is_dir():
-        raise PrepareError(f"no {folder.name}/ folder under RAW_DATA_DIR ({raw_dir})")
+        nested = sorted(Path(raw_dir).glob(f"*/{folder.name}")) if Path(raw_dir).is_dir() else []
+        hint = f"; found {nested[0]}: point RAW_DATA_DIR at {nested[0].parent}" if nested else ""
+        raise PrepareError(f"no {folder.name}/ folder under RAW_DATA_DIR ({raw_dir}){hint}")
     labels = None
     if split == "train":
         csv = Path(raw_dir) / LABELS_CSV

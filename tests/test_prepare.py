@@ -149,3 +149,12 @@ def test_cli_errors_are_one_line(raw, tmp_path):
                           "--no-progress"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "test: 5 images in 1 series" in out.stdout
+
+
+def test_nested_raw_folder_hint(raw, tmp_path):
+    raw_dir, _ = raw
+    nested = tmp_path / "outer"
+    (nested / "rsna-intracranial-hemorrhage-detection").mkdir(parents=True)
+    (raw_dir / "stage_2_test").rename(nested / "rsna-intracranial-hemorrhage-detection" / "stage_2_test")
+    with pytest.raises(PrepareError, match="point RAW_DATA_DIR at .*rsna-intracranial-hemorrhage-detection"):
+        prepare_split(nested, tmp_path / "clean", "test", CFG, progress=False)
