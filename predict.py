@@ -21,7 +21,7 @@ def main(argv=None):
     from ich.submission import (SubmissionError, build_submission, read_sample, score_submission,
                                 write_submission)
     from models import runtime as rt
-    from models.test_inference import InferenceError, predict_test
+    from models.test_inference import InferenceError, check_same_cache, predict_test
     from stacking.config import load_predict_config
     from stacking.run import StackingError, run_stacking
 
@@ -38,7 +38,8 @@ def main(argv=None):
         rejected = pd.read_csv(test_dir / "rejected.csv") if (test_dir / "rejected.csv").is_file() else None
         prior = train_slices[list(LABELS)].mean().to_numpy()
 
-        runtime = rt.setup("bf16", True)
+        check_same_cache(train_dir, test_dir)
+        runtime = rt.setup(cfg.amp, True)
         try:
             stage1 = {exp: predict_test(settings.model_checkpoint_dir / exp, test_dir, runtime,
                                         tta_hflip=cfg.tta_hflip, batch_size=cfg.batch_size,

@@ -74,7 +74,7 @@ class TrainCfg:
     epochs: int = 3
     batch_size: int = 32
     accumulate: int = 1              # gradient accumulation steps
-    amp: str = "bf16"                # none | bf16 | fp16 (CUDA only; CPU runs fp32)
+    amp: str = "auto"                # auto (bf16 where supported, else fp16) | bf16 | fp16 | none; CUDA only
     channels_last: bool = True       # CUDA only
     freeze_epochs: int = 0           # epochs with the backbone frozen (head warm-up)
     num_workers: int = 2
@@ -163,7 +163,7 @@ def _validate(cfg: ExperimentCfg, where: str) -> None:
     need(cfg.input.mode in ("windows", "adjacent"), "input.mode must be windows or adjacent")
     need(cfg.sampler.kind in ("all", "balanced"), "sampler.kind must be all or balanced")
     need(cfg.optim.schedule in ("cosine", "onecycle", "step"), "optim.schedule must be cosine, onecycle or step")
-    need(cfg.train.amp in ("none", "bf16", "fp16"), "train.amp must be none, bf16 or fp16")
+    need(cfg.train.amp in ("auto", "none", "bf16", "fp16"), "train.amp must be auto, none, bf16 or fp16")
     need(cfg.train.epochs >= 1 and cfg.train.batch_size >= 1 and cfg.train.accumulate >= 1,
          "train.epochs, train.batch_size and train.accumulate must be >= 1")
     need(0 <= cfg.train.freeze_epochs < cfg.train.epochs or cfg.train.freeze_epochs == 0,

@@ -55,7 +55,8 @@ class Runtime:
         return box[0]
 
 
-def setup(amp: str = "bf16", channels_last: bool = True) -> Runtime:
+def setup(amp: str = "auto", channels_last: bool = True) -> Runtime:
+    """amp: none | bf16 | fp16 | auto (CUDA only; the CPU always runs fp32)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -72,6 +73,8 @@ def setup(amp: str = "bf16", channels_last: bool = True) -> Runtime:
                                 device_id=device if device.type == "cuda" else None)
     amp_dtype = None
     if device.type == "cuda" and amp != "none":
+        if amp == "auto":  # bf16 where the GPU has it (Ampere and newer), else fp16 (Kaggle's P100/T4)
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         amp_dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return Runtime(device=device, rank=rank, world_size=world_size, amp_dtype=amp_dtype,
                    channels_last=channels_last and device.type == "cuda")

@@ -29,6 +29,19 @@ class InferenceError(RuntimeError):
     """Stage-one test inference cannot run; the message says what is missing."""
 
 
+def check_same_cache(train_dir: Path, test_dir: Path) -> None:
+    """The test images must be cached like the train images the models learned from."""
+    from ich.cache import read_meta
+    train, test = read_meta(train_dir), read_meta(test_dir)
+    if train is None or test is None:
+        raise InferenceError(f"no cache_meta.json in {train_dir if train is None else test_dir}: run prepare_data.py")
+    keys = ("format", "image_size", "windows", "sigmoid", "crop_border")
+    differ = [k for k in keys if train.get(k) != test.get(k)]
+    if differ:
+        raise InferenceError(f"test cache ({test_dir}) was prepared with other {', '.join(differ)} than the train "
+                             f"cache ({train_dir}): rerun prepare_data.py --split test --force with the train config")
+
+
 def load_fold_model(path: Path, runtime: Runtime):
     """A fold checkpoint -> (model on the device, its experiment config). No pretrained file needed."""
     state = torch.load(path, map_location="cpu", weights_only=True)

@@ -39,6 +39,7 @@ class PredictCfg:
     early_stopping_rounds: int = 50
     clip: list = field(default_factory=lambda: [1e-6, 1 - 1e-6])  # submission probabilities
     tta_hflip: bool = True           # stage-one test inference
+    amp: str = "auto"                # stage-one test inference on CUDA: auto | bf16 | fp16 | none
     batch_size: int = 64
     num_workers: int = 2
 
@@ -63,6 +64,8 @@ def load_predict_config(path: str | Path) -> PredictCfg:
     if not 0 <= lo < 0.5 < hi <= 1:
         raise ConfigError(f"{path}: clip must be [low, high] with 0 <= low < 0.5 < high <= 1")
     cfg.clip = [lo, hi]
+    if cfg.amp not in ("auto", "bf16", "fp16", "none"):
+        raise ConfigError(f"{path}: amp must be auto, bf16, fp16 or none")
     unknown_lgb = {"metric"} & set(cfg.lgb)
     if unknown_lgb:
         raise ConfigError(f"{path}: lgb.metric is fixed to binary_logloss (the competition's)")

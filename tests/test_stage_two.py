@@ -161,3 +161,17 @@ def test_two_experiments_combine(prepared, trained):
                        progress=False, log=lambda *a: None)
     assert list(res["metrics"].index) == ["prior baseline", "tiny", "tiny2", "mean of stage one", "stage two"]
     assert res["oof"]["image_id"].tolist() == train["image_id"].tolist()
+
+
+def test_test_cache_must_match_train_cache(tmp_path):
+    import json
+    from models.test_inference import InferenceError, check_same_cache
+    meta = {"format": 1, "image_size": 64, "windows": [["brain", 40, 80]], "sigmoid": False, "crop_border": False,
+            "n_files": 10, "files_digest": "x", "chunk_size": 8}
+    for name, extra in (("train", {}), ("test", {"n_files": 3, "files_digest": "y"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "cache_meta.json").write_text(json.dumps({**meta, **extra}))
+    check_same_cache(tmp_path / "train", tmp_path / "test")  # other files, same image settings: fine
+    (tmp_path / "test" / "cache_meta.json").write_text(json.dumps({**meta, "image_size": 128}))
+    with pytest.raises(InferenceError, match="image_size"):
+        check_same_cache(tmp_path / "train", tmp_path / "test")

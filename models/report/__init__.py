@@ -1,0 +1,13 @@
+"""The pipeline report: one self-contained HTML page a person would rather look at than logs.
+
+`python report.py` reads what prepare_data.py, train.py and predict.py wrote
+and draws seven sections (data overview, example slices and the network's
+input, training curves, per-label scores, calibration, the weighted log loss,
+Grad-CAM). Modules: inputs (find and load the pipeline's files, or say what to
+run), scores (per-label metrics), figures (matplotlib), gradcam
+(pytorch_grad_cam on the fold models), sections (the seven builders), html
+(the page) and build (all of it together).
+"""
+from .build import ReportResult, build_report
+
+__all__ = ["build_report", "ReportResult"]
