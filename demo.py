@@ -26,6 +26,8 @@ STEPS = [
      [PY, "train.py", "--settings", SETTINGS, "--config", "configs/demo_cpu.yaml", "--resume"]),
     ("Predict: stage one on test, stage two (neighbor-slice LightGBM), submission.csv",
      [PY, "predict.py", "--settings", SETTINGS, "--config", "configs/predict/demo.yaml"]),
+    ("Report: one HTML page with the data, curves, per-label scores, calibration and Grad-CAM",
+     [PY, "report.py", "--settings", SETTINGS, "--config", "configs/predict/demo.yaml"]),
 ]
 
 
@@ -46,7 +48,8 @@ def main():
                        ("logs/demo_cpu/training_curves.png", "training curves per fold"),
                        ("logs/stacking/demo/metrics.csv", "log-loss table: prior, stage one, stage two"),
                        ("logs/stacking/demo/feature_importance.png", "stage-two feature importance"),
-                       ("submissions/submission.csv", "the Kaggle submission")]:
+                       ("submissions/submission.csv", "the Kaggle submission"),
+                       ("logs/report/report.html", "the report: open it in a browser")]:
         print(f"  {what:48s} data/demo/{path}")
 
 

@@ -10,4 +10,4 @@ run), scores (per-label metrics), figures (matplotlib), gradcam
 """
 from .build import ReportResult, build_report
 
-__all__ = ["build_report", "ReportResult"]
+__all__ = ["ReportResult", "build_report"]

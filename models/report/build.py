@@ -15,12 +15,11 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from ich.cache import write_atomic
 from ich.metric import weighted_log_loss
 from ich.settings import load_settings
 
-from . import html
+from . import html, scores
 from .inputs import Commands, Inputs, Unavailable
 from .sections import SECTIONS, Context
 
@@ -41,6 +40,12 @@ class ReportResult:
         return [s.id for s in self.sections if s.status == "missing"]
 
 
+def prior_baseline_loss(inp: Inputs) -> float:
+    """Each label predicted at its training-fold frequency, scored on the held-out fold (as metrics.csv does)."""
+    table = scores.log_loss_table(inp.labels(), inp.slices("train")["fold"].to_numpy(), {})
+    return float(table.loc["prior baseline", "weighted"])
+
+
 def _kpis(inp: Inputs) -> list[tuple[str, str]]:
     def safe(fn):
         try:
@@ -56,8 +61,7 @@ def _kpis(inp: Inputs) -> list[tuple[str, str]]:
         ("test slices", safe(lambda: f"{len(inp.slices('test')):,}")),
         ("files rejected (train + test)",
          safe(lambda: f"{sum(len(inp.rejected(s)) for s in ('train', 'test')):,}")),
-        ("prior baseline, OOF weighted log loss",
-         safe(lambda: f"{inp.metrics_csv().loc['prior baseline', 'weighted']:.4f}")),
+        ("prior baseline, OOF weighted log loss", safe(lambda: f"{prior_baseline_loss(inp):.4f}")),
         ("stage one, OOF weighted log loss", safe(lambda: wll(inp.stage_one()[1]))),
         ("stage two, OOF weighted log loss", safe(lambda: wll(inp.stage_two()))),
     ]
@@ -98,10 +102,10 @@ def build_report(settings_path: str | Path, config_path: str | Path, out: str | 
     now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     page = html.page(
         "Intracranial hemorrhage detection: pipeline report",
-        [f"Stage one: `{', '.join(cfg.experiments)}` · stage two: `{cfg.name}` (`{config_path}`) · "
-         f"settings: `{settings_path}`",
-         f"Generated {now} by report.py in {seconds:.0f} s. Every number is out of fold (train images scored by "
-         "the fold model that did not train on them) unless it says otherwise."],
+        [(f"Stage one: `{', '.join(cfg.experiments)}` · stage two: `{cfg.name}` (`{config_path}`) · "
+          f"settings: `{settings_path}`"),
+         (f"Generated {now} by report.py in {seconds:.0f} s. Every number is out of fold (train images scored by "
+          "the fold model that did not train on them) unless it says otherwise.")],
         _kpis(inputs), sections,
         footer=f"Figures also saved as PNG under `{png_dir}`. Regenerate with "
                f"`python report.py --settings {settings_path} --config {config_path}`.")
@@ -110,4 +114,4 @@ def build_report(settings_path: str | Path, config_path: str | Path, out: str | 
     return ReportResult(path=path, png_dir=png_dir, sections=sections, seconds=seconds)
 
 
-__all__ = ["build_report", "ReportResult"]
+__all__ = ["ReportResult", "build_report"]

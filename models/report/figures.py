@@ -112,6 +112,7 @@ def slices_per_series(n_train: np.ndarray, path: Path, n_test: np.ndarray | None
         ax.hist(n_test, bins=bins, color=STAGE_TWO, alpha=0.7, label=f"test: {len(n_test)} series")
     ax.axvline(np.median(n_train), color="#222222", ls="--", lw=1, label=f"train median {np.median(n_train):.0f}")
     ax.set(xlabel="slices in the series", ylabel="series", title="slices per series")
+    ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend()
     fig.tight_layout()
     return save(fig, path)
@@ -120,24 +121,24 @@ def slices_per_series(n_train: np.ndarray, path: Path, n_test: np.ndarray | None
 # --- 2. example slices -----------------------------------------------------------------------------
 
 @styled
-def window_examples(rows: list[tuple[str, np.ndarray | None]], window_names: list[str], path: Path) -> Path:
-    """One row per subtype (title, HxWxC uint8 image or None), one column per cached window."""
-    n_rows, n_cols = len(rows), len(window_names)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.9 * n_cols + 1.2, 1.9 * n_rows), squeeze=False)
-    for r, (title, img) in enumerate(rows):
-        for c, name in enumerate(window_names):
+def window_examples(columns: list[tuple[str, np.ndarray | None]], window_names: list[str], path: Path) -> Path:
+    """One column per example (title, HxWxC uint8 image or None), one row per cached window."""
+    n_rows, n_cols = len(window_names), len(columns)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.95 * n_cols + 1.0, 2.05 * n_rows), squeeze=False)
+    for c, (title, img) in enumerate(columns):
+        for r, name in enumerate(window_names):
             ax = axes[r, c]
             if img is None:
                 _no_data(ax, "no positive\nslice")
             else:
-                ax.imshow(img[:, :, c], cmap="gray", vmin=0, vmax=255)
+                ax.imshow(img[:, :, r], cmap="gray", vmin=0, vmax=255)
                 ax.set_xticks([])
                 ax.set_yticks([])
                 ax.grid(False)
             if r == 0:
-                ax.set_title(f"{name} window")
+                ax.set_title(title, fontsize=9.5)
             if c == 0:
-                ax.set_ylabel(title, fontsize=9.5, rotation=0, ha="right", va="center", labelpad=8)
+                ax.set_ylabel(f"{name}\nwindow", fontsize=10, rotation=0, ha="right", va="center", labelpad=8)
     fig.tight_layout(w_pad=0.3, h_pad=0.3)
     return save(fig, path)
 
@@ -232,7 +233,7 @@ def pr_curves(y: np.ndarray, models: dict[str, np.ndarray], path: Path) -> Path:
             ax.set_ylabel("precision")
         if j >= 3:
             ax.set_xlabel("recall")
-        ax.legend(fontsize=7.5, loc="lower left")
+        ax.legend(fontsize=7.5, loc="upper right")
     fig.suptitle("precision-recall (o: threshold 0.5, *: F1-best threshold)", fontweight="bold")
     fig.tight_layout()
     return save(fig, path)

@@ -46,7 +46,7 @@ figure img { display:block; max-width:100%; height:auto; border:1px solid var(--
 figcaption { color:var(--muted); font-size:13px; margin-top:6px; }
 table.data { border-collapse:collapse; font-size:13px; margin:8px 0 16px; font-variant-numeric:tabular-nums; }
 table.data th, table.data td { padding:5px 11px; border-bottom:1px solid var(--line); text-align:right; }
-table.data th { background:#f0f3f8; color:#334155; font-weight:600; position:sticky; top:42px; }
+table.data th { background:#f0f3f8; color:#334155; font-weight:600; vertical-align:bottom; }
 table.data td.txt, table.data th.txt { text-align:left; }
 table.data tr.group td { border-top:2px solid #cfd6e1; }
 table.data td.best { font-weight:700; color:#1b5e20; }
@@ -98,43 +98,49 @@ def heading(text: str) -> str:
 
 
 def _fmt(v, digits: int) -> str:
+    if hasattr(v, "item"):  # numpy scalar -> Python
+        v = v.item()
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
-    if isinstance(v, (int,)) and not isinstance(v, bool):
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
         return f"{v:,}"
     if isinstance(v, float):
-        return f"{v:.{digits}f}"
+        return f"{v:,.{digits}f}"
     return esc(v)
 
 
-def table(df: pd.DataFrame, *, digits: int = 4, index: bool = True, best_low: list[str] | None = None,
+def table(df: pd.DataFrame, *, digits: int | dict = 4, index: bool = True, best_low: list[str] | None = None,
           best_high: list[str] | None = None, group_by: str | None = None, caption: str = "") -> str:
-    """A DataFrame as an HTML table; the best value of best_low/best_high columns (per group) in bold."""
-    df = df.reset_index() if index else df.copy()
-    text_cols = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    """A DataFrame as an HTML table; the best value of best_low/best_high columns (per group) in bold.
+
+    digits: decimals of float columns, one number or {column: decimals} (default 4).
+    Integer columns print as integers, NaN as a dash.
+    """
+    df = (df.reset_index() if index else df).reset_index(drop=True)
+    text_cols = {c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])}
     best = set()
     groups = df.groupby(group_by, sort=False).groups.values() if group_by else [df.index]
     for rows in groups:
         sub = df.loc[rows]
         for cols, fn in ((best_low or [], "idxmin"), (best_high or [], "idxmax")):
             for c in cols:
-                if c in sub and sub[c].notna().any() and len(sub) > 1:
+                if c in sub and sub[c].notna().sum() > 1:
                     best.add((getattr(sub[c].astype(float), fn)(), c))
     head = "".join(f'<th class="{"txt" if c in text_cols else ""}">{esc(c)}</th>' for c in df.columns)
-    body, previous = [], None
-    for i, row in df.iterrows():
-        cls = ""
-        if group_by is not None:
-            cls = ' class="group"' if previous is not None and row[group_by] != previous else ""
-            shown_group = row[group_by] != previous
-            previous = row[group_by]
+    body = []
+    for i in range(len(df)):
+        new_group = group_by is not None and (i == 0 or df[group_by].iloc[i] != df[group_by].iloc[i - 1])
         cells = []
         for c in df.columns:
-            v = row[c]
-            if group_by is not None and c == group_by and not shown_group:
+            v = df[c].iloc[i]
+            if group_by is not None and c == group_by and not new_group:
                 v = ""
             klass = " ".join(k for k, on in (("txt", c in text_cols), ("best", (i, c) in best)) if on)
-            cells.append(f'<td class="{klass}">{_fmt(v.item() if hasattr(v, "item") else v, digits)}</td>')
+            d = digits.get(c, 4) if isinstance(digits, dict) else digits
+            cells.append(f'<td class="{klass}">{_fmt(v, d)}</td>')
+        cls = ' class="group"' if new_group and i > 0 else ""
         body.append(f"<tr{cls}>{''.join(cells)}</tr>")
     cap = f"<figcaption>{code_spans(caption)}</figcaption>" if caption else ""
     return (f'<div class="scroll"><table class="data"><thead><tr>{head}</tr></thead>'

@@ -114,10 +114,6 @@ def _example_rows(slices: pd.DataFrame) -> list[tuple[str, int | None]]:
 
 
 def examples(ctx: Context, sec: Section) -> None:
-    from ..augment import build_train_transform
-    from ..config import from_dict
-    from ..data import SliceDataset, with_neighbors
-
     inp = ctx.inputs
     train = inp.slices("train").reset_index(drop=True)
     windows = inp.windows("train")
@@ -125,10 +121,13 @@ def examples(ctx: Context, sec: Section) -> None:
     picks = _example_rows(train)
     rows = [(f"{title}\n{train['image_id'].iloc[i]}" if i is not None else title,
              np.asarray(images[train["cache_row"].iloc[i]]) if i is not None else None) for title, i in picks]
-    sec.blocks.append(html.figure(figures.window_examples(rows, windows or ["channel 0"], ctx.png("examples_windows")),
+    sec.blocks.append(html.figure(figures.window_examples(
+        rows, windows or [f"channel {c}" for c in range(images.shape[3])], ctx.png("examples_windows")),
                                   "One train slice per subtype (preferring slices with that subtype alone), as "
                                   f"cached by prepare_data.py ({images.shape[1]} px, windows: "
                                   f"{', '.join(windows)})."))
+
+    from ..config import from_dict
 
     exp = inp.experiments[0]
     try:
@@ -137,6 +136,9 @@ def examples(ctx: Context, sec: Section) -> None:
         sec.blocks.append(html.note(f"the network's input: {exc}"))
         sec.status = "partial"
         return
+    from ..augment import build_train_transform  # torch and albumentations: only once there is a model
+    from ..data import SliceDataset, with_neighbors
+
     table = with_neighbors(train)
     dataset = SliceDataset(table, inp.clean_dir("train"), mode=cfg.input.mode, channel=cfg.input.adjacent_channel,
                            size=cfg.final_size)
@@ -182,7 +184,7 @@ def training(ctx: Context, sec: Section) -> None:
         t["epochs run"] = h.groupby("fold")["epoch"].max().to_numpy()
         if "seconds" in h:
             t["minutes"] = (h.groupby("fold")["seconds"].sum() / 60).to_numpy()
-        sec.blocks.append(html.table(t, index=False, digits=4, best_low=["val weighted log loss"]))
+        sec.blocks.append(html.table(t, index=False, digits={"minutes": 1}, best_low=["val weighted log loss"]))
     if not found:
         raise Unavailable(" ".join(f"{exp}: run `{ctx.inputs.commands.train(exp)}`."
                                    for exp in ctx.inputs.experiments))
@@ -190,8 +192,8 @@ def training(ctx: Context, sec: Section) -> None:
         sec.status = "partial"
 
 
-def _models(ctx: Context, sec: Section) -> tuple[np.ndarray, dict[str, np.ndarray], str | None]:
-    """Labels, {stage one (per experiment when several, their mean), stage two}, and the stage-two name."""
+def _models(ctx: Context, sec: Section) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Labels and {each experiment (when several), stage one (their mean), stage two (when it has run)}."""
     inp = ctx.inputs
     y = inp.labels()
     name, p1 = inp.stage_one()
@@ -199,18 +201,16 @@ def _models(ctx: Context, sec: Section) -> tuple[np.ndarray, dict[str, np.ndarra
     if len(inp.experiments) > 1:
         models.update({f"{exp}": inp.oof(exp) for exp in inp.experiments})
     models[name] = p1
-    two = None
     try:
         models["stage two"] = inp.stage_two()
-        two = "stage two"
     except Unavailable as exc:
         sec.blocks.append(html.note(str(exc)))
         sec.status = "partial"
-    return y, models, two
+    return y, models
 
 
 def per_label(ctx: Context, sec: Section) -> None:
-    y, models, _ = _models(ctx, sec)
+    y, models = _models(ctx, sec)
     sec.blocks.append(html.figure(figures.pr_curves(y, models, ctx.png("per_label_pr")),
                                   "Precision-recall per label, out of fold (dotted: a random ranking)."))
     t = scores.scores_table(y, models)
@@ -220,11 +220,12 @@ def per_label(ctx: Context, sec: Section) -> None:
     sec.blocks.append(html.table(t, index=False, digits=3, group_by="label",
                                  best_high=["ROC AUC", "avg precision", "F1 @0.5", "F1 @best"],
                                  caption="P / R / F1: precision, recall and F1 at threshold 0.5 and at each "
-                                         "model's F1-best threshold; bold: the best model per label."))
+                                         "model's F1-best threshold (–: undefined, e.g. no slice above 0.5); "
+                                         "bold: the best model per label."))
 
 
 def calibration(ctx: Context, sec: Section) -> None:
-    y, models, _ = _models(ctx, sec)
+    y, models = _models(ctx, sec)
     sec.blocks.append(html.figure(figures.calibration_curves(y, models, ctx.png("calibration")),
                                   "`sklearn.calibration.calibration_curve`, out-of-fold probabilities; ECE: "
                                   "expected calibration error (mean gap to the diagonal, weighted by bin size)."))
@@ -261,8 +262,6 @@ def log_loss(ctx: Context, sec: Section) -> None:
 
 
 def gradcam(ctx: Context, sec: Section) -> None:
-    from . import gradcam as gc
-
     inp = ctx.inputs
     exp = inp.experiments[0]
     train = inp.slices("train").reset_index(drop=True)
@@ -270,6 +269,8 @@ def gradcam(ctx: Context, sec: Section) -> None:
     folds = sorted(int(k) for k in train["fold"].unique())
     for k in folds:
         inp.fold_checkpoint(exp, k)  # every fold model present, or a note naming the missing one
+    from . import gradcam as gc  # torch and pytorch_grad_cam: imported once there is something to explain
+
     examples = gc.pick_examples(train, probs, ctx.gradcam_tp, ctx.gradcam_fp)
     examples = gc.explain(examples, slices=train, clean_dir=inp.clean_dir("train"),
                           checkpoint_for=lambda k: inp.fold_checkpoint(exp, k))

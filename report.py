@@ -1,0 +1,33 @@
+#!/usr/bin/env python
+"""One self-contained HTML page about the pipeline's data, models and errors (see entry_points.md)."""
+import sys
+
+from ich.cli import friendly_errors, parser
+
+
+def main(argv=None):
+    p = parser(__doc__)
+    p.add_argument("--config", default="configs/predict/default.yaml",
+                   help="predict config naming the experiments and the stage-two run (default: %(default)s)")
+    p.add_argument("--out", default=None, help="where to write the HTML page (default: LOGS_DIR/report/report.html)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no effect (the report draws no progress bars); accepted like the other entry points")
+    args = p.parse_args(argv)
+
+    from models.report import build_report
+
+    with friendly_errors():
+        print(f"report: {args.settings}, {args.config}")
+        result = build_report(args.settings, args.config, args.out)
+    if result.missing:
+        print(f"sections not available yet (their inputs are missing): {', '.join(result.missing)}")
+    print(f"report written in {result.seconds:.0f} s (figures in {result.png_dir}):")
+    print(result.path)
+    if result.failed:
+        print(f"error: section(s) {', '.join(result.failed)} failed (traceback above); the page shows the rest",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
