@@ -1,0 +1,404 @@
+#!/usr/bin/env python
+"""Stage two at the full competition scale, on a generated stage-one table.
+
+No images: the script generates what stage one would hand to stage two for
+the real data: 752,803 train slices (series of 20 to 60 slices, one to three
+series per patient, five patient-grouped folds) and 121,232 test slices, the
+columns of slices.parquet, labels with about the real prevalences (about 14%
+`any`) as contiguous runs of slices, and `--experiments` stage-one
+experiments whose probabilities are noisy but informative (a blurred truth +
+a per-series effect + slice noise correlated between neighbors and between
+the experiments), plus a small float16 embedding per experiment for the PCA
+features. Then, for each scale (whole patients subsampled, train and test
+alike), in a fresh child process so that peaks do not carry over:
+
+  features : PCA of the embeddings as in stacking.run (when --pca > 0) and
+             stacking.features.build_features for train and test;
+  boosting : stacking.model.fit_predict, 6 labels x 5 folds, with
+             stacking.config.DEFAULT_LGB merged with configs/predict/default.yaml
+             (learning rate, leaves, rounds, early stopping);
+  peak     : the child's RSS high-water mark (getrusage ru_maxrss), which
+             includes holding the inputs.
+
+Targets on the 2-core development VM: full scale within 10 minutes and 8 GB.
+Usage:
+
+    .venv/bin/python benchmarks/stacking.py [--scales 0.125,0.25,0.5,1] [--experiments 2]
+        [--seed 0] [--k 5] [--pca 8] [--emb-dim 64] [--config configs/predict/default.yaml]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ich.labels import LABELS, SUBTYPES  # noqa: E402
+
+N_TRAIN, N_TEST = 752_803, 121_232
+N_FOLDS = 5
+# share of slices positive per subtype in stage_2_train.csv (any: about 14%)
+PREVALENCE = {"epidural": 0.0042, "intraparenchymal": 0.048, "intraventricular": 0.035,
+              "subarachnoid": 0.047, "subdural": 0.063}
+SERIES_POSITIVE = 0.42          # share of series with some hemorrhage
+MEAN_RUN = 0.30                 # mean run length as a share of the series
+
+
+# --- generation ----------------------------------------------------------------------------------
+
+def _series_lengths(rng, n_rows: int) -> np.ndarray:
+    """Lengths in [20, 60] that add up to exactly n_rows."""
+    lengths = rng.integers(20, 61, size=max(1, round(n_rows / 40)))
+    diff = n_rows - int(lengths.sum())
+    while diff:
+        room = np.flatnonzero(lengths < 60) if diff > 0 else np.flatnonzero(lengths > 20)
+        if not len(room):  # rounding left too few or too many series
+            lengths = np.r_[lengths, 40] if diff > 0 else lengths[:-1]
+            diff = n_rows - int(lengths.sum())
+            continue
+        pick = rng.choice(room, size=min(abs(diff), len(room)), replace=False)
+        lengths[pick] += np.sign(diff)
+        diff = n_rows - int(lengths.sum())
+    return lengths
+
+
+def _hex_ids(start: int, n: int, prefix: str = "ID_") -> np.ndarray:
+    """Distinct 9-digit hex ids (an odd multiplier is a bijection mod 16**9)."""
+    values = (np.arange(start, start + n, dtype=np.int64) * 0x9E3779B1 + 0x1234567) % 16 ** 9
+    return np.array([f"{prefix}{v:09x}" for v in values], dtype=object)
+
+
+def _neighbor(values: np.ndarray, series: np.ndarray, j: int) -> np.ndarray:
+    """values of the slice j later (j > 0) or earlier (j < 0) in the same series; the slice itself at the ends."""
+    out = values.copy()
+    if j > 0:
+        same = series[j:] == series[:-j]
+        out[:-j][same] = values[j:][same]
+    else:
+        same = series[:j] == series[-j:]
+        out[-j:][same] = values[:j][same]
+    return out
+
+
+def _platt(logit: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Calibrated probabilities per label (a trained CNN's are, roughly): sigmoid(a * logit + b) fitted by Newton."""
+    out = np.empty(logit.shape, np.float64)
+    for j in range(logit.shape[1]):
+        x, t = logit[:, j].astype(np.float64), y[:, j].astype(np.float64)
+        a, b = 1.0, 0.0
+        for _ in range(25):
+            p = 1 / (1 + np.exp(-(a * x + b)))
+            w = np.maximum(p * (1 - p), 1e-12)
+            g = np.array([np.dot(p - t, x), np.sum(p - t)])
+            h = np.array([[np.dot(w, x * x), np.dot(w, x)], [np.dot(w, x), w.sum()]])
+            a, b = np.array([a, b]) - np.linalg.solve(h, g)
+        out[:, j] = 1 / (1 + np.exp(-(a * x + b)))
+    return out
+
+
+def make_split(rng, n_rows: int, id_start: int, n_exp: int, emb_dim: int) -> dict:
+    """One split in series order: slice table (with labels), stage-one probs and embeddings per experiment."""
+    lengths = _series_lengths(rng, n_rows)
+    n_series = len(lengths)
+    per_patient = rng.choice([1, 2, 3], size=n_series, p=[0.7, 0.22, 0.08])
+    patient_of_series = np.repeat(np.arange(n_series), per_patient)[:n_series]
+    series = np.repeat(np.arange(n_series), lengths)
+    first = np.r_[0, np.cumsum(lengths)[:-1]]
+    index = np.arange(n_rows) - np.repeat(first, lengths)
+    n_of_row = np.repeat(lengths, lengths)
+
+    # labels: contiguous runs around a per-series centre (subtypes overlap like real bleeds)
+    positive = rng.random(n_series) < SERIES_POSITIVE
+    centre = rng.uniform(0.25, 0.8, n_series) * lengths
+    y = np.zeros((n_rows, len(LABELS)), np.int8)
+    for j, name in enumerate(SUBTYPES):
+        q = min(1.0, PREVALENCE[name] / (SERIES_POSITIVE * MEAN_RUN))
+        has = positive & (rng.random(n_series) < q)
+        run = np.maximum(2, np.round(lengths * rng.uniform(0.1, 2 * MEAN_RUN - 0.1, n_series)))
+        start = np.clip(np.round(centre - run / 2 + rng.normal(0, 0.08, n_series) * lengths), 0, lengths - run)
+        s, r = np.repeat(start, lengths), np.repeat(run, lengths)
+        y[:, j] = np.repeat(has, lengths) & (index >= s) & (index < s + r)
+    y[:, 5] = y[:, :5].max(axis=1)
+
+    # stage one: evidence = blurred truth (edge slices are ambiguous) x per-lesion visibility (some
+    # bleeds are all but invisible to the CNN, which no neighbor can fix), plus a per-series offset and
+    # slice noise that is autocorrelated along the series (AR(1)) and shared in part between experiments
+    t = y.astype(np.float32)
+    t = 0.5 * t + 0.25 * (_neighbor(t, series, -1) + _neighbor(t, series, 1))
+    prevalence = np.r_[[PREVALENCE[c] for c in SUBTYPES], 0.14]
+    base = np.log(prevalence / (1 - prevalence)) - 1.0
+    gain = np.array([5.0, 6.0, 6.5, 5.0, 5.5, 6.5])
+    visible = np.where(rng.random((n_series, 6)) < 0.2, rng.uniform(0.0, 0.3, (n_series, 6)),
+                       rng.uniform(0.5, 1.3, (n_series, 6)))
+    present = np.zeros((n_series, 5), bool)
+    np.logical_or.at(present, series, y[:, :5].astype(bool))
+    visible[:, 5] = np.where(present.any(1), np.where(present, visible[:, :5], 0).max(1), visible[:, 5])
+    evidence = gain * np.repeat(visible, lengths, axis=0).astype(np.float32) * t
+    shared_series = rng.normal(0, 1, (n_series, 6))
+    shared_slice = rng.normal(0, 1, (n_rows, 6)).astype(np.float32)
+    phi = 0.9  # noise correlation between neighbor slices
+    probs, embs = [], []
+    for e in range(n_exp):
+        rho = 0.6  # noise shared between the experiments (same images, similar networks)
+        white = rho * shared_slice + math.sqrt(1 - rho ** 2) * rng.normal(0, 1, (n_rows, 6)).astype(np.float32)
+        ar = white.copy()
+        for i in range(1, 61):  # AR(1) within each series, run along slice_index in lockstep
+            rows = np.flatnonzero(index == i)
+            ar[rows] = phi * ar[rows - 1] + math.sqrt(1 - phi ** 2) * white[rows]
+        fresh = rng.normal(0, 1, (n_rows, 6)).astype(np.float32)
+        effect = rho * shared_series + math.sqrt(1 - rho ** 2) * rng.normal(0, 1, (n_series, 6))
+        logit = (base + evidence * (1 + 0.1 * e) + np.repeat(0.5 * effect, lengths, axis=0)
+                 + 1.0 * ar + 0.3 * fresh)
+        probs.append(_platt(logit, y).astype(np.float32))
+        if emb_dim:
+            mix = rng.normal(0, 1, (6, emb_dim)).astype(np.float32) / math.sqrt(6)
+            emb = logit.astype(np.float32) @ mix + rng.normal(0, 1.5, (n_rows, emb_dim)).astype(np.float32)
+            embs.append(emb.astype(np.float16))
+    del shared_slice
+
+    image_id = _hex_ids(id_start, n_rows)
+    series_id = _hex_ids(id_start, n_series, "ID_s")
+    patient_id = _hex_ids(id_start, patient_of_series.max() + 1, "ID_p")[patient_of_series]
+    spacing = rng.choice([5.0, 4.8, 5.0, 6.0, 3.0], size=n_series).astype(np.float32)
+    table = pd.DataFrame({
+        "image_id": image_id, "patient_id": np.repeat(patient_id, lengths),
+        "study_id": np.repeat(series_id, lengths), "series_id": np.repeat(series_id, lengths),
+        "z": (index * np.repeat(spacing, lengths)).astype(np.float64),
+        "slice_index": index.astype(np.int32), "n_slices": n_of_row.astype(np.int32),
+        "z_spacing": np.repeat(spacing, lengths)})
+    for j, c in enumerate(LABELS):
+        table[c] = y[:, j]
+    # prepare_data writes rows sorted by (series_id, z): random series ids make that a shuffle of series
+    order = np.lexsort((index, table["series_id"].to_numpy()))
+    table = table.iloc[order].reset_index(drop=True)
+    return {"table": table, "probs": [p[order] for p in probs], "embs": [e[order] for e in embs]}
+
+
+def generate(seed: int, n_exp: int, emb_dim: int) -> tuple[dict, dict]:
+    rng = np.random.default_rng(seed)
+    train = make_split(rng, N_TRAIN, 0, n_exp, emb_dim)
+    test = make_split(rng, N_TEST, 10_000_000, n_exp, emb_dim)
+    test["table"] = test["table"].drop(columns=list(LABELS))
+    # patient-grouped folds: patients in random order, dealt round-robin
+    patients = train["table"]["patient_id"].unique()
+    fold_of = pd.Series(np.arange(len(patients)) % N_FOLDS, index=rng.permutation(patients))
+    train["table"]["fold"] = train["table"]["patient_id"].map(fold_of).astype(np.int8)
+    return train, test
+
+
+def write_scale(folder: Path, split: dict, name: str, keep: np.ndarray) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    split["table"][keep].reset_index(drop=True).to_parquet(folder / f"{name}.parquet", index=False)
+    for e, p in enumerate(split["probs"]):
+        np.save(folder / f"{name}_probs{e}.npy", p[keep])
+    for e, m in enumerate(split["embs"]):
+        np.save(folder / f"{name}_emb{e}.npy", m[keep])
+    return int(keep.sum())
+
+
+def patient_subset(table: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:
+    """Rows of a nested random subset of whole patients (about `fraction` of them)."""
+    patients = table["patient_id"].unique()
+    u = pd.Series(np.random.default_rng([seed, 7]).random(len(patients)), index=patients)
+    return (table["patient_id"].map(u) < fraction).to_numpy() if fraction < 1 else np.ones(len(table), bool)
+
+
+# --- one scale, in a child process -------------------------------------------------------------------
+
+def cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all processes of the machine have used (user + system, /proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def apply_overrides(cfg, pairs: list[str]):
+    """--set key=value: a PredictCfg field (k_neighbors, early_stopping_rounds, ...) or else a LightGBM param."""
+    import yaml
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        value = yaml.safe_load(value)
+        if key in type(cfg).__dataclass_fields__:
+            setattr(cfg, key, value)
+        else:
+            cfg.lgb = {**cfg.lgb, key: value}
+    return cfg
+
+
+def rss_gb(field: str = "VmRSS") -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2 ** 20
+    return float("nan")
+
+
+def child(folder: Path, args) -> dict:
+    from sklearn.decomposition import PCA
+
+    from ich.metric import weighted_log_loss
+    from stacking.config import load_predict_config
+    from stacking.features import build_features
+    from stacking.model import fit_predict
+
+    cfg = apply_overrides(load_predict_config(args.config), args.set)
+    names = (list(cfg.experiments) + [f"exp{e}" for e in range(args.experiments)])[:args.experiments]
+    train = pd.read_parquet(folder / "train.parquet")
+    test = pd.read_parquet(folder / "test.parquet")
+    p_train = {n: np.load(folder / f"train_probs{e}.npy") for e, n in enumerate(names)}
+    p_test = {n: np.load(folder / f"test_probs{e}.npy") for e, n in enumerate(names)}
+    e_train = e_test = None
+    if args.pca:
+        e_train = {n: np.load(folder / f"train_emb{e}.npy").astype(np.float32) for e, n in enumerate(names)}
+        e_test = {n: np.load(folder / f"test_emb{e}.npy").astype(np.float32) for e, n in enumerate(names)}
+    rss_inputs = rss_gb()
+
+    t0, c0, m0 = time.perf_counter(), cpu_s(), machine_busy_s()
+    if args.pca:  # as stacking.run: fit on (at most 100,000) train rows, transform both
+        for n in names:
+            pca = PCA(args.pca, random_state=0)
+            pca.fit(e_train[n][np.random.default_rng(0).permutation(len(e_train[n]))[:100_000]])
+            e_train[n], e_test[n] = pca.transform(e_train[n]), pca.transform(e_test[n])
+    X, feature_names = build_features(train, p_train, k=args.k, embeddings=e_train)
+    X_test, _ = build_features(test, p_test, k=args.k, embeddings=e_test)
+    t1, c1 = time.perf_counter(), cpu_s()
+    y = train[list(LABELS)].to_numpy(np.float64)
+    base = {}
+    if getattr(cfg, "start_from_stage_one", False):  # as stacking.run: boost from the mean stage-one logit
+        base = {"base": np.mean(list(p_train.values()), axis=0), "base_test": np.mean(list(p_test.values()), axis=0)}
+    res = fit_predict(X, y, train["fold"].to_numpy(), X_test, params=cfg.lgb_params, feature_names=feature_names,
+                      num_boost_round=cfg.num_boost_round, early_stopping_rounds=cfg.early_stopping_rounds,
+                      progress=False, **base)
+    t2, c2, m2 = time.perf_counter(), cpu_s(), machine_busy_s()
+    assert np.isfinite(res.oof).all() and np.isfinite(res.test).all()
+    best = {label: [res.boosters[(label, k)].best_iteration for k in range(N_FOLDS)] for label in LABELS}
+    stage_one = np.mean(list(p_train.values()), axis=0)
+    return {"train_rows": len(train), "test_rows": len(test), "features": X.shape[1],
+            "t_features": t1 - t0, "t_boost": t2 - t1, "t_total": t2 - t0,
+            "cpu_features": c1 - c0, "cpu_boost": c2 - c1,
+            "other_load": max(0.0, (m2 - m0 - (c2 - c0)) / (t2 - t0)),  # cores used by other processes meanwhile
+            "rss_inputs_gb": rss_inputs,
+            "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            "best_iter": best, "any_prevalence": float(y[:, 5].mean()),
+            "wll_stage_one": weighted_log_loss(y, stage_one), "wll_stage_two": weighted_log_loss(y, res.oof),
+            "lgb_params": cfg.lgb_params, "num_boost_round": cfg.num_boost_round,
+            "start_from_stage_one": bool(base), "k": args.k,
+            "early_stopping_rounds": cfg.early_stopping_rounds}
+
+
+# --- main ----------------------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scales", default="0.125,0.25,0.5,1", help="fractions of the full data (whole patients)")
+    ap.add_argument("--experiments", type=int, default=2, help="stage-one experiments stacked")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--k", type=int, default=None, help="neighbors each side (default: the config's k_neighbors)")
+    ap.add_argument("--pca", type=int, default=None, help="PCA components per experiment (default: the config's)")
+    ap.add_argument("--emb-dim", type=int, default=64, help="width of the generated embeddings")
+    ap.add_argument("--config", default=str(REPO / "configs" / "predict" / "default.yaml"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field or a LightGBM param, e.g. --set learning_rate=0.1 (repeatable)")
+    ap.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "inherit"],
+                    help="OMP_WAIT_POLICY of the timed children (default passive: idle OpenMP threads sleep "
+                         "instead of spinning, which costs nothing on an idle machine and keeps LightGBM from "
+                         "slowing down 5x when another process shares the cores; inherit: leave it as it is)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    from stacking.config import load_predict_config
+    cfg = apply_overrides(load_predict_config(args.config), args.set)
+    args.k = cfg.k_neighbors if args.k is None else args.k
+    args.pca = cfg.pca_components if args.pca is None else args.pca
+    if args.pca and not args.emb_dim:
+        args.pca = 0
+    args.emb_dim = min(args.emb_dim, 10_000)
+
+    if args.child:
+        print("RESULT " + json.dumps(child(Path(args.child), args)), flush=True)
+        return
+
+    scales = sorted(float(s) for s in args.scales.split(","))
+    t = time.perf_counter()
+    print(f"generating {N_TRAIN:,} train + {N_TEST:,} test slices, {args.experiments} stage-one experiments "
+          f"(embeddings {args.emb_dim}-d) ...", flush=True)
+    train, test = generate(args.seed, args.experiments, args.emb_dim if args.pca else 0)
+    print(f"  done in {time.perf_counter() - t:.0f} s; any {train['table']['any'].mean():.1%}, "
+          + ", ".join(f"{c[:4]} {train['table'][c].mean():.2%}" for c in SUBTYPES)
+          + f"; {train['table']['series_id'].nunique():,} train series of "
+          f"{train['table']['patient_id'].nunique():,} patients", flush=True)
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_stacking_") as tmp:
+        for s in scales:
+            folder = Path(tmp) / f"scale_{s}"
+            write_scale(folder, train, "train", patient_subset(train["table"], s, args.seed))
+            write_scale(folder, test, "test", patient_subset(test["table"], s, args.seed))
+        del train, test
+        print(f"\nconfig {Path(args.config).name}" + (f" with {', '.join(args.set)}" if args.set else "")
+              + f": k {args.k}, PCA {args.pca}, start from stage one {getattr(cfg, 'start_from_stage_one', False)}, "
+              f"rounds {cfg.num_boost_round}, early stop {cfg.early_stopping_rounds}, lgb {json.dumps(cfg.lgb_params)}")
+        policy = (os.environ.get("OMP_WAIT_POLICY", "unset") if args.omp_wait_policy == "inherit"
+                  else args.omp_wait_policy.upper())
+        print("wall seconds (CPU seconds of the process in brackets); 'other' = cores busy with other processes "
+              f"meanwhile; OMP_WAIT_POLICY {policy}\n")
+        print(f"{'scale':>6s} {'train':>9s} {'test':>8s} {'feat':>4s} {'features s':>13s} {'boosting s':>16s} "
+              f"{'total s':>8s} {'other':>5s} {'inputs GB':>9s} {'peak GB':>7s}  {'wll 1 -> 2':>16s}  "
+              "best iteration per label (mean of folds)", flush=True)
+        for s in scales:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(Path(tmp) / f"scale_{s}"),
+                   "--experiments", str(args.experiments), "--k", str(args.k), "--pca", str(args.pca),
+                   "--emb-dim", str(args.emb_dim), "--config", args.config] + [f"--set={x}" for x in args.set]
+            env = dict(os.environ)
+            if args.omp_wait_policy != "inherit":
+                env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
+            out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO, check=False, env=env)
+            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode or not line:
+                sys.exit(f"scale {s}: child failed (exit {out.returncode})\n{out.stdout[-3000:]}")
+            r = results[s] = json.loads(line[-1][7:])
+            iters = " ".join(f"{lab[:4]} {np.mean(v):.0f}" for lab, v in r["best_iter"].items())
+            print(f"{s:6.3f} {r['train_rows']:9,d} {r['test_rows']:8,d} {r['features']:4d} "
+                  f"{r['t_features']:6.1f} ({r['cpu_features']:4.0f}) {r['t_boost']:7.1f} ({r['cpu_boost']:6.0f}) "
+                  f"{r['t_total']:8.1f} {r['other_load']:5.2f} {r['rss_inputs_gb']:9.2f} {r['peak_gb']:7.2f}  "
+                  f"{r['wll_stage_one']:.4f} -> {r['wll_stage_two']:.4f}  {iters}", flush=True)
+
+    lo, hi = results[scales[0]], results[scales[-1]]
+    if len(scales) > 1:
+        rows = hi["train_rows"] / lo["train_rows"]
+        print(f"\ngrowth {scales[0]:g} -> {scales[-1]:g}: rows x{rows:.1f}, "
+              f"features x{hi['t_features'] / lo['t_features']:.1f}, "
+              f"boosting x{hi['t_boost'] / lo['t_boost']:.1f}, total x{hi['t_total'] / lo['t_total']:.1f} "
+              f"(exponent {math.log(hi['t_total'] / lo['t_total']) / math.log(rows):.2f}; 1.0 = linear), "
+              f"peak x{hi['peak_gb'] / lo['peak_gb']:.1f}")
+        for s in scales:
+            r = results[s]
+            n_iter = sum(sum(v) for v in r["best_iter"].values()) + 30 * r["early_stopping_rounds"]
+            print(f"  scale {s:g}: {n_iter:,} boosting rounds in all (best + early-stopping patience), "
+                  f"{1000 * r['t_boost'] / n_iter:.0f} ms per round")
+    if scales[-1] == 1:
+        ok_t, ok_m = hi["t_total"] <= 600, hi["peak_gb"] <= 8
+        print(f"full scale: {hi['t_total'] / 60:.1f} min (target <= 10 min: {'met' if ok_t else 'MISSED'}), "
+              f"peak {hi['peak_gb']:.2f} GB (target <= 8 GB: {'met' if ok_m else 'MISSED'})")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; lightgbm {__import__('lightgbm').__version__}")
+
+
+if __name__ == "__main__":
+    main()
