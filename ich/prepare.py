@@ -189,7 +189,8 @@ def _finish(table: pd.DataFrame, labels, cfg: PrepareConfig, summary: Summary):
         has = ok["image_id"].isin(labels.index)
         table.loc[ok.index[~has], ["reason", "detail"]] = ["no_labels", "image_id not in the label csv"]
         ok = ok[has]
-        summary.labels_without_image = int((~labels.index.isin(ok["image_id"])).sum())
+        seen = table["image_id"].dropna()  # usable or rejected: the file is there either way
+        summary.labels_without_image = int((~labels.index.isin(seen)).sum())
 
     ok = ok.drop(columns=["reason", "detail"]).astype({"rows": np.int32, "cols": np.int32})
     if labels is not None:

@@ -13,8 +13,9 @@ stamp=.venv/.requirements.sha1
 want=$(cat requirements.txt requirements-base.txt | sha1sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing requirements (first time: about 3-4 minutes, ~6.5 GB)"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -r requirements.txt
+  # -qq: only errors (a pip config may add a warning per package about absent mirrors)
+  .venv/bin/python -m pip install -qq --upgrade pip
+  .venv/bin/python -m pip install -qq -r requirements.txt
   echo "$want" > "$stamp"
 fi
 echo "setup: .venv ready ($(.venv/bin/python --version))"
