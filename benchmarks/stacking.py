@@ -6,25 +6,36 @@ the real data: 752,803 train slices (series of 20 to 60 slices, one to three
 series per patient, five patient-grouped folds) and 121,232 test slices, the
 columns of slices.parquet, labels with about the real prevalences (about 14%
 `any`) as contiguous runs of slices, and `--experiments` stage-one
-experiments whose probabilities are noisy but informative (a blurred truth +
-a per-series effect + slice noise correlated between neighbors and between
-the experiments), plus a small float16 embedding per experiment for the PCA
-features. Then, for each scale (whole patients subsampled, train and test
-alike), in a fresh child process so that peaks do not carry over:
+experiments whose probabilities are noisy but informative and calibrated
+(logit = blurred truth x a per-lesion visibility, some lesions all but
+invisible, + a per-series offset + AR(1) slice noise along the series,
+partly shared between the experiments; then Platt-scaled), about 0.065-0.07
+weighted log loss like a single real CNN, plus a small float16 embedding
+per experiment for the PCA features. Then, for each scale (whole patients
+subsampled, train and test alike), in a fresh child process so that peaks
+do not carry over:
 
   features : PCA of the embeddings as in stacking.run (when --pca > 0) and
              stacking.features.build_features for train and test;
   boosting : stacking.model.fit_predict, 6 labels x 5 folds, with
              stacking.config.DEFAULT_LGB merged with configs/predict/default.yaml
-             (learning rate, leaves, rounds, early stopping);
+             (learning rate, leaves, rounds, early stopping), starting from
+             the mean stage-one logit when the config says so, as stacking.run;
   peak     : the child's RSS high-water mark (getrusage ru_maxrss), which
              includes holding the inputs.
 
+Beside the wall seconds it prints the process's CPU seconds and how many
+cores other processes kept busy meanwhile: on a shared machine the wall
+time alone can mislead. The children run with OMP_WAIT_POLICY=PASSIVE
+unless told otherwise (--omp-wait-policy): it costs nothing on an idle
+machine (measured) and keeps LightGBM's spinning OpenMP threads from
+running 5x slower whenever another process holds one of the cores.
 Targets on the 2-core development VM: full scale within 10 minutes and 8 GB.
 Usage:
 
     .venv/bin/python benchmarks/stacking.py [--scales 0.125,0.25,0.5,1] [--experiments 2]
         [--seed 0] [--k 5] [--pca 8] [--emb-dim 64] [--config configs/predict/default.yaml]
+        [--set learning_rate=0.1 --set early_stopping_rounds=20] [--omp-wait-policy passive|active|inherit]
 """
 from __future__ import annotations
 

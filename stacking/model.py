@@ -19,6 +19,11 @@ from tqdm.auto import tqdm
 from ich.labels import LABELS
 
 
+# LightGBM Dataset parameters: fixed once the features are binned
+BINNING = ("max_bin", "max_bin_by_feature", "min_data_in_bin", "bin_construct_sample_cnt", "data_random_seed",
+           "use_missing", "zero_as_missing", "feature_pre_filter", "min_data_in_leaf")  # pre-filter uses it
+
+
 @dataclass
 class StackResult:
     oof: np.ndarray                      # (n_train, 6)
@@ -52,13 +57,13 @@ def fit_predict(X: np.ndarray, y: np.ndarray, folds: np.ndarray, X_test: np.ndar
     oof = np.full(y.shape, np.nan, dtype=np.float64)
     test = np.zeros((len(X_test), len(LABELS))) if X_test is not None else None
     importance = np.zeros(X.shape[1])
-    params = {"verbose": -1, **params, "metric": "binary_logloss"}
+    params = {**params, "metric": "binary_logloss"}
     if not any(params.get(key) for key in ("force_col_wise", "force_row_wise")):
         params["force_col_wise"] = True  # same trees, faster here (module docstring)
-    # the Dataset gets the training params too: binned once for all folds and labels with the binning
-    # settings (max_bin, min_data_in_bin, ...) that training then checks against
+    # binned once for all folds and labels, with the binning settings training checks against
+    binning = {key: params[key] for key in BINNING if key in params}
     full = lgb.Dataset(X, label=y[:, 0], feature_name=feature_names, free_raw_data=False,
-                       params=params).construct()
+                       params={"max_bin": 255, **binning, "verbose": -1}).construct()
     result = StackResult(oof=oof, test=test)
     bar = tqdm(total=len(fold_ids) * len(LABELS), desc="stage two", unit="booster", disable=not progress)
     for k in fold_ids:
