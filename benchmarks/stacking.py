@@ -288,12 +288,12 @@ def child(folder: Path, args) -> dict:
             pca = PCA(args.pca, random_state=0)
             pca.fit(e_train[n][np.random.default_rng(0).permutation(len(e_train[n]))[:100_000]])
             e_train[n], e_test[n] = pca.transform(e_train[n]), pca.transform(e_test[n])
-    X, feature_names = build_features(train, p_train, k=args.k, embeddings=e_train)
-    X_test, _ = build_features(test, p_test, k=args.k, embeddings=e_test)
+    X, feature_names = build_features(train, p_train, k=args.k, embeddings=e_train, neighbors=cfg.neighbors)
+    X_test, _ = build_features(test, p_test, k=args.k, embeddings=e_test, neighbors=cfg.neighbors)
     t1, c1 = time.perf_counter(), cpu_s()
     y = train[list(LABELS)].to_numpy(np.float64)
     base = {}
-    if getattr(cfg, "start_from_stage_one", False):  # as stacking.run: boost from the mean stage-one logit
+    if cfg.start_from_stage_one:  # as stacking.run: boost from the mean stage-one logit
         base = {"base": np.mean(list(p_train.values()), axis=0), "base_test": np.mean(list(p_test.values()), axis=0)}
     res = fit_predict(X, y, train["fold"].to_numpy(), X_test, params=cfg.lgb_params, feature_names=feature_names,
                       num_boost_round=cfg.num_boost_round, early_stopping_rounds=cfg.early_stopping_rounds,
@@ -364,7 +364,8 @@ def main():
             write_scale(folder, test, "test", patient_subset(test["table"], s, args.seed))
         del train, test
         print(f"\nconfig {Path(args.config).name}" + (f" with {', '.join(args.set)}" if args.set else "")
-              + f": k {args.k}, PCA {args.pca}, start from stage one {getattr(cfg, 'start_from_stage_one', False)}, "
+              + f": k {args.k} (neighbors of {cfg.neighbors}), PCA {args.pca}, "
+              f"start from stage one {cfg.start_from_stage_one}, "
               f"rounds {cfg.num_boost_round}, early stop {cfg.early_stopping_rounds}, lgb {json.dumps(cfg.lgb_params)}")
         policy = (os.environ.get("OMP_WAIT_POLICY", "unset") if args.omp_wait_policy == "inherit"
                   else args.omp_wait_policy.upper())

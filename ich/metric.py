@@ -7,6 +7,7 @@ weight, which equals the weighted mean of the six per-label log losses.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from .labels import LABELS
 
@@ -42,3 +43,21 @@ def prior_baseline(y_train, n: int) -> np.ndarray:
     """Predict every label at its training frequency: the score to beat."""
     freq = np.asarray(y_train, dtype=np.float64).mean(axis=0)
     return np.tile(freq, (n, 1))
+
+
+def log_loss_table(y_true, folds, models: dict) -> pd.DataFrame:
+    """Per-label and weighted log loss, one row per model, after a "prior baseline" row.
+
+    The prior of each fold is the label frequencies of the other folds, so it
+    is an honest out-of-fold baseline like the models' OOF predictions.
+    """
+    y_true, folds = np.asarray(y_true, dtype=np.float64), np.asarray(folds)
+    prior = np.zeros(y_true.shape)
+    for k in np.unique(folds):
+        held = folds == k
+        prior[held] = prior_baseline(y_true[~held], int(held.sum()))
+    rows = []
+    for name, p in {"prior baseline": prior, **models}.items():
+        rows.append({"model": name, **dict(zip(LABELS, per_label_log_loss(y_true, p))),
+                     "weighted": weighted_log_loss(y_true, p)})
+    return pd.DataFrame(rows).set_index("model")

@@ -32,6 +32,7 @@ class PredictCfg:
     name: str = "stack"
     experiments: list = field(default_factory=list)   # stage-one experiment names (MODEL_CHECKPOINT_DIR/<name>)
     k_neighbors: int = 5             # previous/next slices whose probabilities become features
+    neighbors: str = "mean"          # several experiments: neighbor features of their mean, or of "each"
     pca_components: int = 0          # principal components of the embeddings (0: none)
     lgb: dict = field(default_factory=dict)  # overrides of DEFAULT_LGB
     start_from_stage_one: bool = True  # boost from logit(mean stage-one probability): learn corrections
@@ -60,6 +61,8 @@ def load_predict_config(path: str | Path) -> PredictCfg:
         raise ConfigError(f"{path}: experiments must list at least one stage-one experiment name")
     if cfg.k_neighbors < 0 or cfg.pca_components < 0:
         raise ConfigError(f"{path}: k_neighbors and pca_components must be >= 0")
+    if cfg.neighbors not in ("mean", "each"):
+        raise ConfigError(f"{path}: neighbors must be mean or each")
     lo, hi = (float(v) for v in cfg.clip)
     if not 0 <= lo < 0.5 < hi <= 1:
         raise ConfigError(f"{path}: clip must be [low, high] with 0 <= low < 0.5 < high <= 1")

@@ -49,12 +49,22 @@ def _series_stats(values: np.ndarray, codes: np.ndarray):
 
 
 def build_features(slices: pd.DataFrame, probs: dict[str, np.ndarray], *, k: int = 5,
-                   embeddings: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, list[str]]:
+                   embeddings: dict[str, np.ndarray] | None = None,
+                   neighbors: str = "mean") -> tuple[np.ndarray, list[str]]:
     """Feature matrix (rows aligned with `slices`) and feature names.
 
     probs[name]: (n, 6) stage-one probabilities in `slices` row order;
     embeddings[name]: (n, c) already reduced (e.g. PCA) embeddings, same order.
+    neighbors: with several experiments, whose neighbor-slice features to
+    build: "mean" (of the experiments' probabilities; each experiment still
+    gives its own probabilities and series statistics) or "each". "mean"
+    nearly halves the features of two experiments, and so the boosting time,
+    for a loss measured at under 0.0003 on benchmarks/stacking.py's data
+    (BENCHMARKS.md): the experiments see the same images, so their
+    neighbors say much the same.
     """
+    if neighbors not in ("mean", "each"):
+        raise ValueError(f"neighbors must be 'mean' or 'each', not {neighbors!r}")
     order = np.lexsort((slices["slice_index"].to_numpy(), slices["series_id"].to_numpy()))
     codes = pd.factorize(slices["series_id"].to_numpy()[order])[0]
     blocks, names = [], []
@@ -63,28 +73,36 @@ def build_features(slices: pd.DataFrame, probs: dict[str, np.ndarray], *, k: int
         blocks.append(np.asarray(block, dtype=np.float32).reshape(len(order), -1))
         names.extend(block_names)
 
+    def add_neighbors(p, tag):
+        for j in range(1, k + 1):
+            for sign, word in ((-1, "prev"), (1, "next")):
+                q = _shift(p, codes, sign * j)
+                add(q, [f"{t}.{word}{j}" for t in tag])
+                add(p - q, [f"{t}.diff_{word}{j}" for t in tag])
+
     n_slices = slices["n_slices"].to_numpy()[order].astype(np.float32)
     index = slices["slice_index"].to_numpy()[order].astype(np.float32)
     add(np.where(n_slices > 1, index / np.maximum(n_slices - 1, 1), 0.5), ["rel_position"])
     add(n_slices, ["n_slices"])
     add(slices["z_spacing"].to_numpy()[order], ["z_spacing"])
 
+    each = neighbors == "each" or len(probs) == 1
     for exp, p in probs.items():
         p = np.asarray(p, dtype=np.float32)[order]
         tag = [f"{exp}.{SHORT[c]}" for c in LABELS]
         add(p, tag)
-        for j in range(1, k + 1):
-            for sign, word in ((-1, "prev"), (1, "next")):
-                q = _shift(p, codes, sign * j)
-                add(q, [f"{t}.{word}{j}" for t in tag])
-                add(p - q, [f"{t}.diff_{word}{j}" for t in tag])
+        if each:
+            add_neighbors(p, tag)
         mean, mx, std = _series_stats(p, codes)
         add(mean, [f"{t}.series_mean" for t in tag])
         add(mx, [f"{t}.series_max" for t in tag])
         add(std, [f"{t}.series_std" for t in tag])
     if len(probs) > 1:
         avg = np.mean([np.asarray(p, dtype=np.float32)[order] for p in probs.values()], axis=0)
-        add(avg, [f"mean.{SHORT[c]}" for c in LABELS])
+        tag = [f"mean.{SHORT[c]}" for c in LABELS]
+        add(avg, tag)
+        if not each:
+            add_neighbors(avg, tag)
 
     for exp, e in (embeddings or {}).items():
         e = np.asarray(e, dtype=np.float32)[order]

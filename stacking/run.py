@@ -19,7 +19,7 @@ from sklearn.decomposition import PCA
 
 from ich.cache import write_atomic
 from ich.labels import LABELS
-from ich.metric import per_label_log_loss, prior_baseline, weighted_log_loss
+from ich.metric import log_loss_table
 
 from .config import PredictCfg
 from .features import build_features
@@ -70,19 +70,6 @@ def load_stage_one(cfg: PredictCfg, model_dir: Path, slices: pd.DataFrame, split
     return probs, embs
 
 
-def metrics_table(y: np.ndarray, train_folds: np.ndarray, rows: dict[str, np.ndarray]) -> pd.DataFrame:
-    """Weighted log loss and per-label log loss, one row per predictor, plus the prior."""
-    prior = np.zeros(y.shape)
-    for k in np.unique(train_folds):
-        held = train_folds == k
-        prior[held] = prior_baseline(y[~held], int(held.sum()))
-    out = []
-    for name, p in {"prior baseline": prior, **rows}.items():
-        out.append({"model": name, **dict(zip(LABELS, per_label_log_loss(y, p))),
-                    "weighted": weighted_log_loss(y, p)})
-    return pd.DataFrame(out).set_index("model")
-
-
 def importance_plot(names, gain, path: Path, top: int = 30) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -115,10 +102,12 @@ def run_stacking(cfg: PredictCfg, *, train_slices: pd.DataFrame, test_slices: pd
             if test_embs is not None:
                 test_embs[exp] = pca.transform(test_embs[exp])
 
-    X, names = build_features(train_slices, train_probs, k=cfg.k_neighbors, embeddings=train_embs or None)
+    X, names = build_features(train_slices, train_probs, k=cfg.k_neighbors, embeddings=train_embs or None,
+                              neighbors=cfg.neighbors)
     X_test = None
     if test_slices is not None:
-        X_test, _ = build_features(test_slices, test_probs, k=cfg.k_neighbors, embeddings=test_embs or None)
+        X_test, _ = build_features(test_slices, test_probs, k=cfg.k_neighbors, embeddings=test_embs or None,
+                                   neighbors=cfg.neighbors)
     y = train_slices[list(LABELS)].to_numpy(np.float64)
     folds = train_slices["fold"].to_numpy()
     log(f"stage two: {X.shape[0]} train rows x {X.shape[1]} features from {', '.join(cfg.experiments)}"
@@ -149,7 +138,7 @@ def run_stacking(cfg: PredictCfg, *, train_slices: pd.DataFrame, test_slices: pd
     if len(train_probs) > 1:
         rows["mean of stage one"] = np.mean(list(train_probs.values()), axis=0)
     rows["stage two"] = res.oof
-    table = metrics_table(y, folds, rows)
+    table = log_loss_table(y, folds, rows)
     table.to_csv(log_dir / "metrics.csv")
     result["metrics"] = table
     result["importance_plot"] = importance_plot(names, res.importance, log_dir / "feature_importance.png")

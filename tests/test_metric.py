@@ -40,3 +40,17 @@ def test_prior_baseline_and_errors():
         weighted_log_loss(y, np.zeros((2, 5)))
     with pytest.raises(ValueError, match="NaN"):
         weighted_log_loss(y, np.full((2, 6), np.nan))
+
+
+def test_log_loss_table_prior_is_out_of_fold():
+    from ich.metric import log_loss_table
+    y = np.array([[1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]], dtype=float)
+    folds = np.array([0, 0, 1, 1])
+    p = np.full(y.shape, 0.3)
+    table = log_loss_table(y, folds, {"flat": p})
+    assert list(table.index) == ["prior baseline", "flat"]
+    assert table.loc["flat", "weighted"] == pytest.approx(weighted_log_loss(y, p))
+    # fold 0's prior comes from fold 1's rows only (and vice versa)
+    prior = np.vstack([prior_baseline(y[2:], 2), prior_baseline(y[:2], 2)])
+    assert table.loc["prior baseline", "weighted"] == pytest.approx(weighted_log_loss(y, prior))
+    assert table.loc["flat", "any"] == pytest.approx(-np.log(0.3) / 2 - np.log(0.7) / 2)

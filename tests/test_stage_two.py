@@ -35,6 +35,26 @@ def test_neighbor_features_follow_series_order():
     assert len(names) == len(set(names)) == 3 + 6 * (1 + 4 * 2 + 3)
 
 
+def test_neighbors_of_the_mean_or_of_each_experiment():
+    slices = toy_slices()
+    p = np.arange(30, dtype=float).reshape(5, 6) / 30
+    probs = {"a": p, "b": p ** 2}
+    X, names = build_features(slices, probs, k=2)  # default: neighbors of the mean
+    f = pd.DataFrame(X, columns=names, index=slices.image_id)
+    assert "mean.epi.prev1" in names and "a.epi.prev1" not in names and "b.epi.series_max" in names
+    assert f.loc["e", "mean.epi.next1"] == pytest.approx((0.4 + 0.4 ** 2) / 2)  # slice c, mean of a and b
+    assert f.loc["e", "mean.epi.diff_prev1"] == pytest.approx((0.8 + 0.64) / 2 - (0.2 + 0.04) / 2)
+    per_exp, shared = 6 * (1 + 3), 6 * (1 + 4 * 2)
+    assert len(names) == len(set(names)) == 3 + 2 * per_exp + shared
+    X_each, names_each = build_features(slices, probs, k=2, neighbors="each")
+    assert len(names_each) == 3 + 2 * (per_exp + 6 * 4 * 2) + 6 and "b.epi.diff_next2" in names_each
+    # one experiment: the same features either way
+    one, one_names = build_features(slices, {"a": p}, k=2)
+    assert one_names == build_features(slices, {"a": p}, k=2, neighbors="each")[1]
+    with pytest.raises(ValueError, match="neighbors"):
+        build_features(slices, probs, neighbors="median")
+
+
 def synthetic_series(n_series=120, seed=0):
     """Series with contiguous positive runs and a noisy stage one: neighbors carry signal."""
     rng = np.random.default_rng(seed)

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ich.cache import write_atomic
-from ich.metric import weighted_log_loss
+from ich.metric import log_loss_table, weighted_log_loss
 from ich.settings import load_settings
 
-from . import html, scores
+from . import html
 from .inputs import Commands, Inputs, Unavailable
 from .sections import SECTIONS, Context
 
@@ -42,7 +42,7 @@ class ReportResult:
 
 def prior_baseline_loss(inp: Inputs) -> float:
     """Each label predicted at its training-fold frequency, scored on the held-out fold (as metrics.csv does)."""
-    table = scores.log_loss_table(inp.labels(), inp.slices("train")["fold"].to_numpy(), {})
+    table = log_loss_table(inp.labels(), inp.slices("train")["fold"].to_numpy(), {})
     return float(table.loc["prior baseline", "weighted"])
 
 

@@ -12,7 +12,6 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from ich.labels import LABELS
-from ich.metric import per_label_log_loss, prior_baseline, weighted_log_loss
 
 
 def _prf(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[float, float, float]:
@@ -80,16 +79,3 @@ def calibration(y: np.ndarray, p: np.ndarray, n_bins: int = 10):
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:
     mean_pred, frac_pos, counts = calibration(y, p, n_bins)
     return float(np.sum(counts * np.abs(mean_pred - frac_pos)) / max(counts.sum(), 1))
-
-
-def log_loss_table(y: np.ndarray, folds: np.ndarray, models: dict[str, np.ndarray]) -> pd.DataFrame:
-    """metrics.csv's shape, computed here: prior baseline (per-fold frequencies) plus each model."""
-    prior = np.zeros(y.shape)
-    for k in np.unique(folds):
-        held = folds == k
-        prior[held] = prior_baseline(y[~held], int(held.sum()))
-    rows = []
-    for name, p in {"prior baseline": prior, **models}.items():
-        rows.append({"model": name, **dict(zip(LABELS, per_label_log_loss(y, p))),
-                     "weighted": weighted_log_loss(y, p)})
-    return pd.DataFrame(rows).set_index("model")

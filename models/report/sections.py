@@ -15,6 +15,7 @@ import pandas as pd
 
 from ich.cache import open_images
 from ich.labels import LABELS, SUBTYPES
+from ich.metric import log_loss_table
 
 from . import figures, html, scores
 from .html import Section
@@ -248,7 +249,7 @@ def log_loss(ctx: Context, sec: Section) -> None:
         except Unavailable:
             pass
         train = inp.slices("train")
-        table = scores.log_loss_table(inp.labels(), train["fold"].to_numpy(), models)
+        table = log_loss_table(inp.labels(), train["fold"].to_numpy(), models)
         sec.blocks.append(html.note(f"{exc} (the table below is computed here from the out-of-fold files "
                                     "that exist)"))
         sec.status = "partial"
