@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ich.cache import save_npy_atomic, write_atomic
+from ich.cache import read_meta, save_npy_atomic, write_atomic
 from ich.labels import LABELS
 from ich.metric import per_label_log_loss, prior_baseline, weighted_log_loss
 
@@ -44,6 +44,23 @@ def load_train_table(clean_dir: Path) -> pd.DataFrame:
     return with_neighbors(slices)
 
 
+def upsampling_warning(cfg: ExperimentCfg, clean_dir: Path) -> str | None:
+    """A warning when the network input is larger than the cached images.
+
+    Upsampling a 256-px cache to 512 px costs 4x the compute and adds no
+    detail; the cure is a cache at least as large (configs/prepare/512.yaml),
+    which every experiment can share: a larger cache is shrunk per image.
+    """
+    meta = read_meta(clean_dir) or {}
+    cache = meta.get("image_size")
+    sizes = [int(s) for s, _ in cfg.input.progressive or []] + [cfg.final_size]
+    if cache and max(sizes) > cache:
+        return (f"warning: {cfg.name} trains at up to {max(sizes)} px but the image cache in {clean_dir} is "
+                f"{cache} px: images are upsampled, which costs compute and adds no detail. Prepare a cache "
+                f">= {max(sizes)} px (configs/prepare/512.yaml) or lower input.size.")
+    return None
+
+
 def fold_done(out_dir: Path, k: int) -> bool:
     return (out_dir / f"fold{k}.pt").is_file() and (out_dir / f"fold{k}.oof.parquet").is_file()
 
@@ -59,6 +76,9 @@ def run_experiment(cfg: ExperimentCfg, *, clean_dir: Path, model_dir: Path, logs
     bad = sorted(set(folds) - set(all_folds))
     if bad:
         raise TrainError(f"fold(s) {bad} do not exist; slices.parquet has folds {all_folds}")
+    warning = upsampling_warning(cfg, clean_dir)
+    if warning and runtime.is_main:
+        log(warning)
     out_dir, log_dir = model_dir / cfg.name, logs_dir / cfg.name
     started = [k for k in folds if (out_dir / f"fold{k}.last.pt").is_file() or fold_done(out_dir, k)]
     if started and not (resume or force):

@@ -42,6 +42,15 @@ def test_progressive_sizes():
     assert [cfg.size_at(e) for e in range(3)] == [64, 128, 128] and cfg.final_size == 128
 
 
+def test_warns_when_the_network_input_is_larger_than_the_cache(prepared):
+    from models.experiment import upsampling_warning
+    clean = prepared / "clean" / "train"  # a 64-px cache
+    assert upsampling_warning(from_dict({"input": {"size": 64}}), clean) is None
+    assert upsampling_warning(from_dict({"input": {"size": 32}}), clean) is None
+    grow = from_dict({"input": {"size": 64, "progressive": [[128, 1], [64, 1]]}, "train": {"epochs": 2}})
+    assert "up to 128 px" in upsampling_warning(grow, clean) and "is 64 px" in upsampling_warning(grow, clean)
+
+
 def test_dataset_modes(prepared):
     clean = prepared / "clean" / "train"
     slices = with_neighbors(pd.read_parquet(clean / "slices.parquet"))
