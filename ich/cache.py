@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,32 @@ def write_atomic(path: Path, write) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+class DiskSpaceError(RuntimeError):
+    """The cache would not fit on its disk; raised before any image is written."""
+
+
+def check_free_space(clean_dir: Path, n: int, size: int, channels: int) -> int:
+    """Raise DiskSpaceError unless the rest of the cache fits; return the bytes still needed.
+
+    The cache is a sparse file that fills as chunks are written, so a full
+    disk would otherwise show up hours into a run as a failed write. What a
+    resumed run has written already (the file's allocated blocks) counts.
+    """
+    clean_dir = Path(clean_dir)
+    total = n * size * size * channels
+    path = clean_dir / IMAGES
+    written = path.stat().st_blocks * 512 if path.is_file() else 0
+    needed = max(total - written, 0)
+    free = shutil.disk_usage(clean_dir).free
+    if needed > free:
+        gb = 1e9
+        raise DiskSpaceError(
+            f"the image cache needs {needed / gb:.1f} GB more in {clean_dir} ({n:,} images x {size} px x "
+            f"{channels} windows = {total / gb:.1f} GB) but only {free / gb:.1f} GB are free: free some space, "
+            "point the clean path of SETTINGS.json at a larger disk, or choose a smaller image_size")
+    return needed
 
 
 def create_images(clean_dir: Path, n: int, size: int, channels: int) -> None:

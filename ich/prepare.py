@@ -146,12 +146,17 @@ def prepare_split(raw_dir: Path, clean_dir: Path, split: str, cfg: PrepareConfig
     _check_existing(clean_dir, key, force)
     parts_dir = clean_dir / cache.PARTS
     parts_dir.mkdir(exist_ok=True)
+    starts = list(range(0, len(names), cfg.chunk_size))
+    todo = [s for s in starts if not (parts_dir / f"chunk_{s:08d}.parquet").exists()]
+    if todo:
+        try:
+            cache.check_free_space(clean_dir, len(names), cfg.image_size, len(cfg.windows))
+        except cache.DiskSpaceError as e:
+            raise PrepareError(str(e)) from None
     if cache.read_meta(clean_dir) is None:
         cache.create_images(clean_dir, len(names), cfg.image_size, len(cfg.windows))
         cache.write_atomic(clean_dir / cache.META, lambda p: p.write_text(json.dumps(key, indent=1, sort_keys=True)))
 
-    starts = list(range(0, len(names), cfg.chunk_size))
-    todo = [s for s in starts if not (parts_dir / f"chunk_{s:08d}.parquet").exists()]
     summary = Summary(split=split, clean_dir=clean_dir, n_files=len(names),
                       chunks_done_before=len(starts) - len(todo))
     if todo:

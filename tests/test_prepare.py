@@ -122,6 +122,23 @@ def test_test_split_has_no_labels_or_folds(raw, tmp_path):
     assert s.positives == {} and sum(s.rejected.values()) == 0
 
 
+def test_a_cache_that_would_not_fit_stops_before_any_work(raw, tmp_path, monkeypatch):
+    raw_dir, _ = raw
+    real = shutil.disk_usage
+    free = {"bytes": 10_000}  # the test split: 5 images x 32 x 32 x 3 = 15,360 bytes
+
+    def fake(path):
+        return real(path)._replace(free=free["bytes"])
+
+    monkeypatch.setattr(cache.shutil, "disk_usage", fake)
+    with pytest.raises(PrepareError, match=r"needs 0\.0 GB more .* only 0\.0 GB are free"):
+        prepare_split(raw_dir, tmp_path / "clean", "test", CFG, progress=False)
+    assert not (tmp_path / "clean" / cache.IMAGES).exists()
+    free["bytes"] = 16_000
+    assert prepare_split(raw_dir, tmp_path / "clean", "test", CFG, progress=False).n_files == 5
+    assert cache.check_free_space(tmp_path / "clean", 5, 32, 3) == 0  # resumed: nothing more needed
+
+
 def test_bad_label_csv_stops_before_any_work(raw, tmp_path):
     raw_dir, _ = raw
     csv = raw_dir / "stage_2_train.csv"
