@@ -202,6 +202,11 @@ def _finish(table: pd.DataFrame, labels, cfg: PrepareConfig, summary: Summary):
         ok = ok.join(labels, on="image_id")
     slices = order_slices(ok)
     if labels is not None:
+        n_patients = slices["patient_id"].nunique()
+        if n_patients < cfg.n_folds:
+            raise PrepareError(f"cannot make {cfg.n_folds} patient-grouped folds from {n_patients} usable "
+                               f"patient(s): lower n_folds in the prepare config and rerun (decoded chunks are "
+                               "kept, so the rerun only rebuilds the table)")
         slices["fold"] = assign_folds(slices, cfg.n_folds, cfg.fold_seed)
     front = ["image_id", "patient_id", "study_id", "series_id", "z", "slice_index", "n_slices", "z_spacing"]
     if labels is not None:

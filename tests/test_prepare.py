@@ -139,6 +139,16 @@ def test_a_cache_that_would_not_fit_stops_before_any_work(raw, tmp_path, monkeyp
     assert cache.check_free_space(tmp_path / "clean", 5, 32, 3) == 0  # resumed: nothing more needed
 
 
+def test_too_few_patients_for_the_folds_is_a_clear_error_and_keeps_the_work(raw, tmp_path):
+    raw_dir, _ = raw
+    many = PrepareConfig(image_size=32, n_folds=40, n_jobs=2, chunk_size=7)
+    with pytest.raises(PrepareError, match="cannot make 40 patient-grouped folds from .* lower n_folds"):
+        prepare_split(raw_dir, tmp_path / "clean", "train", many, progress=False)
+    again = prepare_split(raw_dir, tmp_path / "clean", "train", CFG, progress=False)
+    assert again.chunks_done_before > 0
+    assert pd.read_parquet(tmp_path / "clean" / "slices.parquet")["fold"].nunique() == 3
+
+
 def test_bad_label_csv_stops_before_any_work(raw, tmp_path):
     raw_dir, _ = raw
     csv = raw_dir / "stage_2_train.csv"
