@@ -22,19 +22,14 @@ import pytest
 import yaml
 
 from conftest import REPO
+from conftest import TINY as BASE_TINY
 from ich.config import PrepareConfig
 from ich.prepare import prepare_split
 from ich.synthetic import generate_dataset
 
 COMP = "rsna-intracranial-hemorrhage-detection"
 EXP = "tiny_kaggle"
-TINY = {
-    "model": {"backbone": "test_resnet"},
-    "input": {"mode": "windows", "size": 64},
-    "augment": {"hflip": 0.5, "shift_scale_rotate": 0.0},
-    "optim": {"lr": 0.001, "schedule": "cosine"},
-    "train": {"epochs": 1, "batch_size": 16, "num_workers": 0, "amp": "none"},
-}
+TINY = {**BASE_TINY, "train": {**BASE_TINY["train"], "epochs": 1}}  # conftest's, one epoch
 PREDICT = {
     "experiments": [EXP], "k_neighbors": 2, "pca_components": 0,
     "lgb": {"num_leaves": 7, "min_data_in_leaf": 5}, "num_boost_round": 50, "early_stopping_rounds": 10,
