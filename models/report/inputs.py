@@ -23,6 +23,13 @@ class Unavailable(RuntimeError):
     """An input of a section does not exist yet; the message says what to run."""
 
 
+def _need(path: Path, command: str, note: str = "") -> Path:
+    """path, or Unavailable naming the command that writes it."""
+    if not path.is_file():
+        raise Unavailable(f"{path} not found: run `{command}`{note}")
+    return path
+
+
 @dataclass
 class Commands:
     """The commands a user would run, with their own --settings / --config spelled out."""
@@ -57,16 +64,12 @@ class Inputs:
 
     @functools.cache
     def slices(self, split: str = "train") -> pd.DataFrame:
-        path = self.clean_dir(split) / "slices.parquet"
-        if not path.is_file():
-            raise Unavailable(f"{path} not found: run `{self.commands.prepare(split)}`")
+        path = _need(self.clean_dir(split) / "slices.parquet", self.commands.prepare(split))
         return pd.read_parquet(path)
 
     @functools.cache
     def rejected(self, split: str) -> pd.DataFrame:
-        path = self.clean_dir(split) / "rejected.csv"
-        if not path.is_file():
-            raise Unavailable(f"{path} not found: run `{self.commands.prepare(split)}`")
+        path = _need(self.clean_dir(split) / "rejected.csv", self.commands.prepare(split))
         return pd.read_csv(path)
 
     @functools.cache
@@ -87,9 +90,7 @@ class Inputs:
     @functools.cache
     def oof(self, experiment: str) -> np.ndarray:
         """Stage-one OOF probabilities of one experiment, rows aligned with train slices."""
-        path = self.exp_dir(experiment) / "oof.parquet"
-        if not path.is_file():
-            raise Unavailable(f"{path} not found: run `{self.commands.train(experiment)}` (every fold)")
+        path = _need(self.exp_dir(experiment) / "oof.parquet", self.commands.train(experiment), " (every fold)")
         return self._aligned(path)
 
     def available_oofs(self) -> dict[str, np.ndarray]:
@@ -109,21 +110,14 @@ class Inputs:
         return f"stage one (mean of {', '.join(self.experiments)})", np.mean(list(oofs.values()), axis=0)
 
     def experiment_config(self, experiment: str) -> dict:
-        path = self.exp_dir(experiment) / "config.json"
-        if not path.is_file():
-            raise Unavailable(f"{path} not found: run `{self.commands.train(experiment)}`")
+        path = _need(self.exp_dir(experiment) / "config.json", self.commands.train(experiment))
         return json.loads(path.read_text())
 
     def fold_checkpoint(self, experiment: str, fold: int) -> Path:
-        path = self.exp_dir(experiment) / f"fold{fold}.pt"
-        if not path.is_file():
-            raise Unavailable(f"{path} not found: run `{self.commands.train(experiment)}`")
-        return path
+        return _need(self.exp_dir(experiment) / f"fold{fold}.pt", self.commands.train(experiment))
 
     def history(self, experiment: str) -> pd.DataFrame:
-        path = self.settings.logs_dir / experiment / "history.csv"
-        if not path.is_file():
-            raise Unavailable(f"{path} not found: run `{self.commands.train(experiment)}`")
+        path = _need(self.settings.logs_dir / experiment / "history.csv", self.commands.train(experiment))
         return pd.read_csv(path)
 
     # --- stage two ----------------------------------------------------------------------------
@@ -144,9 +138,7 @@ class Inputs:
         return self._aligned(path)
 
     def metrics_csv(self) -> pd.DataFrame:
-        path = self.stack_log_dir / "metrics.csv"
-        if not path.is_file():
-            raise Unavailable(f"{path} not found: run `{self.commands.predict()}`")
+        path = _need(self.stack_log_dir / "metrics.csv", self.commands.predict())
         return pd.read_csv(path, index_col=0)
 
     # --- helpers ------------------------------------------------------------------------------
