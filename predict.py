@@ -21,7 +21,7 @@ def main(argv=None):
     from ich.submission import (SubmissionError, build_submission, read_sample, score_submission,
                                 write_submission)
     from models import runtime as rt
-    from models.test_inference import InferenceError, check_same_cache, predict_test
+    from models.predict_split import InferenceError, check_same_cache, predict_test
     from stacking.config import load_predict_config
     from stacking.run import StackingError, run_stacking
 
@@ -42,7 +42,7 @@ def main(argv=None):
         runtime = rt.setup(cfg.amp, True)
         try:
             stage1 = {exp: predict_test(settings.model_checkpoint_dir / exp, test_dir, runtime,
-                                        tta_hflip=cfg.tta_hflip, batch_size=cfg.batch_size,
+                                        batch_size=cfg.batch_size,
                                         num_workers=cfg.num_workers, force=args.force,
                                         progress=not args.no_progress)
                       for exp in cfg.experiments}

@@ -3,7 +3,7 @@
 
 For each backbone: a fold checkpoint saved the way models/trainer.py saves
 it (state dict + config; random weights), loaded back with
-models.test_inference.load_fold_model, then models.inference.predict over a
+models.predict_split.load_fold_model, then models.inference.predict over a
 prepared (generated) test set through the real dataset and DataLoader
 (make_dataset + make_loader: cache read, resize, uint8 batches), probabilities
 and pooled embeddings as predict_test keeps them. Timed with and without
@@ -41,7 +41,7 @@ from models.config import from_dict  # noqa: E402
 from models.data import with_neighbors  # noqa: E402
 from models.inference import make_loader, predict  # noqa: E402
 from models.net import SliceNet  # noqa: E402
-from models.test_inference import load_fold_model  # noqa: E402
+from models.predict_split import load_fold_model  # noqa: E402
 from models.trainer import make_dataset  # noqa: E402
 
 N_TEST = 121_232
@@ -112,7 +112,7 @@ def main():
             exp_dir.mkdir(parents=True)
             save_checkpoint(exp_dir / "fold0.pt", backbone, args)
             t = time.perf_counter()
-            model, cfg = load_fold_model(exp_dir / "fold0.pt", runtime)
+            model, cfg, _ = load_fold_model(exp_dir / "fold0.pt", runtime)
             load_s = time.perf_counter() - t
             dataset = make_dataset(cfg, table, test_dir, cfg.final_size, train=False)
             if loader_rate is None:  # the input pipeline alone, same loader settings

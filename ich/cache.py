@@ -46,6 +46,15 @@ def files_digest(names) -> str:
     return h.hexdigest()
 
 
+# the cache_meta.json keys that decide what an image looks like (not which files it holds)
+IMAGE_KEYS = ("format", "image_size", "windows", "sigmoid", "crop_border")
+
+
+def image_settings(meta: dict | None) -> dict:
+    """The image-defining part of a cache's meta: a model trained on one cache needs the same at test time."""
+    return {k: (meta or {}).get(k) for k in IMAGE_KEYS}
+
+
 def read_meta(clean_dir: Path) -> dict | None:
     path = Path(clean_dir) / META
     if not path.is_file():

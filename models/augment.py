@@ -3,11 +3,27 @@
 All on uint8 HxWxC images before they become tensors. Geometry is applied
 identically to every channel, which is what both input modes need (windows
 of one slice, or neighbor slices).
+
+Seeding. albumentations does not draw from the global `random`/numpy
+generators: every Compose and every transform in it owns a `random.Random`
+(`py_random`) and a numpy Generator (`random_generator`), set by
+`set_random_seed` (from OS entropy when the seed is None). DataLoader workers
+are copies of the main process's dataset (forked, or unpickled with 'spawn',
+which keeps the generator state too), so without reseeding every worker
+draws the same sequence, and a transform that is not rebuilt repeats it
+every epoch. `seed_augment_workers` gives each (seed, fold, epoch, worker)
+its own stream: training sees all the variety, and a rerun sees the same
+batches.
 """
 from __future__ import annotations
 
+import random
+
 import albumentations as A
 import cv2
+import numpy as np
+import torch
+from torch.utils.data import get_worker_info
 
 from .config import AugmentCfg
 
@@ -34,3 +50,85 @@ def build_train_transform(cfg: AugmentCfg) -> A.Compose | None:
                                      hole_height_range=(0.02, cfg.erasing_size),
                                      hole_width_range=(0.02, cfg.erasing_size), fill=0, p=cfg.erasing))
     return A.Compose(steps) if steps else None
+
+
+def augment_seed(seed: int, fold: int, epoch: int, worker: int = 0, rank: int = 0) -> int:
+    """A 63-bit seed for one (config seed, fold, epoch, worker, DDP rank); all must be >= 0.
+
+    Through numpy's SeedSequence, so nearby tuples (fold 1 epoch 0 vs fold 0
+    epoch 1, ...) give unrelated seeds, unlike sums such as seed + fold + epoch.
+    """
+    return _derive(seed, fold, epoch, worker, rank)
+
+
+def _derive(*entropy: int) -> int:
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0]) >> 1
+
+
+def seed_transform(transform, seed: int) -> None:
+    """Reseed an albumentations transform (a Compose and everything in it) from one seed.
+
+    `Compose.set_random_seed(seed)` reseeds the Compose's own `py_random` and
+    `random_generator` and hands the *same* seed to every child, so all the
+    children draw the same numbers (e.g. HorizontalFlip and Affine with equal
+    p would always decide together on the first image). So each child is then
+    reseeded, through its own `set_random_seed`, from a seed of its own derived
+    from (seed, position).
+    """
+    if transform is None or not hasattr(transform, "set_random_seed"):
+        return
+    transform.set_random_seed(seed)
+    for i, child in enumerate(getattr(transform, "transforms", None) or []):
+        seed_transform(child, _derive(seed, i + 1))
+
+
+def seed_globals(seed: int) -> None:
+    """Seed python's `random`, numpy's global generator and torch from one seed (for a worker)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class AugmentWorkerInit:
+    """`worker_init_fn` that reseeds each worker's augmentations from (seed, fold, epoch, worker id).
+
+    A plain picklable object (module-level class, int fields), so it works with
+    the 'fork' and 'spawn' start methods. It reseeds the worker's copy of
+    `dataset.transform` (see `seed_transform`) and the worker's global
+    random/numpy/torch generators, in case anything else in loading draws from them.
+
+    The epoch is fixed when the object is built, which fits the trainer: a new
+    DataLoader per epoch with persistent_workers=False, so workers start (and
+    this runs) again every epoch. Persistent workers are started once and would
+    need the epoch passed differently (e.g. read from shared memory or sent with
+    each index by the sampler), or every epoch would repeat the first.
+    """
+
+    def __init__(self, seed: int, fold: int, epoch: int, rank: int = 0):
+        self.seed, self.fold, self.epoch, self.rank = int(seed), int(fold), int(epoch), int(rank)
+
+    def __call__(self, worker_id: int) -> None:
+        s = augment_seed(self.seed, self.fold, self.epoch, worker_id, self.rank)
+        seed_globals(_derive(s, 0))  # children of the transform get _derive(s, 1), (s, 2), ...
+        info = get_worker_info()
+        if info is not None:
+            seed_transform(getattr(info.dataset, "transform", None), s)
+
+    def __repr__(self) -> str:
+        return f"AugmentWorkerInit(seed={self.seed}, fold={self.fold}, epoch={self.epoch}, rank={self.rank})"
+
+
+def seed_augment_workers(dataset, seed: int, fold: int, epoch: int, rank: int = 0) -> AugmentWorkerInit:
+    """Seed `dataset.transform` for (seed, fold, epoch) and return the DataLoader's worker_init_fn.
+
+    Call it once per epoch when building that epoch's DataLoader:
+    `DataLoader(ds, ..., worker_init_fn=seed_augment_workers(ds, seed, fold, epoch, rank))`.
+    `rank` (DistributedDataParallel) keeps the ranks' workers apart too.
+    The transform in this process gets worker 0's seed, so num_workers=0 (the
+    main process loads) also differs per epoch and repeats across runs, and gives
+    the same batches as num_workers=1. With workers, each worker reseeds its own
+    copy. The main process's global generators are left alone: the transforms do
+    not use them, and training (dropout, ...) does.
+    """
+    seed_transform(getattr(dataset, "transform", None), augment_seed(seed, fold, epoch, 0, rank))
+    return AugmentWorkerInit(seed, fold, epoch, rank)

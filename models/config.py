@@ -25,6 +25,7 @@ class ModelCfg:
 class InputCfg:
     mode: str = "windows"            # windows: the cached windows of one slice
     #                                  adjacent: one window on slices i-1, i, i+1
+    #                                  adjacent_windows: every window of slices i-1, i, i+1 (9 channels)
     adjacent_channel: int = 0        # adjacent mode: which cached window (0 = brain by default)
     size: int = 256                  # training and inference size (cache images are resized when different)
     progressive: list | None = None  # [[size, epochs], ...]: progressive resizing; epochs must add up to train.epochs
@@ -79,7 +80,9 @@ class TrainCfg:
     freeze_epochs: int = 0           # epochs with the backbone frozen (head warm-up)
     num_workers: int = 2
     seed: int = 0
-    tta_hflip: bool = True           # flip TTA for out-of-fold and test predictions
+    tta_hflip: bool = True           # flip TTA for out-of-fold and test predictions (stored in each checkpoint)
+    checkpoint: str = "last"         # last | best: the epoch each fold keeps (best: chosen on the held-out fold,
+    #                                  among epochs at the final size; its OOF is then optimistic, and logged so)
     n_folds: int | None = None       # None: every fold in slices.parquet
 
 
@@ -160,10 +163,13 @@ def _validate(cfg: ExperimentCfg, where: str) -> None:
     def need(ok, message):
         if not ok:
             raise ConfigError(f"{where}: {message}")
-    need(cfg.input.mode in ("windows", "adjacent"), "input.mode must be windows or adjacent")
+    need(cfg.input.mode in ("windows", "adjacent", "adjacent_windows"),
+         "input.mode must be windows, adjacent or adjacent_windows")
     need(cfg.sampler.kind in ("all", "balanced"), "sampler.kind must be all or balanced")
     need(cfg.optim.schedule in ("cosine", "onecycle", "step"), "optim.schedule must be cosine, onecycle or step")
     need(cfg.train.amp in ("auto", "none", "bf16", "fp16"), "train.amp must be auto, none, bf16 or fp16")
+    need(cfg.train.checkpoint in ("last", "best"), "train.checkpoint must be last or best")
+    need(cfg.sampler.neg_ratio > 0, "sampler.neg_ratio must be > 0")
     need(cfg.train.epochs >= 1 and cfg.train.batch_size >= 1 and cfg.train.accumulate >= 1,
          "train.epochs, train.batch_size and train.accumulate must be >= 1")
     need(0 <= cfg.train.freeze_epochs < cfg.train.epochs or cfg.train.freeze_epochs == 0,

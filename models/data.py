@@ -7,7 +7,11 @@ normalizes them (4x less to copy than float32).
 Input modes (config `input.mode`):
 - windows: the cached windows of one slice as channels;
 - adjacent: one cached window (input.adjacent_channel) of slices i-1, i, i+1
-  of the same series, neighbors found by slice_index (edges repeat the slice).
+  of the same series, neighbors found by slice_index (edges repeat the slice);
+- adjacent_windows: every cached window of slices i-1, i, i+1 (9 channels
+  with 3 windows, ordered slice by slice): the neighbors' context without
+  giving up the subdural and bone windows. The network's first convolution
+  is widened to match (timm's in_chans, models.net).
 """
 from __future__ import annotations
 
@@ -24,6 +28,14 @@ from ich import cache
 from ich.labels import LABELS
 
 cv2.setNumThreads(1)
+
+
+MODES = ("windows", "adjacent", "adjacent_windows")
+
+
+def input_channels(mode: str, n_windows: int) -> int:
+    """Channels the network sees for an input mode and a cache of n_windows windows."""
+    return {"windows": n_windows, "adjacent": 3, "adjacent_windows": 3 * n_windows}[mode]
 
 
 def with_neighbors(slices: pd.DataFrame) -> pd.DataFrame:
@@ -47,8 +59,9 @@ class SliceDataset(Dataset):
                  channel: int = 0, size: int = 256, transform=None):
         self.clean_dir = str(clean_dir)
         self.rows = table["cache_row"].to_numpy(np.int64)
-        self.prev = table["prev_row"].to_numpy(np.int64) if mode == "adjacent" else None
-        self.next = table["next_row"].to_numpy(np.int64) if mode == "adjacent" else None
+        neighbors = mode in ("adjacent", "adjacent_windows")
+        self.prev = table["prev_row"].to_numpy(np.int64) if neighbors else None
+        self.next = table["next_row"].to_numpy(np.int64) if neighbors else None
         has_labels = all(c in table for c in LABELS)
         self.labels = (np.array(table[list(LABELS)].to_numpy(np.float32)) if has_labels
                        else np.zeros((len(table), len(LABELS)), np.float32))
@@ -68,6 +81,9 @@ class SliceDataset(Dataset):
         """HxWxC uint8 as the network sees it (before augmentation)."""
         if self.mode == "windows":
             img = np.asarray(self.images[self.rows[i]])
+        elif self.mode == "adjacent_windows":
+            img = np.concatenate([self.images[self.prev[i]], self.images[self.rows[i]],
+                                  self.images[self.next[i]]], axis=-1)
         else:
             c = self.channel
             img = np.stack([self.images[self.prev[i], :, :, c], self.images[self.rows[i], :, :, c],
@@ -108,11 +124,21 @@ class EpochSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def n_negatives_drawn(self) -> int:
+        if self.kind == "balanced" and len(self.pos):
+            return min(len(self.neg), int(round(self.neg_ratio * len(self.pos))))
+        return len(self.neg)
+
+    @property
+    def neg_keep(self) -> float:
+        """Share of the `any`-negatives an epoch draws (1.0: all): the prior shift models.net undoes."""
+        return self.n_negatives_drawn / len(self.neg) if len(self.neg) else 1.0
+
     def epoch_indices(self) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.epoch])
         if self.kind == "balanced" and len(self.pos):
-            n_neg = min(len(self.neg), int(round(self.neg_ratio * len(self.pos))))
-            idx = np.concatenate([self.pos, rng.choice(self.neg, n_neg, replace=False)])
+            idx = np.concatenate([self.pos, rng.choice(self.neg, self.n_negatives_drawn, replace=False)])
         else:
             idx = np.arange(self.n_all)
         if self.shuffle:
@@ -126,8 +152,5 @@ class EpochSampler(Sampler):
         return iter(self.epoch_indices().tolist())
 
     def __len__(self) -> int:
-        if self.kind == "balanced" and len(self.pos):
-            n = len(self.pos) + min(len(self.neg), int(round(self.neg_ratio * len(self.pos))))
-        else:
-            n = self.n_all
+        n = len(self.pos) + self.n_negatives_drawn if self.kind == "balanced" and len(self.pos) else self.n_all
         return math.ceil(n / self.world_size)

@@ -1,11 +1,16 @@
 """train.py's work: every requested fold of one experiment, then the OOF files.
 
 Outputs in MODEL_CHECKPOINT_DIR/<experiment>/ (DESIGN.md, contract 2):
-- fold{k}.pt: best weights + config; fold{k}.last.pt: resume state;
-- fold{k}.oof.parquet / fold{k}.oof_emb.npy: that fold's held-out predictions;
+- fold{k}.pt: the kept weights (train.checkpoint) + config; fold{k}.last.pt: resume state;
+- fold{k}.oof.parquet / fold{k}.oof_emb.npy: the kept model's held-out predictions;
+- fold{k}.oof_last.parquet: the last epoch's held-out predictions (the same
+  file's content when the last epoch is the kept one);
 - oof.parquet (image_id + six probabilities, every train image exactly once,
   in slices.parquet order) and oof_emb.npy (float16 pooled embeddings, rows
-  aligned), written once every fold is done.
+  aligned), written once every fold is done; oof_last.parquet likewise.
+The OOF score of `train.checkpoint: best` is selected on the fold it scores,
+so it is optimistic; the log labels it so and prints the last epoch's OOF
+score beside it, which nothing was chosen on.
 Logs in LOGS_DIR/<experiment>/: history.csv and training_curves.png.
 """
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ich.cache import read_meta, save_npy_atomic, write_atomic
 from ich.labels import LABELS
@@ -61,8 +67,13 @@ def upsampling_warning(cfg: ExperimentCfg, clean_dir: Path) -> str | None:
     return None
 
 
+FOLD_FILES = ("fold{k}.pt", "fold{k}.last.pt", "fold{k}.oof.parquet", "fold{k}.oof_emb.npy",
+              "fold{k}.oof_last.parquet")
+
+
 def fold_done(out_dir: Path, k: int) -> bool:
-    return (out_dir / f"fold{k}.pt").is_file() and (out_dir / f"fold{k}.oof.parquet").is_file()
+    return all((out_dir / name.format(k=k)).is_file()
+               for name in ("fold{k}.pt", "fold{k}.oof.parquet", "fold{k}.oof_last.parquet"))
 
 
 def run_experiment(cfg: ExperimentCfg, *, clean_dir: Path, model_dir: Path, logs_dir: Path, runtime: Runtime,
@@ -89,9 +100,9 @@ def run_experiment(cfg: ExperimentCfg, *, clean_dir: Path, model_dir: Path, logs
         log_dir.mkdir(parents=True, exist_ok=True)
         if force:
             for k in folds:
-                for name in (f"fold{k}.pt", f"fold{k}.last.pt", f"fold{k}.oof.parquet", f"fold{k}.oof_emb.npy"):
-                    (out_dir / name).unlink(missing_ok=True)
-            for name in ("oof.parquet", "oof_emb.npy"):
+                for name in FOLD_FILES:
+                    (out_dir / name.format(k=k)).unlink(missing_ok=True)
+            for name in ("oof.parquet", "oof_emb.npy", "oof_last.parquet"):
                 (out_dir / name).unlink(missing_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     runtime.barrier()
@@ -105,17 +116,33 @@ def run_experiment(cfg: ExperimentCfg, *, clean_dir: Path, model_dir: Path, logs
         model, history = train_fold(cfg, k, data, out_dir, runtime, resume=resume, progress=progress, log=log)
         valid_set = make_dataset(cfg, data.valid, clean_dir, cfg.final_size, train=False)
         loader = make_loader(valid_set, runtime, cfg.train.batch_size * 2, cfg.train.num_workers)
-        probs, emb = predict(model, loader, runtime, tta_hflip=cfg.train.tta_hflip, desc=f"fold {k} oof",
-                             progress=progress)
+
+        def held_out(desc):
+            return predict(model, loader, runtime, tta_hflip=cfg.train.tta_hflip, desc=desc, progress=progress)
+
+        last_probs, emb = held_out(f"fold {k} oof (last epoch)")
+        kept = torch.load(out_dir / f"fold{k}.pt", map_location=runtime.device, weights_only=True)
+        probs = last_probs
+        if kept["epoch"] != cfg.train.epochs:  # train.checkpoint: best kept an earlier epoch
+            model.load_state_dict(kept["state_dict"])
+            probs, emb = held_out(f"fold {k} oof (epoch {kept['epoch']})")
         if runtime.is_main:
-            piece = pd.DataFrame(probs, columns=list(LABELS))
-            piece.insert(0, "image_id", data.valid["image_id"].to_numpy())
+            ids = data.valid["image_id"].to_numpy()
             save_npy_atomic(out_dir / f"fold{k}.oof_emb.npy", emb)
-            write_atomic(out_dir / f"fold{k}.oof.parquet", lambda p: piece.to_parquet(p, index=False))
+            for name, p in ((f"fold{k}.oof_last.parquet", last_probs), (f"fold{k}.oof.parquet", probs)):
+                piece = pd.DataFrame(p, columns=list(LABELS))
+                piece.insert(0, "image_id", ids)
+                write_atomic(out_dir / name, lambda tmp, piece=piece: piece.to_parquet(tmp, index=False))
             history.to_csv(log_dir / f"fold{k}_history.csv", index=False)
             y = data.valid[list(LABELS)].to_numpy()
-            log(f"fold {k}: out-of-fold weighted log loss {weighted_log_loss(y, probs):.4f} with flip TTA "
-                f"({time.time() - t0:.0f} s)")
+            tta = " with flip TTA" if cfg.train.tta_hflip else ""
+            if kept["epoch"] == cfg.train.epochs:
+                log(f"fold {k}: out-of-fold weighted log loss {weighted_log_loss(y, probs):.4f}{tta}, last epoch "
+                    f"({time.time() - t0:.0f} s)")
+            else:
+                log(f"fold {k}: out-of-fold weighted log loss {weighted_log_loss(y, probs):.4f}{tta}, epoch "
+                    f"{kept['epoch']} selected on this fold (optimistic); last epoch "
+                    f"{weighted_log_loss(y, last_probs):.4f} ({time.time() - t0:.0f} s)")
         runtime.barrier()
 
     result = {"out_dir": out_dir, "complete": all(fold_done(out_dir, k) for k in all_folds)}
@@ -127,27 +154,27 @@ def run_experiment(cfg: ExperimentCfg, *, clean_dir: Path, model_dir: Path, logs
             result["curves"] = plots.training_curves(histories, log_dir / "training_curves.png", cfg.name)
         if result["complete"]:
             result.update(assemble_oof(slices, out_dir, all_folds))
-            log(f"OOF weighted log loss {result['oof']:.4f} vs prior baseline {result['prior']:.4f} "
+            how = ("last epochs" if cfg.train.checkpoint == "last" else
+                   f"best epochs, selected on the scored folds (optimistic; last epochs {result['oof_last']:.4f})")
+            log(f"OOF weighted log loss {result['oof']:.4f} ({how}) vs prior baseline {result['prior']:.4f} "
                 f"({len(slices)} images, {len(all_folds)} folds) -> {out_dir / 'oof.parquet'}")
     return result
 
 
 def assemble_oof(slices: pd.DataFrame, out_dir: Path, folds: list[int]) -> dict:
-    """Join the fold pieces into oof.parquet / oof_emb.npy in slices.parquet order."""
-    pieces, embs = [], []
-    for k in folds:
-        piece = pd.read_parquet(out_dir / f"fold{k}.oof.parquet")
-        pieces.append(piece)
-        embs.append(np.load(out_dir / f"fold{k}.oof_emb.npy"))
-    oof = pd.concat(pieces, ignore_index=True)
-    emb = np.concatenate(embs)
+    """Join the fold pieces into oof.parquet / oof_emb.npy / oof_last.parquet in slices.parquet order."""
+    oof = pd.concat([pd.read_parquet(out_dir / f"fold{k}.oof.parquet") for k in folds], ignore_index=True)
+    last = pd.concat([pd.read_parquet(out_dir / f"fold{k}.oof_last.parquet") for k in folds], ignore_index=True)
+    emb = np.concatenate([np.load(out_dir / f"fold{k}.oof_emb.npy") for k in folds])
     position = pd.Series(np.arange(len(oof)), index=oof["image_id"])
-    if not position.index.is_unique or set(position.index) != set(slices["image_id"]):
+    if not position.index.is_unique or set(position.index) != set(slices["image_id"]) or not (
+            last["image_id"].to_numpy() == oof["image_id"].to_numpy()).all():
         raise TrainError("fold pieces do not cover every train image exactly once: rerun with --force")
     order = position.loc[slices["image_id"]].to_numpy()
-    oof, emb = oof.iloc[order].reset_index(drop=True), emb[order]
+    oof, last, emb = oof.iloc[order].reset_index(drop=True), last.iloc[order].reset_index(drop=True), emb[order]
     save_npy_atomic(out_dir / "oof_emb.npy", emb)
     write_atomic(out_dir / "oof.parquet", lambda p: oof.to_parquet(p, index=False))
+    write_atomic(out_dir / "oof_last.parquet", lambda p: last.to_parquet(p, index=False))
     y = slices[list(LABELS)].to_numpy()
     p = oof[list(LABELS)].to_numpy()
     prior = np.zeros_like(p)
@@ -155,4 +182,5 @@ def assemble_oof(slices: pd.DataFrame, out_dir: Path, folds: list[int]) -> dict:
         held = (slices["fold"] == k).to_numpy()
         prior[held] = prior_baseline(y[~held], int(held.sum()))
     return {"oof": weighted_log_loss(y, p), "prior": weighted_log_loss(y, prior),
+            "oof_last": weighted_log_loss(y, last[list(LABELS)].to_numpy()),
             "oof_per_label": dict(zip(LABELS, per_label_log_loss(y, p))), "n_images": len(slices)}

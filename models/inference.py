@@ -1,7 +1,9 @@
 """Inference: probabilities and pooled embeddings, with horizontal-flip TTA.
 
-Used for out-of-fold predictions after each fold and for the test set
-(predict.py). Under torchrun each rank predicts its shard and rank 0 gets the
+Used for validation, out-of-fold predictions after each fold and the test
+set (predict.py): one function, so the three cannot drift apart. The
+probabilities come from the model's own `probabilities()`, which puts them on
+the real label prior whatever sampler trained it (models.net). Under torchrun each rank predicts its shard and rank 0 gets the
 whole result back in the original order.
 """
 from __future__ import annotations
@@ -37,10 +39,10 @@ def predict(model, loader: DataLoader, runtime: Runtime, *, tta_hflip: bool = Tr
             x = x.contiguous(memory_format=torch.channels_last)
         with runtime.autocast():
             logits, emb = model(x, return_embedding=True)
-            prob = torch.sigmoid(logits.float())
+            prob = model.probabilities(logits)
             if tta_hflip:
                 logits_f, emb_f = model(torch.flip(x, dims=[3]), return_embedding=True)
-                prob = (prob + torch.sigmoid(logits_f.float())) / 2
+                prob = (prob + model.probabilities(logits_f)) / 2
                 emb = (emb + emb_f) / 2
         idx_parts.append(idx.numpy())
         prob_parts.append(prob.cpu().numpy())

@@ -17,23 +17,25 @@ from tqdm.auto import tqdm
 from ich.labels import LABELS
 
 from . import plots
+from .augment import seed_augment_workers
 from .config import ExperimentCfg
 from .data import EpochSampler
 from .runtime import Runtime
-from .trainer import WeightedBCE, build_model, make_dataset
+from .trainer import WeightedBCE, build_model, cache_channels, make_dataset
 
 
 def find_lr(cfg: ExperimentCfg, slices, clean_dir: Path, runtime: Runtime, out_png: Path, *,
             start_lr: float = 1e-6, end_lr: float = 1.0, steps: int = 200, progress: bool = True) -> dict:
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, runtime)
+    model = build_model(cfg, runtime, cache_channels(cfg, clean_dir))
     criterion = WeightedBCE(cfg.loss.any_weight).to(runtime.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=start_lr, weight_decay=cfg.optim.weight_decay)
     dataset = make_dataset(cfg, slices, clean_dir, cfg.size_at(0), train=True)
     sampler = EpochSampler(slices[LABELS[-1]].to_numpy(), kind=cfg.sampler.kind, neg_ratio=cfg.sampler.neg_ratio,
                            seed=cfg.train.seed)
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler,
-                        num_workers=cfg.train.num_workers, drop_last=True)
+                        num_workers=cfg.train.num_workers, drop_last=True,
+                        worker_init_fn=seed_augment_workers(dataset, cfg.train.seed, 0, 0))
     gamma = (end_lr / start_lr) ** (1 / max(steps - 1, 1))
     lrs, losses, avg, best = [], [], 0.0, math.inf
     model.train()

@@ -5,6 +5,16 @@ download done beforehand): timm is told the file through
 `pretrained_cfg_overlay`, so it never reaches for the network, and a missing
 file is a clear error naming it. Inputs arrive as uint8 and are normalized
 here with the backbone's own mean/std, on the device.
+
+Facts the weights depend on live in the weights (persistent buffers, so they
+travel in every checkpoint's state dict and nowhere else):
+- `mean` / `std`: the input normalization the network was trained with. A
+  checkpoint is read with its own values, whatever the installed timm's
+  default for the backbone is today.
+- `neg_keep`: the share of `any`-negative images the training sampler kept
+  (1.0 for `sampler: all`). A balanced sampler shifts the prior the network
+  learns; `probabilities()` undoes that shift (see `correct_sampling`), so
+  validation, out-of-fold and test probabilities are all on the real prior.
 """
 from __future__ import annotations
 
@@ -25,7 +35,7 @@ class MissingWeightsError(FileNotFoundError):
 
 
 class SliceNet(nn.Module):
-    def __init__(self, backbone: str, pretrained: str | None = None, dropout: float = 0.0):
+    def __init__(self, backbone: str, pretrained: str | None = None, dropout: float = 0.0, in_chans: int = 3):
         super().__init__()
         kwargs = {}
         if pretrained:
@@ -37,7 +47,8 @@ class SliceNet(nn.Module):
                     "that holds it), or set model.pretrained: null to train from scratch.")
             kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
         try:
-            self.backbone = timm.create_model(backbone, num_classes=0, **kwargs)
+            # in_chans != 3: timm widens the first convolution, and adapts pretrained RGB filters to it
+            self.backbone = timm.create_model(backbone, num_classes=0, in_chans=in_chans, **kwargs)
         except RuntimeError as exc:
             if "Unknown model" in str(exc):
                 raise ValueError(f"unknown timm backbone {backbone!r} (model.backbone in the config)") from exc
@@ -45,8 +56,12 @@ class SliceNet(nn.Module):
         cfg = self.backbone.pretrained_cfg or {}
         mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32) * 255
         std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32) * 255
-        self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", std.view(1, -1, 1, 1), persistent=False)
+        # more channels than RGB (e.g. 3 slices x 3 windows): each repeats the RGB statistics in turn
+        mean, std = mean[torch.arange(in_chans) % len(mean)], std[torch.arange(in_chans) % len(std)]
+        self.in_chans = in_chans
+        self.register_buffer("mean", mean.view(1, -1, 1, 1))
+        self.register_buffer("std", std.view(1, -1, 1, 1))
+        self.register_buffer("neg_keep", torch.ones(()))
         self.dropout = nn.Dropout(dropout)
         # pooled width: head_hidden_size where timm adds a pre-logits layer (MobileNetV3, ...)
         self.num_features = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
@@ -62,8 +77,36 @@ class SliceNet(nn.Module):
         logits = self.head(self.dropout(emb))
         return (logits, emb) if return_embedding else logits
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits -> probabilities on the real label prior (corrected for the training sampler)."""
+        return correct_sampling(torch.sigmoid(logits.float()), self.neg_keep)
+
+    def set_sampling(self, neg_keep: float) -> None:
+        """Record the share of `any`-negatives the training sampler keeps (1.0: all)."""
+        if not 0 < neg_keep <= 1:
+            raise ValueError(f"neg_keep must be in (0, 1], got {neg_keep}")
+        self.neg_keep.fill_(float(neg_keep))
+
     def backbone_parameters(self):
         return self.backbone.parameters()
 
     def head_parameters(self):
         return self.head.parameters()
+
+
+def correct_sampling(probs: torch.Tensor, neg_keep) -> torch.Tensor:
+    """Probabilities learned under negative subsampling -> probabilities under the real prior.
+
+    The balanced sampler keeps every image with `any` = 1 and a share q
+    (`neg_keep`) of the images with `any` = 0. Under that sampling an image x
+    with true posterior p_j for label j is seen with weight 1 when positive
+    and q when negative, so the network learns
+        p_s_any = p_any / D,  p_s_j = p_j / D,  D = p_any + (1 - p_any) q
+    (every subtype implies `any`, so every label's positives have weight 1).
+    Solving with p_s_any gives D = 1 / (p_s_any + (1 - p_s_any) / q) and the
+    same correction for all six labels: p_j = p_s_j * D. For `any` that is
+    the familiar logit shift by log(q). q = 1 changes nothing.
+    """
+    q = torch.as_tensor(neg_keep, dtype=probs.dtype, device=probs.device)
+    p_any = probs[:, -1:]
+    return probs / (p_any + (1 - p_any) / q)

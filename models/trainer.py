@@ -1,10 +1,20 @@
-"""Training one fold: epochs, validation, best checkpoint, resume state.
+"""Training one fold: epochs, validation, the kept checkpoint, resume state.
 
 Per epoch: train on the other folds (sampler, augmentations, AMP, gradient
 accumulation), validate on the held-out fold with the competition metric,
 append a row to the history, save `fold{k}.last.pt` (everything needed to
-resume) and, when the score improves, `fold{k}.pt` (weights + config only).
-Both load with torch.load(..., weights_only=True).
+resume) and `fold{k}.pt` (weights + config + the train cache's image
+settings) for the epoch the config keeps (`train.checkpoint`):
+- `last` (default): the final epoch. Nothing about it was chosen by looking
+  at the held-out fold, so its out-of-fold predictions are as honest as the
+  test predictions, which stage two relies on.
+- `best`: the epoch with the best held-out score, among epochs at the final
+  input size only (an epoch at an earlier progressive size is never kept:
+  out-of-fold and test predictions run at the final size). Its OOF score is
+  selected on the fold it scores; models.experiment reports it as such,
+  beside the last epoch's.
+Every file is written atomically (temporary file + rename): a kill mid-save
+leaves the previous good file. All load with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
@@ -22,12 +32,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ich.cache import image_settings, read_meta, write_atomic
 from ich.labels import LABELS
 from ich.metric import per_label_log_loss, prior_baseline, weighted_log_loss
 
-from .augment import build_train_transform
+from .augment import build_train_transform, seed_augment_workers
 from .config import ExperimentCfg
-from .data import EpochSampler, SliceDataset
+from .data import EpochSampler, SliceDataset, input_channels
 from .inference import make_loader, predict
 from .net import SliceNet
 from .runtime import Runtime
@@ -41,8 +52,14 @@ class FoldData:
     clean_dir: Path
 
 
-def build_model(cfg: ExperimentCfg, runtime: Runtime) -> SliceNet:
-    model = SliceNet(cfg.model.backbone, cfg.model.pretrained, cfg.model.dropout).to(runtime.device)
+def cache_channels(cfg: ExperimentCfg, clean_dir) -> int:
+    """Input channels of the network for this experiment on the cache in clean_dir."""
+    windows = (read_meta(clean_dir) or {}).get("windows") or [None] * 3
+    return input_channels(cfg.input.mode, len(windows))
+
+
+def build_model(cfg: ExperimentCfg, runtime: Runtime, in_chans: int = 3) -> SliceNet:
+    model = SliceNet(cfg.model.backbone, cfg.model.pretrained, cfg.model.dropout, in_chans).to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -69,6 +86,10 @@ class WeightedBCE(nn.Module):
         return (loss * self.weights).sum(dim=1).mean()
 
 
+def save_atomic(obj, path: Path) -> None:
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
 def validate(model, dataset, runtime: Runtime, cfg: ExperimentCfg, progress: bool):
     loader = make_loader(dataset, runtime, cfg.train.batch_size * 2, cfg.train.num_workers)
     probs, _ = predict(model, loader, runtime, tta_hflip=False, embeddings=False, desc="validate",
@@ -78,9 +99,13 @@ def validate(model, dataset, runtime: Runtime, cfg: ExperimentCfg, progress: boo
 
 def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, runtime: Runtime, *,
                resume: bool, progress: bool = True, log=print) -> tuple[SliceNet, pd.DataFrame]:
-    """Train one fold; returns the best model (loaded) and the epoch history."""
+    """Train one fold; returns the model as it is after the last epoch, and the epoch history.
+
+    The kept checkpoint (`fold{k}.pt`, see the module docstring) may be an
+    earlier epoch; models.experiment loads it for the fold's outputs.
+    """
     torch.manual_seed(cfg.train.seed + fold)
-    model = build_model(cfg, runtime)
+    model = build_model(cfg, runtime, cache_channels(cfg, data.clean_dir))
     raw_model = model
     if runtime.distributed:
         model = DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
@@ -94,6 +119,7 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
 
     sampler = EpochSampler(y_train[:, -1], kind=cfg.sampler.kind, neg_ratio=cfg.sampler.neg_ratio,
                            seed=cfg.train.seed + 1000 * fold, rank=runtime.rank, world_size=runtime.world_size)
+    raw_model.set_sampling(sampler.neg_keep)  # its probabilities() then undo the sampler's prior shift
     steps_per_epoch = math.ceil(len(sampler) / cfg.train.batch_size / cfg.train.accumulate)
     optimizer = torch.optim.AdamW(
         [{"params": list(raw_model.backbone_parameters())}, {"params": list(raw_model.head_parameters())}],
@@ -125,35 +151,38 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
         loader = DataLoader(train_set, batch_size=cfg.train.batch_size, sampler=sampler,
                             num_workers=cfg.train.num_workers, pin_memory=runtime.device.type == "cuda",
                             drop_last=False, prefetch_factor=4 if cfg.train.num_workers else None,
-                            persistent_workers=False)
+                            persistent_workers=False,  # workers restart, reseeded for this epoch
+                            worker_init_fn=seed_augment_workers(train_set, cfg.train.seed, fold, epoch,
+                                                                runtime.rank))
         train_loss = run_epoch(model, loader, criterion, optimizer, scheduler, scaler, runtime, cfg,
                                desc=f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs}", progress=progress)
         valid_set.size = cfg.size_at(epoch)
         probs = validate(raw_model, valid_set, runtime, cfg, progress)
         score = weighted_log_loss(y_valid, probs)
         per_label = per_label_log_loss(y_valid, probs)
-        improved = score < best
+        at_final_size = size == cfg.final_size
+        improved = at_final_size and score < best  # only epochs at the size OOF/test run at compete
         if improved:
             best = score
+        keep = improved if cfg.train.checkpoint == "best" else epoch == cfg.train.epochs - 1
         row = {"fold": fold, "epoch": epoch + 1, "size": size, "train_loss": train_loss,
                "val_wlogloss": score, "val_prior": prior, "lr": optimizer.param_groups[1]["lr"],
                "seconds": time.time() - t0, **{f"val_{k}": float(v) for k, v in zip(LABELS, per_label)}}
         history.append(row)
         if runtime.is_main:
-            if improved:
-                torch.save({"state_dict": raw_model.state_dict(), "config": cfg.to_dict(), "fold": fold,
-                            "epoch": epoch + 1, "val_wlogloss": score}, best_path)
-            torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                        "best": best, "history": history}, last_path)
+            if keep:
+                save_atomic({"state_dict": raw_model.state_dict(), "config": cfg.to_dict(), "fold": fold,
+                             "epoch": epoch + 1, "val_wlogloss": score, "selected": cfg.train.checkpoint,
+                             "in_chans": raw_model.in_chans,
+                             "image_settings": image_settings(read_meta(data.clean_dir))}, best_path)
+            save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                         "best": best, "history": history}, last_path)
             labels = " ".join(f"{k[:4]} {v:.3f}" for k, v in zip(LABELS, per_label))
             log(f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs} size {size} | train {train_loss:.4f} | "
                 f"val {score:.4f} (prior {prior:.4f}) | {labels} | {row['seconds']:.0f} s"
-                + (" | best" if improved else ""))
+                + (" | best" if improved else "") + (" | kept" if keep else ""))
         runtime.barrier()
-
-    state = torch.load(best_path, map_location=runtime.device, weights_only=True)
-    raw_model.load_state_dict(state["state_dict"])
     return raw_model, pd.DataFrame(history)
 
 

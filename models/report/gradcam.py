@@ -105,7 +105,7 @@ def explain(examples: list[dict], *, slices: pd.DataFrame, clean_dir: Path, chec
     """
     from ..data import SliceDataset, with_neighbors
     from ..runtime import Runtime
-    from ..test_inference import load_fold_model
+    from ..predict_split import load_fold_model
 
     runtime = runtime or Runtime(device=torch.device("cpu"))
     table = with_neighbors(slices)
@@ -114,7 +114,7 @@ def explain(examples: list[dict], *, slices: pd.DataFrame, clean_dir: Path, chec
     for ex in examples:
         by_fold.setdefault(int(folds[ex["row"]]), []).append(ex)
     for fold, items in sorted(by_fold.items()):
-        model, cfg = load_fold_model(checkpoint_for(fold), runtime)
+        model, cfg, _ = load_fold_model(checkpoint_for(fold), runtime)
         model = model.float().eval()
         layer = target_layer(model, cfg.final_size)
         layer_name = next((n for n, m in model.named_modules() if m is layer), type(layer).__name__)

@@ -1,0 +1,175 @@
+"""Stage one on a whole split (the test set): every fold model of an experiment, one output each.
+
+Writes, in MODEL_CHECKPOINT_DIR/<experiment>/ (DESIGN.md, contract 2):
+- `test_fold{k}.parquet` (image_id + six probabilities, test slices.parquet
+  order) and `test_fold{k}_emb.npy` (float16 pooled embeddings, rows
+  aligned): fold model k alone. Stage two builds its test features from
+  each of these sets separately, because each OOF row came from one fold
+  model too; a mean of fold models is a distribution no booster trained on.
+- `test.parquet`: the mean over fold models, for a stage-one-only
+  submission and the report; stage two never reads it.
+- `test_meta.json`: what produced them. A rerun reuses the outputs only when
+  the key matches: the checkpoints' bytes (a retrained fold, a changed TTA
+  or normalization, which live in the checkpoint, all change it), the test
+  cache's image settings and files, and the test image IDs.
+
+Every fact the predictions depend on comes from the checkpoint: the
+experiment config (input mode, size, flip TTA), the normalization and the
+sampler correction (model buffers), and the train cache's image settings,
+which the test cache must match.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ich.cache import image_settings, read_meta, save_npy_atomic, write_atomic
+from ich.labels import LABELS
+
+from .config import from_dict
+from .data import with_neighbors
+from .inference import make_loader, predict
+from .net import SliceNet
+from .runtime import Runtime
+from .trainer import make_dataset
+
+META = "test_meta.json"
+
+
+class InferenceError(RuntimeError):
+    """Stage-one test inference cannot run; the message says what is missing."""
+
+
+def check_same_cache(train_dir: Path, test_dir: Path) -> None:
+    """The test images must be cached like the train images the models learned from."""
+    train, test = read_meta(train_dir), read_meta(test_dir)
+    if train is None or test is None:
+        raise InferenceError(f"no cache_meta.json in {train_dir if train is None else test_dir}: run prepare_data.py")
+    _compare(image_settings(train), test, f"the train cache ({train_dir})", test_dir)
+
+
+def _compare(trained: dict, test_meta: dict, what: str, test_dir: Path) -> None:
+    test = image_settings(test_meta)
+    differ = [k for k in trained if trained[k] != test[k]]
+    if differ:
+        raise InferenceError(f"test cache ({test_dir}) was prepared with other {', '.join(differ)} than {what}: "
+                             "rerun prepare_data.py --split test --force with the config the train cache used")
+
+
+def fold_checkpoints(exp_dir: Path) -> dict[int, Path]:
+    """{k: fold{k}.pt} of an experiment (resume states fold{k}.last.pt excluded)."""
+    found = {}
+    for path in exp_dir.glob("fold*.pt"):
+        m = re.fullmatch(r"fold(\d+)\.pt", path.name)
+        if m:
+            found[int(m.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def load_fold_model(path: Path, runtime: Runtime):
+    """A fold checkpoint -> (model on the device, its experiment config, the checkpoint dict without weights).
+
+    No pretrained file is needed: the weights, the normalization and the
+    sampler correction all come from the checkpoint.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged file: name it, in one line
+        raise InferenceError(f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}): it is damaged or "
+                             "incomplete; retrain that fold (train.py --folds K --force)") from None
+    cfg = from_dict(state["config"], where=str(path))
+    model = SliceNet(cfg.model.backbone, None, cfg.model.dropout, int(state.get("in_chans", 3)))  # weights: below
+    missing = {"mean", "std", "neg_keep"} - set(state["state_dict"])
+    if missing:
+        raise InferenceError(f"{path} was written by an older version that did not store "
+                             f"{', '.join(sorted(missing))} with the weights: retrain it (train.py --force)")
+    model.load_state_dict(state["state_dict"])
+    model = model.to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, cfg, {k: v for k, v in state.items() if k != "state_dict"}
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def outputs_key(checkpoints: dict[int, Path], test_dir: Path, image_ids) -> dict:
+    """What the test outputs depend on; equal keys mean equal outputs (up to float noise)."""
+    meta = read_meta(test_dir) or {}
+    ids = hashlib.sha1("\0".join(map(str, image_ids)).encode()).hexdigest()
+    return {"checkpoints": {str(k): _file_digest(p) for k, p in checkpoints.items()},
+            "test_cache": {**image_settings(meta), "n_files": meta.get("n_files"),
+                           "files_digest": meta.get("files_digest")},
+            "image_ids": ids}
+
+
+def output_paths(exp_dir: Path, k: int) -> tuple[Path, Path]:
+    return exp_dir / f"test_fold{k}.parquet", exp_dir / f"test_fold{k}_emb.npy"
+
+
+def _reusable(exp_dir: Path, key: dict, folds) -> bool:
+    try:
+        stored = json.loads((exp_dir / META).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    files = [p for k in folds for p in output_paths(exp_dir, k)] + [exp_dir / "test.parquet"]
+    return stored == key and all(p.is_file() for p in files)
+
+
+def predict_test(exp_dir: Path, test_dir: Path, runtime: Runtime, *, batch_size: int = 64, num_workers: int = 2,
+                 force: bool = False, progress: bool = True, log=print) -> pd.DataFrame:
+    """Every fold model of one experiment on the test split; returns the fold mean (test.parquet's table)."""
+    slices_path = test_dir / "slices.parquet"
+    if not slices_path.is_file():
+        raise InferenceError(f"{slices_path} not found: run prepare_data.py --split test first")
+    slices = with_neighbors(pd.read_parquet(slices_path))
+    checkpoints = fold_checkpoints(exp_dir)
+    if not checkpoints:
+        raise InferenceError(f"no fold checkpoints in {exp_dir}: run train.py for {exp_dir.name} first")
+    key = outputs_key(checkpoints, test_dir, slices["image_id"])
+    if not force and _reusable(exp_dir, key, checkpoints):
+        log(f"{exp_dir.name}: stage-one test predictions reused ({exp_dir / 'test.parquet'}; same checkpoints, "
+            "test cache and images)")
+        return pd.read_parquet(exp_dir / "test.parquet")
+    (exp_dir / META).unlink(missing_ok=True)  # outputs being replaced are never taken for current ones
+    test_meta = read_meta(test_dir)
+    t0 = time.time()
+    mean, tta = 0.0, set()
+    for k, path in checkpoints.items():
+        model, cfg, info = load_fold_model(path, runtime)
+        if "image_settings" in info:
+            _compare(info["image_settings"], test_meta, f"the cache {path.name} was trained on", test_dir)
+        dataset = make_dataset(cfg, slices, test_dir, cfg.final_size, train=False)
+        loader = make_loader(dataset, runtime, batch_size, num_workers)
+        probs, emb = predict(model, loader, runtime, tta_hflip=cfg.train.tta_hflip,
+                             desc=f"{exp_dir.name} fold {k} test", progress=progress)
+        tta.add(cfg.train.tta_hflip)
+        mean = mean + probs / len(checkpoints)
+        if runtime.is_main:
+            table = pd.DataFrame(probs, columns=list(LABELS))
+            table.insert(0, "image_id", slices["image_id"].to_numpy())
+            probs_path, emb_path = output_paths(exp_dir, k)
+            save_npy_atomic(emb_path, emb)
+            write_atomic(probs_path, lambda p, t=table: t.to_parquet(p, index=False))
+    table = pd.DataFrame(mean, columns=list(LABELS))
+    table.insert(0, "image_id", slices["image_id"].to_numpy())
+    if runtime.is_main:
+        write_atomic(exp_dir / "test.parquet", lambda p: table.to_parquet(p, index=False))
+        write_atomic(exp_dir / META, lambda p: p.write_text(json.dumps(key, indent=1)))
+        seconds = max(time.time() - t0, 1e-9)
+        log(f"{exp_dir.name}: stage one on {len(slices)} test images with {len(checkpoints)} fold models "
+            f"in {seconds:.0f} s ({len(slices) * len(checkpoints) / seconds:.0f} img/s per fold model"
+            f"{', flip TTA' if True in tta else ''})")
+    return table
