@@ -14,7 +14,7 @@ Steps, each one loud on failure (message + non-zero exit):
 1. pip install --no-index --find-links WHEELS -r CODE/requirements-base.txt
    (skipped when the marker of an identical earlier install is there);
 2. a writable model tree: the checkpoint dataset is read-only, but predict.py
-   writes the stage-one test caches (test.parquet, test_emb.npy) and the
+   writes the stage-one test outputs (test_fold{k}.parquet, ...) and the
    stage-two outputs under MODEL_CHECKPOINT_DIR. So MODEL_CHECKPOINT_DIR is a
    fresh folder in which every checkpoint file is a symlink into the dataset
    (nothing copied; the writers replace files atomically, so a link is never

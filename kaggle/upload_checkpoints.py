@@ -22,7 +22,7 @@ and lays them out in a staging folder as
     <out>/models/<exp>/...            the files above
     <out>/train_clean/slices.parquet  (+ cache_meta.json)
 
-Test-set outputs (test.parquet, test_emb.npy), resume states (fold{k}.last.pt)
+Test-set outputs (test*.parquet, test_fold*_emb.npy), resume states (fold{k}.last.pt)
 and stage-two outputs are left out: the kernel recomputes them.
 
 Default is a dry run: build the folder, print the kaggle command. `--upload`

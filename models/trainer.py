@@ -165,7 +165,7 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
         if improved:
             best = score
         keep = improved if cfg.train.checkpoint == "best" else epoch == cfg.train.epochs - 1
-        row = {"fold": fold, "epoch": epoch + 1, "size": size, "train_loss": train_loss,
+        row = {"fold": fold, "epoch": epoch + 1, "size": size, "kept": keep, "train_loss": train_loss,
                "val_wlogloss": score, "val_prior": prior, "lr": optimizer.param_groups[1]["lr"],
                "seconds": time.time() - t0, **{f"val_{k}": float(v) for k, v in zip(LABELS, per_label)}}
         history.append(row)

@@ -176,7 +176,7 @@ def network_inputs(rows: list[tuple[str, np.ndarray, list[np.ndarray]]], channel
 
 @styled
 def training_curves(history: pd.DataFrame, experiment: str, path: Path) -> Path:
-    """Train loss, validation weighted log loss (prior dotted, best epoch marked) and learning rate per fold."""
+    """Train loss, validation weighted log loss (prior dotted, kept epoch marked) and learning rate per fold."""
     has_lr = "lr" in history
     fig, axes = plt.subplots(1, 3 if has_lr else 2, figsize=(13 if has_lr else 9.5, 3.8))
     folds = sorted(history["fold"].unique())
@@ -186,8 +186,8 @@ def training_curves(history: pd.DataFrame, experiment: str, path: Path) -> Path:
         color = colors(i % 10)
         axes[0].plot(h["epoch"], h["train_loss"], marker="o", ms=3, color=color, label=f"fold {k}")
         axes[1].plot(h["epoch"], h["val_wlogloss"], marker="o", ms=3, color=color, label=f"fold {k}")
-        best = h.loc[h["val_wlogloss"].idxmin()]
-        axes[1].scatter([best["epoch"]], [best["val_wlogloss"]], s=90, facecolor="none", edgecolor=color, lw=1.5,
+        kept = h[h["kept"].astype(bool)].iloc[-1] if "kept" in h and h["kept"].astype(bool).any() else h.iloc[-1]
+        axes[1].scatter([kept["epoch"]], [kept["val_wlogloss"]], s=90, facecolor="none", edgecolor=color, lw=1.5,
                         zorder=3)
         if "val_prior" in h:
             axes[1].axhline(h["val_prior"].iloc[0], ls=":", lw=1, color=color)
@@ -196,7 +196,7 @@ def training_curves(history: pd.DataFrame, experiment: str, path: Path) -> Path:
     axes[0].set(title="train loss (weighted BCE)", xlabel="epoch")
     axes[1].set(title="validation weighted log loss", xlabel="epoch")
     axes[1].plot([], [], ls=":", color="#555555", label="prior baseline")
-    axes[1].scatter([], [], s=90, facecolor="none", edgecolor="#555555", label="best epoch (kept)")
+    axes[1].scatter([], [], s=90, facecolor="none", edgecolor="#555555", label="kept epoch (train.checkpoint)")
     if has_lr:
         axes[2].set(title="learning rate (end of epoch)", xlabel="epoch")
         axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
