@@ -48,6 +48,10 @@ def read_sample(path: Path) -> pd.DataFrame:
     parts = sample["ID"].str.rsplit("_", n=1, expand=True)
     if parts.shape[1] != 2 or not parts[1].isin(LABELS).all():
         raise SubmissionError(f"{path}: IDs must look like ID_<hex>_<label>")
+    dup = sample["ID"][sample["ID"].duplicated()]
+    if len(dup):  # Kaggle scores each ID once; a repeated row would be scored twice here
+        raise SubmissionError(f"{path}: {dup.nunique()} IDs appear more than once (e.g. {dup.iloc[0]}): "
+                              "use the competition's stage_2_sample_submission.csv")
     return pd.DataFrame({"ID": sample["ID"], "image_id": parts[0], "label": parts[1]})
 
 
@@ -70,7 +74,8 @@ def build_submission(sample: pd.DataFrame, preds: pd.DataFrame, *, prior: np.nda
                      test_slices: pd.DataFrame | None = None, rejected: pd.DataFrame | None = None,
                      clip=(1e-6, 1 - 1e-6)) -> tuple[pd.DataFrame, SubmissionStats]:
     images = pd.Index(sample["image_id"].unique())
-    table = preds.drop_duplicates("image_id").set_index("image_id")[list(LABELS)].reindex(images)
+    # float64 throughout: predictions may come as float32, and pandas 3 refuses float64 fills into them
+    table = preds.drop_duplicates("image_id").set_index("image_id")[list(LABELS)].astype(np.float64).reindex(images)
     have = table.notna().all(axis=1)
     n_pred = int(have.sum())
     n_neigh = 0
