@@ -11,18 +11,30 @@ experiments whose probabilities are noisy but informative and calibrated
 invisible, + a per-series offset + AR(1) slice noise along the series,
 partly shared between the experiments; then Platt-scaled), about 0.065-0.07
 weighted log loss like a single real CNN, plus a small float16 embedding
-per experiment for the PCA features. Then, for each scale (whole patients
+per experiment for the PCA features. Each of the 5 fold models of an
+experiment adds a little logit noise of its own and has its own embedding
+space (a random rotation and offset); train rows get their own fold's model
+(OOF), test rows one output per fold model, written as stage one writes them
+(oof.parquet, oof_emb.npy, fold{k}.oof.parquet, test_fold{k}.parquet,
+test_fold{k}_emb.npy). The slice table has no brain_fraction column (real
+tables give 4 features more). Then, for each scale (whole patients
 subsampled, train and test alike), in a fresh child process so that peaks
 do not carry over:
 
-  features : PCA of the embeddings as in stacking.run (when --pca > 0) and
-             stacking.features.build_features for train and test;
-  boosting : stacking.model.fit_predict, 6 labels x 5 folds, with
-             stacking.config.DEFAULT_LGB merged with configs/predict/default.yaml
-             (learning rate, leaves, rounds, early stopping), starting from
-             the mean stage-one logit when the config says so, as stacking.run;
+  features : stacking.run.stage_two_features: reading the stage-one files,
+             one PCA per (experiment, fold model) (when --pca > 0), and
+             stacking.features.build_features for the OOF rows and once per
+             fold model for the test rows;
+  boosting : stacking.model.fit_predict, 6 labels x 5 folds trained in
+             lockstep with honest rounds, booster k on fold model k's test
+             features, with stacking.config.DEFAULT_LGB merged with
+             configs/predict/default.yaml (learning rate, leaves, rounds,
+             early stopping), starting from the mean stage-one logit when
+             the config says so, as stacking.run; "wll 1 -> 2" is the
+             honest OOF score, the optimistic one (rounds picked on the
+             scored fold) in brackets;
   peak     : the child's RSS high-water mark (getrusage ru_maxrss), which
-             includes holding the inputs.
+             includes holding the slice tables and the stage-one inputs.
 
 Beside the wall seconds it prints the process's CPU seconds and how many
 cores other processes kept busy meanwhile: on a shared machine the wall
@@ -62,6 +74,7 @@ from ich.labels import LABELS, SUBTYPES  # noqa: E402
 
 N_TRAIN, N_TEST = 752_803, 121_232
 N_FOLDS = 5
+FOLD_NOISE = 0.2                # logit noise of one fold model on top of its experiment's
 # share of slices positive per subtype in stage_2_train.csv (any: about 14%)
 PREVALENCE = {"epidural": 0.0042, "intraparenchymal": 0.048, "intraventricular": 0.035,
               "subarachnoid": 0.047, "subdural": 0.063}
@@ -208,17 +221,68 @@ def generate(seed: int, n_exp: int, emb_dim: int, n_train: int = N_TRAIN, n_test
     patients = train["table"]["patient_id"].unique()
     fold_of = pd.Series(np.arange(len(patients)) % N_FOLDS, index=rng.permutation(patients))
     train["table"]["fold"] = train["table"]["patient_id"].map(fold_of).astype(np.int8)
+    fold_models(rng, train, test)
     return train, test
 
 
-def write_scale(folder: Path, split: dict, name: str, keep: np.ndarray) -> int:
+def fold_models(rng, train: dict, test: dict) -> None:
+    """What each stage-one fold model k of an experiment outputs: the experiment's probabilities with
+    FOLD_NOISE more logit noise, its embeddings in the model's own orientation (a random rotation and
+    offset, as networks trained from other seeds on other data have).
+
+    Train rows get their own fold's model (OOF); the test rows get one set per fold model
+    (test["probs"][e][k], test["embs"][e][k]), as stage one on test writes them.
+    """
+    folds = train["table"]["fold"].to_numpy()
+    for e in range(len(train["probs"])):
+        dim = train["embs"][e].shape[1] if train["embs"] else 0
+        spaces = [(np.linalg.qr(rng.normal(size=(dim, dim)))[0].astype(np.float32),
+                   rng.normal(0, 1, dim).astype(np.float32)) for _ in range(N_FOLDS)]
+
+        def view(k, p, emb):
+            logit = np.log(np.clip(p, 1e-6, 1 - 1e-6) / (1 - np.clip(p, 1e-6, 1 - 1e-6)))
+            p_k = 1 / (1 + np.exp(-(logit + FOLD_NOISE * rng.standard_normal(p.shape, dtype=np.float32))))
+            e_k = None if emb is None else (emb.astype(np.float32) @ spaces[k][0] + spaces[k][1]).astype(np.float16)
+            return p_k.astype(np.float32), e_k
+
+        for k in range(N_FOLDS):
+            rows = folds == k
+            p_k, e_k = view(k, train["probs"][e][rows], train["embs"][e][rows] if dim else None)
+            train["probs"][e][rows] = p_k
+            if dim:
+                train["embs"][e][rows] = e_k
+        views = [view(k, test["probs"][e], test["embs"][e] if dim else None) for k in range(N_FOLDS)]
+        test["probs"][e] = [p_k for p_k, _ in views]
+        if dim:
+            test["embs"][e] = [e_k for _, e_k in views]
+
+
+def experiment_names(cfg, n_exp: int) -> list[str]:
+    return (list(cfg.experiments) + [f"exp{e}" for e in range(n_exp)])[:n_exp]
+
+
+def write_scale(folder: Path, train: dict, test: dict, keep_train: np.ndarray, keep_test: np.ndarray,
+                names: list[str]) -> None:
+    """slices.parquet of both splits and, per experiment, the stage-one files stacking.run reads (DESIGN 2)."""
     folder.mkdir(parents=True, exist_ok=True)
-    split["table"][keep].reset_index(drop=True).to_parquet(folder / f"{name}.parquet", index=False)
-    for e, p in enumerate(split["probs"]):
-        np.save(folder / f"{name}_probs{e}.npy", p[keep])
-    for e, m in enumerate(split["embs"]):
-        np.save(folder / f"{name}_emb{e}.npy", m[keep])
-    return int(keep.sum())
+    table = train["table"][keep_train].reset_index(drop=True)
+    test_ids = test["table"]["image_id"][keep_test].to_numpy()
+    table.to_parquet(folder / "train_slices.parquet", index=False)
+    test["table"][keep_test].reset_index(drop=True).to_parquet(folder / "test_slices.parquet", index=False)
+    for e, name in enumerate(names):
+        d = folder / "models" / name
+        d.mkdir(parents=True)
+        probs = lambda p: pd.DataFrame(p, columns=list(LABELS))  # noqa: E731
+        probs(train["probs"][e][keep_train]).assign(image_id=table["image_id"]).to_parquet(d / "oof.parquet",
+                                                                                          index=False)
+        for k in range(N_FOLDS):
+            table.loc[table["fold"] == k, ["image_id"]].to_parquet(d / f"fold{k}.oof.parquet", index=False)
+            probs(test["probs"][e][k][keep_test]).assign(image_id=test_ids).to_parquet(d / f"test_fold{k}.parquet",
+                                                                                       index=False)
+        if train["embs"]:
+            np.save(d / "oof_emb.npy", train["embs"][e][keep_train])
+            for k in range(N_FOLDS):
+                np.save(d / f"test_fold{k}_emb.npy", test["embs"][e][k][keep_test])
 
 
 def patient_subset(table: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:
@@ -264,55 +328,43 @@ def rss_gb(field: str = "VmRSS") -> float:
 
 
 def child(folder: Path, args) -> dict:
-    from sklearn.decomposition import PCA
-
     from ich.metric import weighted_log_loss
     from stacking.config import load_predict_config
-    from stacking.features import build_features
     from stacking.model import fit_predict
+    from stacking.run import stage_two_features
 
     cfg = apply_overrides(load_predict_config(args.config), args.set)
-    names = (list(cfg.experiments) + [f"exp{e}" for e in range(args.experiments)])[:args.experiments]
-    train = pd.read_parquet(folder / "train.parquet")
-    test = pd.read_parquet(folder / "test.parquet")
-    p_train = {n: np.load(folder / f"train_probs{e}.npy") for e, n in enumerate(names)}
-    p_test = {n: np.load(folder / f"test_probs{e}.npy") for e, n in enumerate(names)}
-    e_train = e_test = None
-    if args.pca:
-        e_train = {n: np.load(folder / f"train_emb{e}.npy").astype(np.float32) for e, n in enumerate(names)}
-        e_test = {n: np.load(folder / f"test_emb{e}.npy").astype(np.float32) for e, n in enumerate(names)}
+    cfg.experiments = experiment_names(cfg, args.experiments)
+    cfg.k_neighbors, cfg.pca_components = args.k, args.pca
+    train = pd.read_parquet(folder / "train_slices.parquet")
+    test = pd.read_parquet(folder / "test_slices.parquet")
     rss_inputs = rss_gb()
 
     t0, c0, m0 = time.perf_counter(), cpu_s(), machine_busy_s()
-    if args.pca:  # as stacking.run: fit on (at most 100,000) train rows, transform both
-        for n in names:
-            pca = PCA(args.pca, random_state=0)
-            pca.fit(e_train[n][np.random.default_rng(0).permutation(len(e_train[n]))[:100_000]])
-            e_train[n], e_test[n] = pca.transform(e_train[n]), pca.transform(e_test[n])
-    X, feature_names = build_features(train, p_train, k=args.k, embeddings=e_train, neighbors=cfg.neighbors)
-    X_test, _ = build_features(test, p_test, k=args.k, embeddings=e_test, neighbors=cfg.neighbors)
+    # as stacking.run: read stage one (OOF + each fold model's test outputs), a PCA per fold model, features
+    feats = stage_two_features(cfg, folder / "models", train, test)
     t1, c1 = time.perf_counter(), cpu_s()
     y = train[list(LABELS)].to_numpy(np.float64)
-    base = {}
-    if cfg.start_from_stage_one:  # as stacking.run: boost from the mean stage-one logit
-        base = {"base": np.mean(list(p_train.values()), axis=0), "base_test": np.mean(list(p_test.values()), axis=0)}
-    res = fit_predict(X, y, train["fold"].to_numpy(), X_test, params=cfg.lgb_params, feature_names=feature_names,
-                      num_boost_round=cfg.num_boost_round, early_stopping_rounds=cfg.early_stopping_rounds,
-                      progress=False, **base)
+    res = fit_predict(feats.X, y, train["fold"].to_numpy(), feats.X_test, params=cfg.lgb_params,
+                      feature_names=feats.names, num_boost_round=cfg.num_boost_round,
+                      early_stopping_rounds=cfg.early_stopping_rounds, progress=False,
+                      base=feats.base, base_test=feats.base_test)
     t2, c2, m2 = time.perf_counter(), cpu_s(), machine_busy_s()
     assert np.isfinite(res.oof).all() and np.isfinite(res.test).all()
-    best = {label: [res.boosters[(label, k)].best_iteration for k in range(N_FOLDS)] for label in LABELS}
-    stage_one = np.mean(list(p_train.values()), axis=0)
-    return {"train_rows": len(train), "test_rows": len(test), "features": X.shape[1],
+    rounds = {label: [res.rounds[(label, k)] for k in range(N_FOLDS)] for label in LABELS}
+    stage_one = np.mean(list(feats.probs.values()), axis=0)
+    return {"train_rows": len(train), "test_rows": len(test), "features": feats.X.shape[1],
             "t_features": t1 - t0, "t_boost": t2 - t1, "t_total": t2 - t0,
             "cpu_features": c1 - c0, "cpu_boost": c2 - c1,
             "other_load": max(0.0, (m2 - m0 - (c2 - c0)) / (t2 - t0)),  # cores used by other processes meanwhile
             "rss_inputs_gb": rss_inputs,
             "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-            "best_iter": best, "any_prevalence": float(y[:, 5].mean()),
+            "rounds": rounds, "rounds_trained": sum(c.size for c in res.curves.values()),
+            "any_prevalence": float(y[:, 5].mean()),
             "wll_stage_one": weighted_log_loss(y, stage_one), "wll_stage_two": weighted_log_loss(y, res.oof),
+            "wll_optimistic": weighted_log_loss(y, res.oof_optimistic),
             "lgb_params": cfg.lgb_params, "num_boost_round": cfg.num_boost_round,
-            "start_from_stage_one": bool(base), "k": args.k,
+            "start_from_stage_one": cfg.start_from_stage_one, "k": args.k,
             "early_stopping_rounds": cfg.early_stopping_rounds}
 
 
@@ -363,9 +415,8 @@ def main():
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_stacking_") as tmp:
         for s in scales:
-            folder = Path(tmp) / f"scale_{s}"
-            write_scale(folder, train, "train", patient_subset(train["table"], s, args.seed))
-            write_scale(folder, test, "test", patient_subset(test["table"], s, args.seed))
+            write_scale(Path(tmp) / f"scale_{s}", train, test, patient_subset(train["table"], s, args.seed),
+                        patient_subset(test["table"], s, args.seed), experiment_names(cfg, args.experiments))
         del train, test
         print(f"\nconfig {Path(args.config).name}" + (f" with {', '.join(args.set)}" if args.set else "")
               + f": k {args.k} (neighbors of {cfg.neighbors}), PCA {args.pca}, "
@@ -376,8 +427,8 @@ def main():
         print("wall seconds (CPU seconds of the process in brackets); 'other' = cores busy with other processes "
               f"meanwhile; OMP_WAIT_POLICY {policy}\n")
         print(f"{'scale':>6s} {'train':>9s} {'test':>8s} {'feat':>4s} {'features s':>13s} {'boosting s':>16s} "
-              f"{'total s':>8s} {'other':>5s} {'inputs GB':>9s} {'peak GB':>7s}  {'wll 1 -> 2':>16s}  "
-              "best iteration per label (mean of folds)", flush=True)
+              f"{'total s':>8s} {'other':>5s} {'inputs GB':>9s} {'peak GB':>7s}  {'wll 1 -> 2 (optimistic)':>25s}  "
+              "rounds per label (mean of folds)", flush=True)
         for s in scales:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(Path(tmp) / f"scale_{s}"),
                    "--experiments", str(args.experiments), "--k", str(args.k), "--pca", str(args.pca),
@@ -390,11 +441,12 @@ def main():
             if out.returncode or not line:
                 sys.exit(f"scale {s}: child failed (exit {out.returncode})\n{out.stdout[-3000:]}")
             r = results[s] = json.loads(line[-1][7:])
-            iters = " ".join(f"{lab[:4]} {np.mean(v):.0f}" for lab, v in r["best_iter"].items())
+            iters = " ".join(f"{lab[:4]} {np.mean(v):.0f}" for lab, v in r["rounds"].items())
             print(f"{s:6.3f} {r['train_rows']:9,d} {r['test_rows']:8,d} {r['features']:4d} "
                   f"{r['t_features']:6.1f} ({r['cpu_features']:4.0f}) {r['t_boost']:7.1f} ({r['cpu_boost']:6.0f}) "
                   f"{r['t_total']:8.1f} {r['other_load']:5.2f} {r['rss_inputs_gb']:9.2f} {r['peak_gb']:7.2f}  "
-                  f"{r['wll_stage_one']:.4f} -> {r['wll_stage_two']:.4f}  {iters}", flush=True)
+                  f"{r['wll_stage_one']:.4f} -> {r['wll_stage_two']:.4f} ({r['wll_optimistic']:.4f})  {iters}",
+                  flush=True)
 
     lo, hi = results[scales[0]], results[scales[-1]]
     if len(scales) > 1:
@@ -406,8 +458,8 @@ def main():
               f"peak x{hi['peak_gb'] / lo['peak_gb']:.1f}")
         for s in scales:
             r = results[s]
-            n_iter = sum(sum(v) for v in r["best_iter"].values()) + 30 * r["early_stopping_rounds"]
-            print(f"  scale {s:g}: {n_iter:,} boosting rounds in all (best + early-stopping patience), "
+            n_iter = r["rounds_trained"]
+            print(f"  scale {s:g}: {n_iter:,} boosting rounds in all (6 labels x 5 folds in lockstep), "
                   f"{1000 * r['t_boost'] / n_iter:.0f} ms per round")
     if scales[-1] == 1 and (args.train_rows, args.test_rows) == (N_TRAIN, N_TEST):
         ok_t, ok_m = hi["t_total"] <= 600, hi["peak_gb"] <= 8

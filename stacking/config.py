@@ -37,9 +37,8 @@ class PredictCfg:
     lgb: dict = field(default_factory=dict)  # overrides of DEFAULT_LGB
     start_from_stage_one: bool = True  # boost from logit(mean stage-one probability): learn corrections
     num_boost_round: int = 2000
-    early_stopping_rounds: int = 50
+    early_stopping_rounds: int = 50  # patience on the mean validation curve of the other folds (stacking.model)
     clip: list = field(default_factory=lambda: [1e-6, 1 - 1e-6])  # submission probabilities
-    tta_hflip: bool = True           # stage-one test inference
     amp: str = "auto"                # stage-one test inference on CUDA: auto | bf16 | fp16 | none
     batch_size: int = 64
     num_workers: int = 2
@@ -51,6 +50,10 @@ class PredictCfg:
 
 def load_predict_config(path: str | Path) -> PredictCfg:
     data = load_yaml(path)
+    if "tta_hflip" in data:  # one fact, one place: the experiment config, stored in each checkpoint
+        raise ConfigError(f"{path}: tta_hflip is not a predict setting any more: flip TTA is set per experiment "
+                          "(train.tta_hflip in configs/<experiment>.yaml) and stored in its checkpoints, so "
+                          "out-of-fold and test predictions use the same; remove the key")
     known = set(PredictCfg.__dataclass_fields__)
     unknown = sorted(set(data) - known)
     if unknown:
@@ -61,6 +64,8 @@ def load_predict_config(path: str | Path) -> PredictCfg:
         raise ConfigError(f"{path}: experiments must list at least one stage-one experiment name")
     if cfg.k_neighbors < 0 or cfg.pca_components < 0:
         raise ConfigError(f"{path}: k_neighbors and pca_components must be >= 0")
+    if cfg.num_boost_round < 1 or cfg.early_stopping_rounds < 1:
+        raise ConfigError(f"{path}: num_boost_round and early_stopping_rounds must be >= 1")
     if cfg.neighbors not in ("mean", "each"):
         raise ConfigError(f"{path}: neighbors must be mean or each")
     lo, hi = (float(v) for v in cfg.clip)

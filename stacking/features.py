@@ -4,9 +4,14 @@ A hemorrhage spans several slices, so a slice's neighbors say much about it:
 the stage-one probabilities of the k previous and k next slices of the same
 series (NaN past the series ends, which LightGBM handles natively), the
 differences to them, per-series mean / max / std of each label, and where the
-slice sits (relative position, number of slices, spacing). Optionally a few
-principal components of the pooled CNN embeddings and their differences to
-the neighbors. Everything is vectorised on arrays sorted by (series, slice).
+slice sits (relative position, number of slices, spacing). When
+slices.parquet has prepare_data's `brain_fraction` (share of brain-HU
+pixels): that of the slice, its series' mean and max, and the slice's share
+of that max, which say where in the head the slice is (skull base and vertex
+slices hold little brain), which the slice index does not when series cover
+different ranges. Optionally a few principal components of the pooled CNN
+embeddings and their differences to the neighbors. Everything is vectorised
+on arrays sorted by (series, slice).
 """
 from __future__ import annotations
 
@@ -48,6 +53,20 @@ def _series_stats(values: np.ndarray, codes: np.ndarray):
     return rep(mean), rep(mx), rep(std)
 
 
+def _brain_fraction(values: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """The slice's brain fraction, its series' mean and max, and the slice's value / the series max.
+
+    The ratio places the slice between the skull base / vertex (small) and
+    the widest brain section (1) whatever the head size or field of view;
+    NaN for a series with no brain pixels at all (LightGBM handles NaN).
+    """
+    b = np.asarray(values, dtype=np.float32)[:, None]
+    mean, mx, _ = _series_stats(b, codes)
+    rel = np.divide(b, mx, out=np.full_like(b, np.nan), where=mx > 0)
+    return np.concatenate([b, mean, mx, rel], axis=1), [
+        "brain_fraction", "brain_fraction.series_mean", "brain_fraction.series_max", "brain_fraction.rel_series_max"]
+
+
 def build_features(slices: pd.DataFrame, probs: dict[str, np.ndarray], *, k: int = 5,
                    embeddings: dict[str, np.ndarray] | None = None,
                    neighbors: str = "mean") -> tuple[np.ndarray, list[str]]:
@@ -55,6 +74,15 @@ def build_features(slices: pd.DataFrame, probs: dict[str, np.ndarray], *, k: int
 
     probs[name]: (n, 6) stage-one probabilities in `slices` row order;
     embeddings[name]: (n, c) already reduced (e.g. PCA) embeddings, same order.
+    The features of one call must come from one stage-one model per row
+    (stacking.run builds one matrix for the OOF rows and one per fold model
+    for test), never from a mean over fold models.
+    slices needs series_id, slice_index, n_slices, z_spacing; with a
+    `brain_fraction` column it adds 4 features (`_brain_fraction`), without
+    one (tables from before prepare_data wrote it) it leaves them out rather
+    than adding NaN columns, so old and new tables give different feature
+    sets: train and test must come from the same prepare_data
+    (stacking.run checks that their feature names agree).
     neighbors: with several experiments, whose neighbor-slice features to
     build: "mean" (of the experiments' probabilities; each experiment still
     gives its own probabilities and series statistics) or "each". "mean"
@@ -85,6 +113,8 @@ def build_features(slices: pd.DataFrame, probs: dict[str, np.ndarray], *, k: int
     add(np.where(n_slices > 1, index / np.maximum(n_slices - 1, 1), 0.5), ["rel_position"])
     add(n_slices, ["n_slices"])
     add(slices["z_spacing"].to_numpy()[order], ["z_spacing"])
+    if "brain_fraction" in slices:
+        add(*_brain_fraction(slices["brain_fraction"].to_numpy()[order], codes))
 
     each = neighbors == "each" or len(probs) == 1
     for exp, p in probs.items():

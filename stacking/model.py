@@ -1,8 +1,30 @@
-"""One LightGBM per label on the stage-one folds: OOF and fold-averaged test predictions.
+"""One LightGBM per label on the stage-one folds: honest OOF and fold-paired test predictions.
 
-The features are binned once into a LightGBM Dataset; each fold takes a
-subset of it (the bins are shared), and each label only swaps the labels of
-that subset. Histograms are built column-wise (`force_col_wise`) unless the
+Number of rounds, honestly. Early stopping on the fold a booster is then
+scored on picks the round that happens to suit that fold's labels: its OOF
+score is optimistic, most where the features are weakest. Nested CV would
+fix it at K-1 times the training. Instead the K boosters of a label train in
+lockstep, one round at a time, each recording its validation curve on its
+held-out fold; booster k (trained on the folds != k) stops at
+
+    n_k = argmin over t of mean_{j != k} curve_j(t)
+
+(the leave-one-out mean curve), with early stopping applied to that mean
+curve, and OOF(fold k) = booster k truncated at n_k. Neither its trees nor
+n_k are chosen by how it does on fold k: that fold's curve never enters
+(`pick_rounds`). Training goes on until every k's mean curve has stopped
+improving for `early_stopping_rounds` rounds (or `num_boost_round`). The old
+protocol (each fold truncated where its own curve is best) is still computed,
+from the same boosters, for comparison only (`oof_optimistic`).
+
+Test. Booster k is applied to the test features built from stage-one fold
+model k (`X_test[k]`), which is how fold k's OOF features were made, and the
+test prediction is the mean over k: each component is exactly the function
+that produced an OOF fold (stacking.run explains the features).
+
+Speed. The features are binned once into a LightGBM Dataset; each fold takes
+a subset of it (the bins are shared), and each label only swaps the labels of
+those subsets. Histograms are built column-wise (`force_col_wise`) unless the
 params choose: with feature_fraction < 1 LightGBM then skips the unused
 columns, which measured 1.5x faster per iteration than its automatic choice
 (row-wise) on the full-scale table of benchmarks/stacking.py; the trees are
@@ -18,7 +40,6 @@ from tqdm.auto import tqdm
 
 from ich.labels import LABELS
 
-
 # LightGBM Dataset parameters: fixed once the features are binned
 BINNING = ("max_bin", "max_bin_by_feature", "min_data_in_bin", "bin_construct_sample_cnt", "data_random_seed",
            "use_missing", "zero_as_missing", "feature_pre_filter", "min_data_in_leaf")  # pre-filter uses it
@@ -26,10 +47,14 @@ BINNING = ("max_bin", "max_bin_by_feature", "min_data_in_bin", "bin_construct_sa
 
 @dataclass
 class StackResult:
-    oof: np.ndarray                      # (n_train, 6)
-    test: np.ndarray | None              # (n_test, 6), mean over folds
-    boosters: dict = field(default_factory=dict)   # (label, fold) -> lgb.Booster
-    importance: np.ndarray | None = None  # (n_features,) total gain over all boosters
+    oof: np.ndarray                      # (n_train, 6), honest: rounds picked on the other folds
+    test: np.ndarray | None              # (n_test, 6), mean over k of booster k on fold model k's features
+    oof_optimistic: np.ndarray | None = None  # (n_train, 6), rounds picked on the scored fold (comparison only)
+    boosters: dict = field(default_factory=dict)   # (label, fold) -> lgb.Booster holding its n_k trees
+    rounds: dict = field(default_factory=dict)     # (label, fold) -> n_k (honest)
+    rounds_optimistic: dict = field(default_factory=dict)  # (label, fold) -> best round on its own fold
+    curves: dict = field(default_factory=dict)     # label -> (K, rounds trained) validation log loss
+    importance: np.ndarray | None = None  # (n_features,) total gain over all boosters, at n_k
 
 
 def logit(p: np.ndarray) -> np.ndarray:
@@ -37,26 +62,60 @@ def logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
-def fit_predict(X: np.ndarray, y: np.ndarray, folds: np.ndarray, X_test: np.ndarray | None, *,
+def early_stop(select: np.ndarray, patience: int) -> tuple[np.ndarray, np.ndarray]:
+    """LightGBM's early stopping replayed on each row of `select` (K, T): a loss per round.
+
+    Returns (rounds, stopped): for each row, the number of rounds at its
+    best value (strictly better than all before) up to the first round that
+    came `patience` rounds after the best, and whether that round is within T.
+    """
+    K, T = select.shape
+    t = np.arange(T)
+    new_best = np.ones((K, T), dtype=bool)
+    new_best[:, 1:] = select[:, 1:] < np.minimum.accumulate(select, axis=1)[:, :-1]
+    best_t = np.maximum.accumulate(np.where(new_best, t, 0), axis=1)   # best round so far
+    stall = (t - best_t) >= patience
+    stopped = stall.any(axis=1)
+    stop_t = np.where(stopped, stall.argmax(axis=1), T - 1)
+    return best_t[np.arange(K), stop_t] + 1, stopped
+
+
+def pick_rounds(curves: np.ndarray, patience: int) -> tuple[np.ndarray, np.ndarray]:
+    """Honest rounds per fold from the validation curves (K, T) of the K boosters of one label.
+
+    n_k: early stopping on the mean over folds j != k of curve_j, so that
+    curve_k (how booster k does on the fold it will be scored on) never
+    enters; returns (n, stopped) as `early_stop`.
+    """
+    K = len(curves)
+    if K < 2:
+        raise ValueError("honest rounds need at least two folds")
+    loo = (curves.sum(axis=0, keepdims=True) - curves) / (K - 1)
+    return early_stop(loo, patience)
+
+
+def fit_predict(X: np.ndarray, y: np.ndarray, folds: np.ndarray, X_test: dict[int, np.ndarray] | None, *,
                 params: dict, feature_names: list[str], num_boost_round: int = 2000,
                 early_stopping_rounds: int = 50, progress: bool = True,
-                base: np.ndarray | None = None, base_test: np.ndarray | None = None) -> StackResult:
-    """Boost one model per (label, fold).
+                base: np.ndarray | None = None, base_test: dict[int, np.ndarray] | None = None) -> StackResult:
+    """Boost one model per (label, fold); rounds picked honestly (module docstring).
 
-    base / base_test (optional, (n, 6) probabilities, e.g. the mean stage-one
-    prediction): boosting starts from logit(base) instead of from a constant
-    (LightGBM's init_score), so each tree learns a correction to stage one.
-    With early stopping on the held-out fold this keeps stage two from
-    falling below stage one on small data, and converges in fewer rounds.
-    The saved boosters then predict that correction: add logit(base) to their
-    raw score.
+    X_test: fold k -> the test features built from stage-one fold model k
+    (one entry per fold in `folds`), or None for no test predictions.
+    base / base_test[k] (optional, (n, 6) probabilities, e.g. the mean over
+    experiments of stage-one probabilities, for test those of fold model k):
+    boosting starts from logit(base) instead of from a constant (LightGBM's
+    init_score), so each tree learns a correction to stage one. This keeps
+    stage two from falling below stage one on small data, and converges in
+    fewer rounds. The boosters then predict that correction: add logit(base)
+    to their raw score.
     """
-    fold_ids = sorted(np.unique(folds))
+    fold_ids = [int(k) for k in sorted(np.unique(folds))]
+    if X_test is not None and sorted(X_test) != fold_ids:
+        raise ValueError(f"X_test needs the test features of each fold model {fold_ids}, got {sorted(X_test)}")
+    if base is not None and X_test is not None and (base_test is None or sorted(base_test) != fold_ids):
+        raise ValueError("with base, base_test needs the stage-one test probabilities of each fold model")
     init = logit(base) if base is not None else None
-    init_test = logit(base_test) if base is not None and base_test is not None else None
-    oof = np.full(y.shape, np.nan, dtype=np.float64)
-    test = np.zeros((len(X_test), len(LABELS))) if X_test is not None else None
-    importance = np.zeros(X.shape[1])
     params = {**params, "metric": "binary_logloss"}
     if not any(params.get(key) for key in ("force_col_wise", "force_row_wise")):
         params["force_col_wise"] = True  # same trees, faster here (module docstring)
@@ -64,34 +123,63 @@ def fit_predict(X: np.ndarray, y: np.ndarray, folds: np.ndarray, X_test: np.ndar
     binning = {key: params[key] for key in BINNING if key in params}
     full = lgb.Dataset(X, label=y[:, 0], feature_name=feature_names, free_raw_data=False,
                        params={"max_bin": 255, **binning, "verbose": -1}).construct()
-    result = StackResult(oof=oof, test=test)
+    held = {k: np.flatnonzero(folds == k) for k in fold_ids}
+    dtrain = {k: full.subset(np.flatnonzero(folds != k)).construct() for k in fold_ids}
+    dvalid = {k: full.subset(held[k]).construct() for k in fold_ids}
+    X_valid = {k: X[held[k]] for k in fold_ids}  # one copy per fold, shared by the six labels
+
+    result = StackResult(oof=np.full(y.shape, np.nan), oof_optimistic=np.full(y.shape, np.nan),
+                         test=np.zeros((len(next(iter(X_test.values()))), len(LABELS))) if X_test else None)
+    result.importance = np.zeros(X.shape[1])
     bar = tqdm(total=len(fold_ids) * len(LABELS), desc="stage two", unit="booster", disable=not progress)
-    for k in fold_ids:
-        train_idx, valid_idx = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-        dtrain = full.subset(train_idx).construct()
-        dvalid = full.subset(valid_idx).construct()
-        X_valid = X[valid_idx]  # one copy per fold, shared by the six labels
-        for j, label in enumerate(LABELS):
-            dtrain.set_label(y[train_idx, j])
-            dvalid.set_label(y[valid_idx, j])
+    for j, label in enumerate(LABELS):
+        for k in fold_ids:
+            dtrain[k].set_label(y[folds != k, j])
+            dvalid[k].set_label(y[held[k], j])
             if init is not None:
-                dtrain.set_init_score(init[train_idx, j])
-                dvalid.set_init_score(init[valid_idx, j])
-            booster = lgb.train(params, dtrain, num_boost_round=num_boost_round,
-                                valid_sets=[dvalid], valid_names=["valid"],
-                                callbacks=[lgb.early_stopping(early_stopping_rounds, verbose=False)])
-            best = booster.best_iteration or booster.current_iteration()
-            oof[valid_idx, j] = _predict(booster, X_valid, best, None if init is None else init[valid_idx, j])
+                dtrain[k].set_init_score(init[folds != k, j])
+                dvalid[k].set_init_score(init[held[k], j])
+        boosters, curves = _train_lockstep(params, dtrain, dvalid, num_boost_round, early_stopping_rounds)
+        honest, _ = pick_rounds(curves, early_stopping_rounds)
+        optimistic, _ = early_stop(curves, early_stopping_rounds)
+        result.curves[label] = curves
+        for i, k in enumerate(fold_ids):
+            b, n, n_opt = boosters[k], int(honest[i]), int(optimistic[i])
+            rows_init = None if init is None else init[held[k], j]
+            result.oof[held[k], j] = _predict(b, X_valid[k], n, rows_init)
+            result.oof_optimistic[held[k], j] = _predict(b, X_valid[k], n_opt, rows_init)
             if X_test is not None:
-                test[:, j] += _predict(booster, X_test, best, None if init_test is None else init_test[:, j]) / len(
-                    fold_ids)
-            importance += booster.feature_importance("gain", iteration=best)
-            result.boosters[(label, int(k))] = booster
+                test_init = None if init is None else logit(base_test[k][:, j])
+                result.test[:, j] += _predict(b, X_test[k], n, test_init) / len(fold_ids)
+            result.importance += b.feature_importance("gain", iteration=n)
+            # keep the n_k trees only, detached from the training data (as lgb.train returns its boosters)
+            result.boosters[(label, k)] = lgb.Booster(model_str=b.model_to_string(num_iteration=n))
+            result.rounds[(label, k)], result.rounds_optimistic[(label, k)] = n, n_opt
             bar.update(1)
-        del X_valid, dtrain, dvalid
+        del boosters
     bar.close()
-    result.importance = importance
     return result
+
+
+def _train_lockstep(params: dict, dtrain: dict, dvalid: dict, num_boost_round: int,
+                    patience: int) -> tuple[dict, np.ndarray]:
+    """The K boosters of one label, one round each at a time, until every fold's honest rounds are fixed.
+
+    Returns the boosters and their validation curves (K, rounds trained):
+    curves[i, t] = booster i's log loss on its held-out fold after t + 1 rounds.
+    """
+    boosters = {}
+    for k in dtrain:
+        boosters[k] = lgb.Booster(params=params, train_set=dtrain[k])
+        boosters[k].add_valid(dvalid[k], "valid")
+    curves = np.empty((len(dtrain), num_boost_round))
+    for t in range(num_boost_round):
+        for i, b in enumerate(boosters.values()):
+            b.update()
+            curves[i, t] = b.eval_valid()[0][2]
+        if pick_rounds(curves[:, :t + 1], patience)[1].all():
+            return boosters, curves[:, :t + 1]
+    return boosters, curves
 
 
 def _predict(booster: lgb.Booster, X: np.ndarray, iteration: int, init: np.ndarray | None) -> np.ndarray:

@@ -69,6 +69,7 @@ def test_report_has_every_section_and_decodable_images(report):
     assert list(found) == SECTION_IDS
     assert all(status == "ok" for status, _ in found.values()), {k: s for k, (s, _) in found.items()}
     assert "Not available" not in page and "Could not draw" not in page
+    assert "Not in the table: stage two (rounds picked on the scored fold, optimistic)" in page
     for sid in SECTION_IDS:
         assert f'href="#{sid}"' in page  # table of contents
 

@@ -7,11 +7,11 @@ import yaml
 from conftest import run_script
 from ich.config import ConfigError
 from ich.labels import LABELS
-from ich.submission import build_submission, read_sample
+from ich.submission import SubmissionError, build_submission, read_sample
 from stacking.config import load_predict_config
 from stacking.features import build_features
 from stacking.model import fit_predict
-from stacking.run import StackingError, check_folds
+from stacking.run import STAGE_TWO_OPTIMISTIC, StackingError, check_folds
 
 
 def toy_slices():
@@ -33,6 +33,26 @@ def test_neighbor_features_follow_series_order():
         (0.2 + 0.8 + 0.4) / 3)
     assert list(f["rel_position"]) == [1.0, 0.0, 1.0, 0.0, 0.5]
     assert len(names) == len(set(names)) == 3 + 6 * (1 + 4 * 2 + 3)
+
+
+def test_brain_fraction_features_and_their_absence():
+    slices = toy_slices().assign(brain_fraction=[0.0, 0.1, 0.3, 0.0, 0.6])
+    p = np.arange(30, dtype=float).reshape(5, 6) / 30
+    X, names = build_features(slices, {"e": p}, k=2)
+    f = pd.DataFrame(X, columns=names, index=slices.image_id)
+    # s1 in slice order: b 0.1, e 0.6, c 0.3; s2: d 0.0, a 0.0 (no brain at all)
+    assert f.loc["e", "brain_fraction"] == pytest.approx(0.6)
+    assert f.loc["b", "brain_fraction.series_mean"] == pytest.approx(1 / 3)
+    assert f.loc["c", "brain_fraction.series_max"] == pytest.approx(0.6)
+    assert f.loc["c", "brain_fraction.rel_series_max"] == pytest.approx(0.5)
+    assert f.loc["e", "brain_fraction.rel_series_max"] == pytest.approx(1.0)
+    assert np.isnan(f.loc["a", "brain_fraction.rel_series_max"]) and f.loc["a", "brain_fraction.series_max"] == 0
+    assert len(names) == len(set(names)) == 3 + 4 + 6 * (1 + 4 * 2 + 3)
+    # an old slices.parquet without the column: the four features are left out, the rest unchanged
+    X_old, old = build_features(toy_slices(), {"e": p}, k=2)
+    assert [n for n in names if n not in old] == ["brain_fraction", "brain_fraction.series_mean",
+                                                  "brain_fraction.series_max", "brain_fraction.rel_series_max"]
+    np.testing.assert_array_equal(X_old, f[old].to_numpy())
 
 
 def test_neighbors_of_the_mean_or_of_each_experiment():
@@ -81,8 +101,9 @@ def test_stage_two_beats_noisy_stage_one():
     slices, p = synthetic_series()
     X, names = build_features(slices, {"e": p}, k=3)
     y = slices[list(LABELS)].to_numpy()
-    res = fit_predict(X, y, slices["fold"].to_numpy(), X[:50], params={"objective": "binary", "verbose": -1,
-                      "num_leaves": 7, "min_data_in_leaf": 20, "learning_rate": 0.1, "num_threads": 2},
+    res = fit_predict(X, y, slices["fold"].to_numpy(), {k: X[:50] for k in range(3)},
+                      params={"objective": "binary", "verbose": -1,
+                      "num_leaves": 7, "min_data_in_leaf": 20, "learning_rate": 0.1, "num_threads": 1},
                       feature_names=names, num_boost_round=200, early_stopping_rounds=20, progress=False)
     assert np.isfinite(res.oof).all() and res.test.shape == (50, 6)
     assert len(res.boosters) == 18 and res.importance.sum() > 0
@@ -147,15 +168,21 @@ def test_predict_end_to_end(prepared, trained):
     assert "kaggle competitions submit -c rsna-intracranial-hemorrhage-detection" in out.stdout
     # stage-one test outputs (contract 2) and stage-two outputs (contract 3)
     tiny = work / "models" / "tiny"
+    n_test = len(pd.read_parquet(prepared / "clean" / "test" / "slices.parquet"))
     test = pd.read_parquet(tiny / "test.parquet")
-    assert len(test) == len(np.load(tiny / "test_emb.npy")) == len(pd.read_parquet(
-        prepared / "clean" / "test" / "slices.parquet"))
+    assert len(test) == n_test  # the fold mean, for stage-one-only submissions
+    for k in pd.read_parquet(prepared / "clean" / "train" / "slices.parquet")["fold"].unique():
+        assert len(pd.read_parquet(tiny / f"test_fold{k}.parquet")) == len(np.load(tiny / f"test_fold{k}_emb.npy")) \
+            == n_test  # what stage two reads: one pair per fold model
     stack = work / "models" / "stacking" / "predict"
     assert len(list((stack / "boosters").glob("*_fold*.txt"))) == 18
     assert (work / "logs" / "stacking" / "predict" / "feature_importance.png").stat().st_size > 5000
     metrics = pd.read_csv(work / "logs" / "stacking" / "predict" / "metrics.csv", index_col=0)
-    assert metrics.loc["stage two", "weighted"] < metrics.loc["tiny", "weighted"] < metrics.loc[
+    # 14 patients are too few for stage two to beat stage one honestly (it did only under the old,
+    # optimistic rounds); that it does on larger data is checked by tests/test_benchmarks.py and the demo
+    assert max(metrics.loc["stage two", "weighted"], metrics.loc["tiny", "weighted"]) < metrics.loc[
         "prior baseline", "weighted"]
+    assert metrics.loc["stage two", "weighted"] > metrics.loc[STAGE_TWO_OPTIMISTIC, "weighted"]
     # a rerun reuses the stage-one test predictions; --stage1-only writes its own file
     again = run_script("predict.py", "--settings", settings, "--config", cfg, "--stage1-only")
     assert again.returncode == 0 and "reused" in again.stdout
@@ -166,7 +193,7 @@ def test_two_experiments_combine(prepared, trained):
     """Stage two over two experiments: both feature sets and a 'mean of stage one' row."""
     import shutil
     from stacking.config import PredictCfg
-    from stacking.run import run_stacking
+    from stacking.run import STAGE_TWO, STAGE_TWO_OPTIMISTIC, run_stacking
     settings, _, work = trained
     models = work / "models"
     if not (models / "tiny2").exists():
@@ -179,13 +206,14 @@ def test_two_experiments_combine(prepared, trained):
                      lgb={"num_leaves": 7, "min_data_in_leaf": 10}, num_boost_round=100)
     res = run_stacking(cfg, train_slices=train, test_slices=None, model_dir=models, logs_dir=work / "logs",
                        progress=False, log=lambda *a: None)
-    assert list(res["metrics"].index) == ["prior baseline", "tiny", "tiny2", "mean of stage one", "stage two"]
+    assert list(res["metrics"].index) == ["prior baseline", "tiny", "tiny2", "mean of stage one", STAGE_TWO,
+                                          STAGE_TWO_OPTIMISTIC]
     assert res["oof"]["image_id"].tolist() == train["image_id"].tolist()
 
 
 def test_test_cache_must_match_train_cache(tmp_path):
     import json
-    from models.test_inference import InferenceError, check_same_cache
+    from models.predict_split import InferenceError, check_same_cache
     meta = {"format": 1, "image_size": 64, "windows": [["brain", 40, 80]], "sigmoid": False, "crop_border": False,
             "n_files": 10, "files_digest": "x", "chunk_size": 8}
     for name, extra in (("train", {}), ("test", {"n_files": 3, "files_digest": "y"})):
@@ -195,3 +223,29 @@ def test_test_cache_must_match_train_cache(tmp_path):
     (tmp_path / "test" / "cache_meta.json").write_text(json.dumps({**meta, "image_size": 128}))
     with pytest.raises(InferenceError, match="image_size"):
         check_same_cache(tmp_path / "train", tmp_path / "test")
+
+
+def test_prior_fill_with_float32_predictions_and_duplicate_ids(tmp_path):
+    """Issue 10 A: images without prediction or series get the prior (float32 preds made pandas 3 raise)."""
+    ids = ["ID_a", "ID_nodicom"]
+    sample = pd.DataFrame({"ID": [f"{i}_{c}" for i in ids for c in LABELS], "Label": 0.5})
+    sample.to_csv(tmp_path / "sample.csv", index=False)
+    preds = pd.DataFrame({"image_id": ["ID_a"], **{c: np.float32([0.2]) for c in LABELS}})
+    prior = np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.1])
+    sub, stats = build_submission(read_sample(tmp_path / "sample.csv"), preds, prior=prior,
+                                  test_slices=preds.assign(series_id="S", z=0.0),
+                                  rejected=pd.DataFrame({"image_id": [], "series_id": [], "z": []}))
+    got = dict(zip(sub["ID"], sub["Label"]))
+    assert got["ID_nodicom_any"] == pytest.approx(0.1) and got["ID_a_any"] == pytest.approx(0.2)
+    assert (stats.predicted, stats.from_prior) == (1, 1)
+    pd.concat([sample, sample.iloc[:1]]).to_csv(tmp_path / "dup.csv", index=False)
+    with pytest.raises(SubmissionError, match="more than once"):
+        read_sample(tmp_path / "dup.csv")
+
+
+def test_flip_tta_is_an_experiment_fact_not_a_predict_setting(tmp_path):
+    """Issue 9 item 6: TTA lived in two places (experiment for OOF, predict config for test)."""
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"experiments": ["x"], "tta_hflip": False}))
+    with pytest.raises(ConfigError, match="train.tta_hflip"):
+        load_predict_config(path)

@@ -256,6 +256,14 @@ def log_loss(ctx: Context, sec: Section) -> None:
         source = "computed by report.py with `ich.metric`"
     cols = [c for c in [*LABELS, "weighted"] if c in table.columns]
     table = table[cols]
+    optimistic = table.index.str.contains("optimistic")  # a comparison row, not a model to pick
+    if optimistic.any():
+        for name, row in table[optimistic].iterrows():
+            sec.blocks.append(html.paragraph(f"Not in the table: {name}, weighted {row['weighted']:.4f}. The "
+                                             "`stage two` row picks each fold's number of boosting rounds on "
+                                             "the other folds, so nothing in it was chosen on the fold it "
+                                             "scores."))
+        table = table[~optimistic]
     sec.blocks.append(html.table(table.rename(columns={"weighted": "WEIGHTED"}), digits=4,
                                  best_low=[c if c != "weighted" else "WEIGHTED" for c in cols],
                                  caption=f"Per-label and weighted log loss; source: {source}."))
