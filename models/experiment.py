@@ -32,7 +32,7 @@ from .config import ExperimentCfg
 from .data import with_neighbors
 from .inference import make_loader, predict
 from .runtime import Runtime
-from .trainer import FoldData, make_dataset, train_fold
+from .trainer import CheckpointError, FoldData, make_dataset, train_fold
 
 
 class TrainError(RuntimeError):
@@ -113,7 +113,10 @@ def run_experiment(cfg: ExperimentCfg, *, clean_dir: Path, model_dir: Path, logs
             continue
         t0 = time.time()
         data = FoldData(train=slices[slices["fold"] != k], valid=slices[slices["fold"] == k], clean_dir=clean_dir)
-        model, history = train_fold(cfg, k, data, out_dir, runtime, resume=resume, progress=progress, log=log)
+        try:
+            model, history = train_fold(cfg, k, data, out_dir, runtime, resume=resume, progress=progress, log=log)
+        except CheckpointError as exc:
+            raise TrainError(str(exc)) from None
         valid_set = make_dataset(cfg, data.valid, clean_dir, cfg.final_size, train=False)
         loader = make_loader(valid_set, runtime, cfg.train.batch_size * 2, cfg.train.num_workers)
 

@@ -86,6 +86,10 @@ class WeightedBCE(nn.Module):
         return (loss * self.weights).sum(dim=1).mean()
 
 
+class CheckpointError(RuntimeError):
+    """A resume state that cannot be read; the message names it and says what to do."""
+
+
 def save_atomic(obj, path: Path) -> None:
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
@@ -131,7 +135,12 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
     best_path, last_path = out_dir / f"fold{fold}.pt", out_dir / f"fold{fold}.last.pt"
     start_epoch, best, history = 0, math.inf, []
     if resume and last_path.is_file():
-        state = torch.load(last_path, map_location=runtime.device, weights_only=True)
+        try:
+            state = torch.load(last_path, map_location=runtime.device, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file: name it in one line
+            raise CheckpointError(
+                f"cannot resume fold {fold}: {last_path} is damaged ({type(exc).__name__}: {exc}); it holds the "
+                f"only resume state of that fold, so retrain it: train.py --folds {fold} --force") from None
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -264,3 +264,15 @@ def test_checkpoints_are_written_atomically(prepared, tmp_path, monkeypatch):
     assert state["epoch"] == 0
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary file left
     assert json.loads((folder / "config.json").read_text())["train"]["checkpoint"] == "last"
+
+
+def test_damaged_resume_state_is_named_in_one_line(prepared, tmp_path):
+    """Issue 10 C: a truncated fold{k}.last.pt made --resume raise a traceback."""
+    from conftest import run_train, settings_for
+    settings = settings_for(prepared, tmp_path)
+    cfg = write_config(tmp_path, "broken")
+    (tmp_path / "models" / "broken").mkdir(parents=True)
+    (tmp_path / "models" / "broken" / "fold0.last.pt").write_bytes(b"PK\x03\x04 cut short")
+    out = run_train("--settings", settings, "--config", cfg, "--folds", "0", "--resume")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "fold0.last.pt is damaged" in out.stderr and "--force" in out.stderr
