@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Stage one on the test set, stage two, then SUBMISSION_DIR/submission.csv (see entry_points.md)."""
 from ich.cli import friendly_errors, parser
-from ich.settings import load_settings
+from ich.settings import load_settings, require_writable
 
 KAGGLE = "rsna-intracranial-hemorrhage-detection"
 
@@ -28,6 +28,9 @@ def main(argv=None):
     with friendly_errors(SubmissionError, InferenceError, StackingError, FileNotFoundError):
         settings = load_settings(args.settings)
         cfg = load_predict_config(args.config)
+        # stage one and two take hours on the real data: find a read-only output folder now, not at the last write
+        require_writable({"MODEL_CHECKPOINT_DIR": settings.model_checkpoint_dir, "LOGS_DIR": settings.logs_dir,
+                          "SUBMISSION_DIR": settings.submission_dir})
         raw, test_dir, train_dir = settings.raw_data_dir, settings.test_clean_dir, settings.train_clean_dir
         sample = read_sample(raw / "stage_2_sample_submission.csv")
         for d, split in ((train_dir, "train"), (test_dir, "test")):

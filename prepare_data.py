@@ -3,7 +3,7 @@
 from ich.cli import friendly_errors, parser
 from ich.config import load_prepare_config
 from ich.prepare import PrepareError, prepare_split
-from ich.settings import load_settings, require_dir
+from ich.settings import load_settings, require_dir, require_writable
 
 
 def main(argv=None):
@@ -18,9 +18,11 @@ def main(argv=None):
         cfg = load_prepare_config(args.config)
         raw = require_dir(settings.raw_data_dir, "RAW_DATA_DIR")
         splits = ["train", "test"] if args.split == "both" else [args.split]
+        outputs = {"train": ("TRAIN_DATA_CLEAN_PATH", settings.train_clean_dir),
+                   "test": ("TEST_DATA_CLEAN_PATH", settings.test_clean_dir)}
+        require_writable(dict(outputs[split] for split in splits))  # before any work, not at the first write
         for split in splits:
-            clean = settings.train_clean_dir if split == "train" else settings.test_clean_dir
-            summary = prepare_split(raw, clean, split, cfg, force=args.force, progress=not args.no_progress)
+            summary = prepare_split(raw, outputs[split][1], split, cfg, force=args.force, progress=not args.no_progress)
             print("\n".join(summary.lines()))
 
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """One self-contained HTML page about the pipeline's data, models and errors (see entry_points.md)."""
 import sys
+from pathlib import Path
 
 from ich.cli import friendly_errors, parser
+from ich.settings import load_settings, require_writable
 
 
 def main(argv=None):
@@ -18,6 +20,10 @@ def main(argv=None):
 
     with friendly_errors():
         print(f"report: {args.settings}, {args.config}")
+        outputs = {"LOGS_DIR": load_settings(args.settings).logs_dir}  # the figures go to LOGS_DIR/report
+        if args.out:
+            outputs["--out"] = Path(args.out).absolute().parent
+        require_writable(outputs)
         result = build_report(args.settings, args.config, args.out)
     if result.missing:
         print(f"sections not available yet (their inputs are missing): {', '.join(result.missing)}")

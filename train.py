@@ -3,14 +3,27 @@
 
 Several GPUs: torchrun --nproc_per_node=N train.py --config ... (same outputs).
 """
+import argparse
+
 from ich.cli import friendly_errors, parser
-from ich.settings import load_settings
+from ich.settings import load_settings, require_writable
+
+
+def fold_list(text: str) -> list[int]:
+    """--folds 0,2 -> [0, 2]; anything else is a usage error, not a traceback."""
+    try:
+        folds = [int(f) for f in text.split(",") if f.strip()]
+    except ValueError:
+        folds = []
+    if not folds or min(folds) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fold numbers such as 0,2, got {text!r}")
+    return folds
 
 
 def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--config", required=True, help="experiment config, e.g. configs/demo_cpu.yaml")
-    p.add_argument("--folds", default=None, help="comma-separated folds to train (default: all)")
+    p.add_argument("--folds", type=fold_list, default=None, help="comma-separated folds to train (default: all)")
     p.add_argument("--resume", action="store_true", help="continue killed folds, skip finished ones")
     p.add_argument("--force", action="store_true", help="retrain the requested folds from scratch")
     p.add_argument("--lr-find", action="store_true", help="run the learning-rate finder instead of training")
@@ -25,7 +38,11 @@ def main(argv=None):
         from models.config import load_experiment
         settings = load_settings(args.settings)
         cfg = load_experiment(args.config)
-        folds = None if args.folds is None else [int(f) for f in args.folds.split(",") if f.strip()]
+        outputs = {"LOGS_DIR": settings.logs_dir}
+        if not args.lr_find:
+            outputs = {"MODEL_CHECKPOINT_DIR": settings.model_checkpoint_dir, **outputs}
+        require_writable(outputs)  # before any work (and before config.json): say which folder, in one line
+        folds = args.folds
         runtime = rt.setup(cfg.train.amp, cfg.train.channels_last)
         log = print if runtime.is_main else (lambda *a, **k: None)
         try:

@@ -21,10 +21,11 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 @contextmanager
 def friendly_errors(*extra: type[Exception]):
+    """User errors (bad settings, config, labels, plus `extra`) exit 2 with one line on stderr, no traceback."""
     try:
         yield
     except USER_ERRORS + extra as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever the message holds
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -3,6 +3,14 @@
 Configs hold every knob (windows, sizes, folds, ...) so entry points need few
 flags and a run is reproducible from the file alone. Unknown keys are errors:
 a typo must not silently fall back to a default.
+
+All three config kinds (prepare here, experiment in models/config.py, predict
+in stacking/config.py) are checked the same way, by `check_fields`: the
+dataclass's declared field types drive the type check, so a new field is
+checked the day it is added, and every mistake reads
+`<file>: <section.key> must be <type>, got <value>`. Each kind then checks
+its ranges with `need`. A bad value must stop the run at load time, as one
+line, before any output is written, not as a traceback hours later.
 """
 from __future__ import annotations
 
@@ -24,11 +32,77 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except yaml.MarkedYAMLError as exc:  # one line: where, then what (PyYAML's own text spans several)
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"config file {path} is not readable YAML: {where}{exc.problem or exc.context}") from exc
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"config file {path} is not readable YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values")
     return data
+
+
+# declared field type -> accepted YAML values, and the word the error message uses for it
+_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "list": list, "tuple": list, "dict": dict}
+_WORDS = {"tuple": "list", "dict": "mapping"}
+
+
+def _type_text(f) -> str:
+    """A dataclass field's declared type as text: "int", "str | None", ... (annotations may be strings)."""
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
+def check_value(where: str, key: str, value, type_text: str):
+    """One config value against a declared type ("int", "float", "str | None", "list", "dict", ...).
+
+    bool is not an int here (YAML `true` for a batch size is a mistake), an
+    int is a float (`lr: 1`), and a float is returned as float. A string
+    that reads as a number gets a hint: PyYAML reads `1e-3` (no dot) as text.
+    """
+    options = [t.strip() for t in type_text.split("|")]
+    if value is None and "None" in options:
+        return None
+    base = next(t for t in options if t != "None")
+    if base not in _TYPES:
+        raise TypeError(f"no config check for the declared type {type_text!r} of {key}")
+    if isinstance(value, _TYPES[base]) and not (isinstance(value, bool) and base != "bool"):
+        return float(value) if base == "float" else value
+    word = _WORDS.get(base, base) + (" or null" if "None" in options else "")
+    shown = "null" if value is None else repr(value)
+    hint = ""
+    if base in ("int", "float") and isinstance(value, str):
+        try:
+            float(value)
+            hint = " (text, not a number: remove the quotes; YAML reads 1e-3 as text, write 1.0e-3)"
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: {key} must be {word}, got {shown}{hint}")
+
+
+def check_fields(cls, data, where: str, *, section: str = "", exclude=()) -> dict:
+    """A config mapping -> keyword arguments for dataclass `cls`, every value type-checked.
+
+    The one validation routine of all config kinds. `where` is the file,
+    `section` the YAML section the mapping came from ("" for top-level
+    keys), `exclude` fields that may not be set from the file. Unknown keys
+    are errors that list the known ones.
+    """
+    prefix = f"{section}." if section else ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {section or 'the file'} must be a mapping of keys to values, got {data!r}")
+    types = {f.name: _type_text(f) for f in fields(cls) if f.name not in exclude}
+    unknown = [k for k in data if k not in types]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(prefix + str(k) for k in unknown)}; "
+                          f"known: {', '.join(prefix + k for k in types)}")
+    return {k: check_value(where, prefix + k, v, types[k]) for k, v in data.items()}
+
+
+def need(ok: bool, where: str, message: str) -> None:
+    """A range check of a loaded config: `need(cfg.k >= 0, path, "k must be >= 0, got ...")`."""
+    if not ok:
+        raise ConfigError(f"{where}: {message}")
 
 
 DEFAULT_WINDOWS = (
@@ -50,6 +124,7 @@ class PrepareConfig:
     fold_seed: int = 42
     n_jobs: int = -1
     chunk_size: int = 256
+    max_pixels: int = 4096 * 4096  # Rows x Columns cap, checked before decoding (= ich.dicom.MAX_PIXELS)
     name: str = field(default="default", compare=False)
 
     def cache_key(self) -> dict:
@@ -64,30 +139,25 @@ class PrepareConfig:
 
 
 def load_prepare_config(path: str | Path | None) -> PrepareConfig:
+    """configs/prepare/*.yaml -> PrepareConfig; the name is the file's stem, never a key."""
     if path is None:
         return PrepareConfig()
-    data = load_yaml(path)
-    known = {f.name for f in fields(PrepareConfig)} - {"name"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    kwargs = dict(data)
+    where = str(path)
+    kwargs = check_fields(PrepareConfig, load_yaml(path), where, exclude=("name",))
     if "windows" in kwargs:
         try:
             kwargs["windows"] = tuple(
                 Window(str(w["name"]), float(w["center"]), float(w["width"])) for w in kwargs["windows"]
             )
         except (TypeError, KeyError, ValueError) as exc:
-            raise ConfigError(f"{path}: windows must be a list of {{name, center, width}}: {exc}") from exc
-        if not kwargs["windows"] or any(w.width <= 0 for w in kwargs["windows"]):
-            raise ConfigError(f"{path}: windows must be non-empty with positive widths")
-    for key in ("image_size", "n_folds", "fold_seed", "n_jobs", "chunk_size"):
-        if key in kwargs and (not isinstance(kwargs[key], int) or isinstance(kwargs[key], bool)):
-            raise ConfigError(f"{path}: {key} must be an integer, got {kwargs[key]!r}")
-    for key in ("sigmoid", "crop_border"):
-        if key in kwargs and not isinstance(kwargs[key], bool):
-            raise ConfigError(f"{path}: {key} must be true or false, got {kwargs[key]!r}")
+            raise ConfigError(f"{where}: windows must be a list of {{name, center, width}}: {exc}") from exc
+        need(kwargs["windows"] and all(w.width > 0 for w in kwargs["windows"]), where,
+             "windows must be non-empty with positive widths")
     cfg = PrepareConfig(name=Path(path).stem, **kwargs)
-    if cfg.image_size < 16 or cfg.n_folds < 2 or cfg.chunk_size < 1:
-        raise ConfigError(f"{path}: need image_size >= 16, n_folds >= 2, chunk_size >= 1")
+    need(cfg.image_size >= 16, where, f"image_size must be >= 16, got {cfg.image_size}")
+    need(cfg.n_folds >= 2, where, f"n_folds must be >= 2, got {cfg.n_folds}")
+    need(cfg.chunk_size >= 1, where, f"chunk_size must be >= 1, got {cfg.chunk_size}")
+    # joblib's convention: -1 = all cores, -2 = all but one, ...; 0 means nothing to joblib
+    need(cfg.n_jobs != 0, where, "n_jobs must be a number of worker processes >= 1, or negative to count back "
+         "from all cores (-1: all, -2: all but one), got 0")
     return cfg

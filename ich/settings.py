@@ -8,6 +8,7 @@ and a Kaggle kernel can point the same keys at /kaggle/input and
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,3 +71,24 @@ def require_dir(path: Path, key: str) -> Path:
     if not path.is_dir():
         raise SettingsError(f"{key} points to {path}, which is not an existing folder")
     return path
+
+
+def require_writable(folders: dict[str, Path]) -> None:
+    """Every output folder must be writable before any work starts; say which one is not.
+
+    `folders` maps what the user set (a settings key such as LOGS_DIR, or an
+    option such as --out) to the folder. A missing folder is created. The
+    check really writes: it creates and deletes a probe file, because
+    permission bits do not tell (root ignores them, a read-only mount or an
+    immutable folder refuses root too). Without it a read-only output
+    folder is found by the last write, e.g. after predict.py ran all of
+    stage one and stage two.
+    """
+    for key, path in folders.items():
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+                pass
+        except OSError as exc:
+            why = "it is a file, not a folder" if path.is_file() else (exc.strerror or str(exc))
+            raise SettingsError(f"{key} points to {path}, which is not a writable folder ({why})") from None

@@ -8,10 +8,11 @@ back to a default), and so is a value of the wrong type.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ich.config import ConfigError, load_yaml
+from ich.config import ConfigError, check_fields, load_yaml
 
 
 @dataclass
@@ -118,45 +119,37 @@ class ExperimentCfg:
 
 SECTIONS = {"model": ModelCfg, "input": InputCfg, "augment": AugmentCfg, "loss": LossCfg,
             "sampler": SamplerCfg, "optim": OptimCfg, "train": TrainCfg}
-_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
-
-
-def _check_value(where: str, key: str, value, type_text: str):
-    optional = "None" in type_text
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{where}.{key} must not be empty")
-    base = type_text.replace(" | None", "").strip()
-    if base == "list":
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}.{key} must be a list, got {value!r}")
-        return value
-    want = _TYPES[base]
-    if isinstance(value, bool) and base != "bool":
-        raise ConfigError(f"{where}.{key} must be {base}, got {value!r}")
-    if not isinstance(value, want):
-        raise ConfigError(f"{where}.{key} must be {base}, got {value!r}")
-    return float(value) if base == "float" else value
 
 
 def from_dict(data: dict, where: str = "config") -> ExperimentCfg:
+    """A config mapping (a YAML file, a checkpoint's stored config) -> a validated ExperimentCfg.
+
+    Each section's keys are type-checked against its dataclass by
+    ich.config.check_fields (the routine every config kind uses), then
+    _validate checks ranges and the backbone name.
+    """
     unknown = sorted(set(data) - set(SECTIONS) - {"name"})
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; known: name, {', '.join(SECTIONS)}")
     kwargs = {"name": str(data.get("name", "experiment"))}
     for section, cls in SECTIONS.items():
-        values = data.get(section) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{where}: section {section} must be a mapping")
-        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-        bad = sorted(set(values) - set(types))
-        if bad:
-            raise ConfigError(f"{where}: unknown key(s) {section}.{', '.join(bad)}; known: {', '.join(types)}")
-        kwargs[section] = cls(**{k: _check_value(f"{where}: {section}", k, v, types[k]) for k, v in values.items()})
+        kwargs[section] = cls(**check_fields(cls, data.get(section) or {}, where, section=section))
     cfg = ExperimentCfg(**kwargs)
     _validate(cfg, where)
     return cfg
+
+
+def check_backbone(name: str, where: str) -> None:
+    """model.backbone must be a model the installed timm can build.
+
+    Checked at load time: otherwise train.py would create the output folders
+    and write config.json, and fail only when the network is built.
+    """
+    import timm  # here, not at module level: loading a config should not cost a timm import elsewhere
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; timm.list_models() lists them"
+        raise ConfigError(f"{where}: model.backbone {name!r} is not a timm model (timm {timm.__version__}){hint}")
 
 
 def _validate(cfg: ExperimentCfg, where: str) -> None:
@@ -172,8 +165,12 @@ def _validate(cfg: ExperimentCfg, where: str) -> None:
     need(cfg.sampler.neg_ratio > 0, "sampler.neg_ratio must be > 0")
     need(cfg.train.epochs >= 1 and cfg.train.batch_size >= 1 and cfg.train.accumulate >= 1,
          "train.epochs, train.batch_size and train.accumulate must be >= 1")
+    need(cfg.train.num_workers >= 0, f"train.num_workers must be >= 0, got {cfg.train.num_workers}")
+    need(cfg.train.n_folds is None or cfg.train.n_folds >= 1, f"train.n_folds must be >= 1, got {cfg.train.n_folds}")
     need(0 <= cfg.train.freeze_epochs < cfg.train.epochs or cfg.train.freeze_epochs == 0,
          "train.freeze_epochs must be smaller than train.epochs")
+    need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
+    need(0 <= cfg.model.dropout < 1, f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
     need(cfg.input.size >= 16, "input.size must be >= 16")
     if cfg.input.progressive:
         try:
@@ -183,6 +180,7 @@ def _validate(cfg: ExperimentCfg, where: str) -> None:
         need(sum(e for _, e in pairs) == cfg.train.epochs,
              f"input.progressive epochs add up to {sum(e for _, e in pairs)}, train.epochs is {cfg.train.epochs}")
         cfg.input.progressive = [list(p) for p in pairs]
+    check_backbone(cfg.model.backbone, where)
 
 
 def load_experiment(path: str | Path) -> ExperimentCfg:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ich.config import ConfigError, load_yaml
+from ich.config import ConfigError, check_fields, load_yaml, need
 
 DEFAULT_LGB = {
     "objective": "binary",
@@ -49,32 +49,35 @@ class PredictCfg:
 
 
 def load_predict_config(path: str | Path) -> PredictCfg:
+    """configs/predict/*.yaml -> a validated PredictCfg (ich.config.check_fields, then ranges).
+
+    Everything is checked here, at load time: predict.py runs stage one on
+    the whole test set before stage two reads most of these values, so a
+    wrong type found later would cost that work (and show a traceback).
+    """
+    where = str(path)
     data = load_yaml(path)
     if "tta_hflip" in data:  # one fact, one place: the experiment config, stored in each checkpoint
         raise ConfigError(f"{path}: tta_hflip is not a predict setting any more: flip TTA is set per experiment "
                           "(train.tta_hflip in configs/<experiment>.yaml) and stored in its checkpoints, so "
                           "out-of-fold and test predictions use the same; remove the key")
-    known = set(PredictCfg.__dataclass_fields__)
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    data.setdefault("name", Path(path).stem)
-    cfg = PredictCfg(**data)
-    if not cfg.experiments or not all(isinstance(e, str) for e in cfg.experiments):
-        raise ConfigError(f"{path}: experiments must list at least one stage-one experiment name")
-    if cfg.k_neighbors < 0 or cfg.pca_components < 0:
-        raise ConfigError(f"{path}: k_neighbors and pca_components must be >= 0")
-    if cfg.num_boost_round < 1 or cfg.early_stopping_rounds < 1:
-        raise ConfigError(f"{path}: num_boost_round and early_stopping_rounds must be >= 1")
-    if cfg.neighbors not in ("mean", "each"):
-        raise ConfigError(f"{path}: neighbors must be mean or each")
+    kwargs = check_fields(PredictCfg, data, where)
+    kwargs.setdefault("name", Path(path).stem)
+    cfg = PredictCfg(**kwargs)
+    need(cfg.experiments and all(isinstance(e, str) and e for e in cfg.experiments), where,
+         f"experiments must list at least one stage-one experiment name, got {cfg.experiments!r}")
+    need(cfg.k_neighbors >= 0, where, f"k_neighbors must be >= 0, got {cfg.k_neighbors}")
+    need(cfg.pca_components >= 0, where, f"pca_components must be >= 0, got {cfg.pca_components}")
+    need(cfg.num_boost_round >= 1, where, f"num_boost_round must be >= 1, got {cfg.num_boost_round}")
+    need(cfg.early_stopping_rounds >= 1, where, f"early_stopping_rounds must be >= 1, got {cfg.early_stopping_rounds}")
+    need(cfg.neighbors in ("mean", "each"), where, f"neighbors must be mean or each, got {cfg.neighbors!r}")
+    need(len(cfg.clip) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in cfg.clip),
+         where, f"clip must be a list of two numbers [low, high], got {cfg.clip!r}")
     lo, hi = (float(v) for v in cfg.clip)
-    if not 0 <= lo < 0.5 < hi <= 1:
-        raise ConfigError(f"{path}: clip must be [low, high] with 0 <= low < 0.5 < high <= 1")
+    need(0 <= lo < 0.5 < hi <= 1, where, f"clip must be [low, high] with 0 <= low < 0.5 < high <= 1, got {cfg.clip}")
     cfg.clip = [lo, hi]
-    if cfg.amp not in ("auto", "bf16", "fp16", "none"):
-        raise ConfigError(f"{path}: amp must be auto, bf16, fp16 or none")
-    unknown_lgb = {"metric"} & set(cfg.lgb)
-    if unknown_lgb:
-        raise ConfigError(f"{path}: lgb.metric is fixed to binary_logloss (the competition's)")
+    need(cfg.amp in ("auto", "bf16", "fp16", "none"), where, f"amp must be auto, bf16, fp16 or none, got {cfg.amp!r}")
+    need(cfg.batch_size >= 1, where, f"batch_size must be >= 1, got {cfg.batch_size}")
+    need(cfg.num_workers >= 0, where, f"num_workers must be >= 0, got {cfg.num_workers}")
+    need("metric" not in cfg.lgb, where, "lgb.metric is fixed to binary_logloss (the competition's)")
     return cfg
