@@ -31,6 +31,7 @@ from . import plots
 from .config import ExperimentCfg
 from .data import with_neighbors
 from .inference import make_loader, predict
+from .net import weights_file
 from .runtime import Runtime
 from .trainer import CheckpointError, FoldData, make_dataset, train_fold
 
@@ -87,6 +88,8 @@ def run_experiment(cfg: ExperimentCfg, *, clean_dir: Path, model_dir: Path, logs
     bad = sorted(set(folds) - set(all_folds))
     if bad:
         raise TrainError(f"fold(s) {bad} do not exist; slices.parquet has folds {all_folds}")
+    if cfg.model.pretrained:  # before any output is written, not when the first fold builds its network
+        weights_file(cfg.model.pretrained)
     warning = upsampling_warning(cfg, clean_dir)
     if warning and runtime.is_main:
         log(warning)

@@ -34,17 +34,23 @@ class MissingWeightsError(FileNotFoundError):
     """The configured pretrained weights file does not exist."""
 
 
+def weights_file(pretrained: str) -> Path:
+    """The configured pretrained weights file, or MissingWeightsError saying what to do."""
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        raise MissingWeightsError(
+            f"pretrained weights file not found: {path} (model.pretrained in the config). "
+            "Nothing is downloaded at run time: put the file there (e.g. attach the Kaggle dataset "
+            "that holds it), or set model.pretrained: null to train from scratch.")
+    return path
+
+
 class SliceNet(nn.Module):
     def __init__(self, backbone: str, pretrained: str | None = None, dropout: float = 0.0, in_chans: int = 3):
         super().__init__()
         kwargs = {}
         if pretrained:
-            path = Path(pretrained).expanduser()
-            if not path.is_file():
-                raise MissingWeightsError(
-                    f"pretrained weights file not found: {path} (model.pretrained in the config). "
-                    "Nothing is downloaded at run time: put the file there (e.g. attach the Kaggle dataset "
-                    "that holds it), or set model.pretrained: null to train from scratch.")
+            path = weights_file(pretrained)
             kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
         try:
             # in_chans != 3: timm widens the first convolution, and adapts pretrained RGB filters to it

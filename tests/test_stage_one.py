@@ -208,6 +208,7 @@ def test_cli_missing_weights_and_lr_finder(prepared, tmp_path):
     cfg = write_config(tmp_path, "pre", model={"pretrained": str(tmp_path / "missing_weights.pth")})
     out = run_train("--settings", settings, "--config", cfg)
     assert out.returncode == 2 and "missing_weights.pth" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "models" / "pre" / "config.json").exists()  # checked before any output
     out = run_train("--settings", settings, "--config", write_config(tmp_path, "lr"), "--lr-find", "--lr-steps", "40")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "suggested lr" in out.stdout and (tmp_path / "logs" / "lr" / "lr_finder.png").stat().st_size > 5000
