@@ -82,6 +82,7 @@ class TrainCfg:
     num_workers: int = 2
     seed: int = 0
     tta_hflip: bool = True           # flip TTA for out-of-fold and test predictions (stored in each checkpoint)
+    compile: str = "auto"            # auto (on CUDA) | true | false: torch.compile the backbone (train, OOF, test)
     checkpoint: str = "last"         # last | best: the epoch each fold keeps (best: chosen on the held-out fold,
     #                                  among epochs at the final size; its OOF is then optimistic, and logged so)
     n_folds: int | None = None       # None: every fold in slices.parquet
@@ -132,6 +133,9 @@ def from_dict(data: dict, where: str = "config") -> ExperimentCfg:
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; known: name, {', '.join(SECTIONS)}")
     kwargs = {"name": str(data.get("name", "experiment"))}
+    train = data.get("train")
+    if isinstance(train, dict) and isinstance(train.get("compile"), bool):  # YAML reads true/false as booleans
+        data = {**data, "train": {**train, "compile": str(train["compile"]).lower()}}
     for section, cls in SECTIONS.items():
         kwargs[section] = cls(**check_fields(cls, data.get(section) or {}, where, section=section))
     cfg = ExperimentCfg(**kwargs)
@@ -162,6 +166,7 @@ def _validate(cfg: ExperimentCfg, where: str) -> None:
     need(cfg.optim.schedule in ("cosine", "onecycle", "step"), "optim.schedule must be cosine, onecycle or step")
     need(cfg.train.amp in ("auto", "none", "bf16", "fp16"), "train.amp must be auto, none, bf16 or fp16")
     need(cfg.train.checkpoint in ("last", "best"), "train.checkpoint must be last or best")
+    need(cfg.train.compile in ("auto", "true", "false"), "train.compile must be auto, true or false")
     need(cfg.sampler.neg_ratio > 0, "sampler.neg_ratio must be > 0")
     need(cfg.train.epochs >= 1 and cfg.train.batch_size >= 1 and cfg.train.accumulate >= 1,
          "train.epochs, train.batch_size and train.accumulate must be >= 1")

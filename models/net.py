@@ -76,7 +76,27 @@ class SliceNet(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> pooled features (B, num_features)."""
         x = (x.float() - self.mean) / self.std
+        compiled = self.__dict__.get("_compiled")
+        if compiled is not None:
+            try:
+                return compiled(x)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: eager is always right
+                self.__dict__["_compiled"] = None
+                self.compile_note = (f"warning: torch.compile failed ({type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); running eager")
         return self.backbone(x)
+
+    def compile_backbone(self) -> None:
+        """Run the backbone through torch.compile from the next call on; eager again if compiling fails.
+
+        The compiled module is kept outside the registered submodules, so
+        state_dict() stays the plain module's (checkpoints load without
+        compile) and `model.to()` moves the one set of weights. A failure
+        (no compiler, an unsupported op) is caught at the first call, where
+        torch.compile really compiles, and leaves a one-line `compile_note`.
+        """
+        self.__dict__["_compiled"] = torch.compile(self.backbone)
+        self.compile_note = None
 
     def forward(self, x: torch.Tensor, return_embedding: bool = False):
         emb = self.embed(x)

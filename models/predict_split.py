@@ -149,6 +149,8 @@ def predict_test(exp_dir: Path, test_dir: Path, runtime: Runtime, *, batch_size:
     mean, tta = 0.0, set()
     for k, path in checkpoints.items():
         model, cfg, info = load_fold_model(path, runtime)
+        if runtime.wants_compile(cfg.train.compile):
+            model.compile_backbone()
         if "image_settings" in info:
             _compare(info["image_settings"], test_meta, f"the cache {path.name} was trained on", test_dir)
         dataset = make_dataset(cfg, slices, test_dir, cfg.final_size, train=False)
@@ -156,6 +158,8 @@ def predict_test(exp_dir: Path, test_dir: Path, runtime: Runtime, *, batch_size:
         probs, emb = predict(model, loader, runtime, tta_hflip=cfg.train.tta_hflip,
                              desc=f"{exp_dir.name} fold {k} test", progress=progress)
         tta.add(cfg.train.tta_hflip)
+        if getattr(model, "compile_note", None) and runtime.is_main:
+            log(f"{exp_dir.name} fold {k}: {model.compile_note}")
         mean = mean + probs / len(checkpoints)
         if runtime.is_main:
             table = pd.DataFrame(probs, columns=list(LABELS))

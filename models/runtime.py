@@ -35,6 +35,10 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    def wants_compile(self, setting: str) -> bool:
+        """train.compile: auto compiles on CUDA only (on the CPU compiling costs more than it saves here)."""
+        return setting == "true" or (setting == "auto" and self.device.type == "cuda")
+
     def barrier(self):
         if self.distributed:
             dist.barrier()

@@ -111,6 +111,8 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
     torch.manual_seed(cfg.train.seed + fold)
     model = build_model(cfg, runtime, cache_channels(cfg, data.clean_dir))
     raw_model = model
+    if runtime.wants_compile(cfg.train.compile):
+        raw_model.compile_backbone()  # state_dict() stays the plain module's
     if runtime.distributed:
         model = DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
 
@@ -127,7 +129,8 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
     steps_per_epoch = math.ceil(len(sampler) / cfg.train.batch_size / cfg.train.accumulate)
     optimizer = torch.optim.AdamW(
         [{"params": list(raw_model.backbone_parameters())}, {"params": list(raw_model.head_parameters())}],
-        lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+        fused=runtime.device.type == "cuda")  # one kernel for all parameters instead of a loop over them
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps=steps_per_epoch * cfg.train.epochs,
                                 steps_per_epoch=steps_per_epoch, freeze_epochs=cfg.train.freeze_epochs)
     scaler = torch.amp.GradScaler(enabled=runtime.amp_dtype == torch.float16)
@@ -163,8 +166,12 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
                             persistent_workers=False,  # workers restart, reseeded for this epoch
                             worker_init_fn=seed_augment_workers(train_set, cfg.train.seed, fold, epoch,
                                                                 runtime.rank))
+        compiling = raw_model.__dict__.get("_compiled") is not None and epoch == start_epoch
         train_loss = run_epoch(model, loader, criterion, optimizer, scheduler, scaler, runtime, cfg,
                                desc=f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs}", progress=progress)
+        if compiling and runtime.is_main:
+            log(raw_model.compile_note or f"fold {fold}: backbone compiled with torch.compile (the first steps "
+                                          "of this epoch include compiling)")
         valid_set.size = cfg.size_at(epoch)
         probs = validate(raw_model, valid_set, runtime, cfg, progress)
         score = weighted_log_loss(y_valid, probs)

@@ -212,3 +212,30 @@ def test_cli_missing_weights_and_lr_finder(prepared, tmp_path):
     out = run_train("--settings", settings, "--config", write_config(tmp_path, "lr"), "--lr-find", "--lr-steps", "40")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "suggested lr" in out.stdout and (tmp_path / "logs" / "lr" / "lr_finder.png").stat().st_size > 5000
+
+
+def test_compile_failure_falls_back_to_eager_and_checkpoints_stay_plain(prepared, tmp_path, monkeypatch):
+    """train.compile: a compiler that fails at its first call leaves one warning line, and eager results."""
+    from models import experiment, net
+    from models.config import load_experiment
+    from models.runtime import setup
+
+    def broken_compile(module, **kwargs):
+        def call(*a, **k):
+            raise RuntimeError("no working C++ compiler\nlong inductor log")
+        return call
+
+    monkeypatch.setattr(net.torch, "compile", broken_compile)
+    cfg = load_experiment(write_config(tmp_path, "comp", train={"epochs": 1, "compile": True}))
+    assert cfg.train.compile == "true" and load_experiment(write_config(tmp_path, "c2")).train.compile == "auto"
+    rt = setup("none", False)
+    assert rt.wants_compile("true") and not rt.wants_compile("auto") and not rt.wants_compile("false")
+    logs = []
+    experiment.run_experiment(cfg, clean_dir=prepared / "clean" / "train", model_dir=tmp_path / "m",
+                              logs_dir=tmp_path / "l", runtime=rt, folds=[0], progress=False, log=logs.append)
+    warnings = [line for line in logs if "torch.compile failed" in line]
+    assert len(warnings) == 1 and "no working C++ compiler" in warnings[0] and "\n" not in warnings[0]
+    state = torch.load(tmp_path / "m" / "comp" / "fold0.pt", weights_only=True)["state_dict"]
+    assert set(state) == set(SliceNet("test_resnet").state_dict())  # the plain module's keys
+    with pytest.raises(ConfigError, match="train.compile"):
+        from_dict({"train": {"compile": "sometimes"}})
