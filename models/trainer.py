@@ -203,7 +203,9 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
 
 
 def run_epoch(model, loader, criterion, optimizer, scheduler, scaler, runtime: Runtime, cfg: ExperimentCfg,
-              *, desc: str, progress: bool) -> float:
+              *, desc: str, progress: bool, on_batch=None) -> float:
+    """One pass over the loader; the mean training loss. on_batch(i), if given, runs after batch i
+    (benchmarks/train_step.py times the steady state with it)."""
     model.train()
     total, count = 0.0, 0
     accumulate = cfg.train.accumulate
@@ -230,5 +232,7 @@ def run_epoch(model, loader, criterion, optimizer, scheduler, scaler, runtime: R
         count += len(x)
         if i % 10 == 0:
             bar.set_postfix(loss=f"{total / count:.4f}")
+        if on_batch is not None:
+            on_batch(i)
     sums = runtime.gather((total, count))
     return sum(t for t, _ in sums) / max(sum(c for _, c in sums), 1)

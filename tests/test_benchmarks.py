@@ -33,9 +33,10 @@ def test_prepare_benchmark():
 
 def test_train_step_benchmark():
     out = bench("train_step.py", "--backbone", "test_resnet", "--size", "32", "--batch", "8", "--steps", "3",
-                "--workers", "0")
-    assert rate(out, "(a) bare step") > 0 and rate(out, "(b) train.py loop") > 0
-    assert re.search(r"ratio \(b\)/\(a\)\s*:\s*[\d.]+x", out)
+                "--warmup", "2", "--workers", "0")
+    assert rate(out, "(a)  bare step, eager") > 0 and rate(out, "(b)  train.py loop") > 0
+    assert rate(out, "(c)  loader alone") > 0 and "after 2 warm-up steps" in out
+    assert re.search(r"ratio \(b\)/\(a'\)\s*:\s*[\d.]+x", out) and "loop start-up" in out
 
 
 def test_predict_benchmark():
