@@ -66,9 +66,26 @@ def read_meta(clean_dir: Path) -> dict | None:
 
 
 def write_atomic(path: Path, write) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a file."""
+    """Write through a temporary file and rename, so a crash never leaves half a file.
+
+    The temporary file is `.<name>.tmp<PID>`. One left beside the target by a
+    process that no longer runs (kill -9 mid-write) is removed first, so such
+    litter does not stay for good; a live process's is left alone.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    prefix = f".{path.name}.tmp"
+    try:
+        stale = [n for n in os.listdir(path.parent) if n.startswith(prefix) and n[len(prefix):].isdigit()]
+    except OSError:
+        stale = []
+    for name in stale:
+        try:
+            os.kill(int(name[len(prefix):]), 0)  # signal 0: only asks whether the PID runs
+        except ProcessLookupError:
+            (path.parent / name).unlink(missing_ok=True)
+        except (PermissionError, OverflowError):
+            pass  # running under another user (or no PID at all): not ours to judge
+    tmp = path.with_name(f"{prefix}{os.getpid()}")
     try:
         write(tmp)
         os.replace(tmp, path)

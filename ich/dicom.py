@@ -14,10 +14,22 @@ Quirks handled (all seen in the competition data):
   intercept -1000 (the recipe from the competition's discussion forum).
 - Compressed transfer syntaxes (JPEG, JPEG-LS, JPEG 2000, RLE) decode through
   pydicom's pylibjpeg / gdcm plugins, which requirements.txt installs.
+
+Hostile or broken input (README "What happens to bad input"): a file is
+stat'ed before it is opened (links to nothing, devices and FIFOs are
+`not_a_file`; a file larger than any slice within `max_pixels` is `too_large`),
+and the declared shape is checked before any decoder allocates it, so one
+file can cost a worker at most a few times 8 x max_pixels bytes. A data set
+without preamble and file meta is read anyway; a file cut short says
+`truncated`, however far it got.
 """
 from __future__ import annotations
 
+import io
+import os
 import re
+import stat
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,19 +43,33 @@ SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 # Reasons a file is rejected (the first word of rejected.csv's `reason`).
 REASONS = (
+    "not_a_file",       # a dangling symlink, a device, a FIFO or a socket: nothing to read
+    "too_large",        # bigger than a slice within max_pixels can be, or a header of myriad elements
     "not_dicom",        # no DICOM structure at all
-    "unreadable",       # DICOM whose header cannot be parsed (truncated, damaged)
-    "not_ct",           # Modality is not CT
+    "unreadable",       # DICOM whose header cannot be parsed (damaged)
+    "truncated",        # the file ends before its declared end (inside the header or the pixel data)
+    "not_ct",           # Modality is not CT (or absent on a file that holds pixels)
     "missing_uid",      # no SOPInstanceUID / PatientID / StudyInstanceUID / SeriesInstanceUID
     "unsafe_id",        # an ID that is not a safe file name (it becomes one downstream)
-    "duplicate_id",     # a second file with an already seen SOPInstanceUID
+    "duplicate_id",     # a second file with an already seen image_id
     "missing_position", # ImagePositionPatient / ImageOrientationPatient absent or malformed
     "missing_rescale",  # RescaleSlope / RescaleIntercept absent or malformed
-    "no_pixel_data",    # no PixelData element
-    "pixel_decode_failed",  # PixelData present but cannot be decoded (truncated, corrupt)
-    "bad_shape",        # decoded pixels are not one 2-D grayscale image
+    "no_pixel_data",    # no PixelData: a DICOM object that is no image (DICOMDIR, report), or a CT without pixels
+    "pixel_decode_failed",  # whole PixelData that cannot be decoded (corrupt stream, fewer bytes than the shape)
+    "bad_shape",        # not one 2-D grayscale image within max_pixels: checked on the header, before decoding
     "no_labels",        # train image absent from the label csv
 )
+
+# Caps checked before anything is decoded, so a hostile header cannot make a worker
+# allocate what it declares (65535 x 65535 x 2 bytes is 8.5 GB). PrepareConfig.max_pixels
+# overrides MAX_PIXELS; a file may hold up to 8 bytes a pixel plus HEADER_SLACK bytes.
+MAX_PIXELS = 4096 * 4096
+HEADER_SLACK = 4 << 20
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file that can hold one slice within max_pixels (64-bit pixels, 4 MiB of header)."""
+    return 8 * max_pixels + HEADER_SLACK
 
 
 class Rejected(Exception):
@@ -158,20 +184,173 @@ def _floats(values, n: int) -> tuple | None:
     return out
 
 
-def _open(path, stop_before_pixels: bool):
+def _check_file(path, max_pixels: int) -> int:
+    """Refuse what is no regular file, or too big to be one slice, before opening it.
+
+    Opening a FIFO blocks for ever and /dev/zero never ends; a dangling link has
+    nothing to read; and pydicom reads a whole file into memory, so the file's
+    size is the first bound on a worker's memory.
+    """
     try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        st = os.stat(path)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise Rejected("not_a_file", f"symlink to {os.readlink(path)} that leads nowhere") from None
+        if isinstance(exc, FileNotFoundError):
+            raise Rejected("not_a_file", "the file vanished before it was read") from None
+        raise Rejected("unreadable", f"{type(exc).__name__}: {exc}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        kinds = {stat.S_ISDIR: "a directory", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+                 stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket"}
+        kind = next((name for test, name in kinds.items() if test(st.st_mode)), "no regular file")
+        raise Rejected("not_a_file", f"{kind}, not a regular file")
+    if st.st_size > max_file_bytes(max_pixels):
+        raise Rejected("too_large", f"{st.st_size:,} bytes, more than a slice of at most {max_pixels:,} pixels "
+                                    f"takes ({max_file_bytes(max_pixels):,})")
+    return st.st_size
+
+
+MAX_READS = 200_000  # pydicom's read() calls on one file; it makes 2 to 3 an element
+
+
+class _BoundedFile(io.BufferedReader):
+    """A file that stops pydicom after MAX_READS read() calls.
+
+    pydicom keeps every header element as a Python object of about 300
+    bytes, and 8 bytes of file make an element: 8 MB of empty elements took
+    310 MB and 7 s, so a file within the size cap could still take GBs. A CT
+    header has tens to hundreds of elements (nested ones included), never
+    tens of thousands.
+    """
+
+    def __init__(self, path):
+        super().__init__(io.FileIO(path, "rb"))
+        self._left = MAX_READS
+
+    def read(self, size=-1, /):
+        self._left -= 1
+        if self._left < 0:
+            raise Rejected("too_large", f"more than {MAX_READS:,} header reads: tens of thousands of elements")
+        return super().read(size)
+
+
+def _dcmread(path, stop_before_pixels: bool, force: bool = False):
+    with _BoundedFile(path) as fp:
+        return pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, force=force)
+
+
+def _open(path, stop_before_pixels: bool, size: int | None = None):
+    try:
+        ds = _dcmread(path, stop_before_pixels)
     except InvalidDicomError:
-        pass  # no preamble: some valid files lack it; retry leniently below
+        ds = _open_bare(path, stop_before_pixels)  # no preamble / file meta: some writers omit them
+    except Rejected:
+        raise
     except Exception as exc:  # noqa: BLE001 - any parse failure is a reason, not a crash
         raise Rejected("unreadable", f"{type(exc).__name__}: {exc}") from exc
+    with _failing_as("unreadable"):  # pydicom parses values lazily: errors surface on first access
+        _fill_transfer_syntax(ds)
+        _check_not_cut(ds, None if stop_before_pixels else size)
+    return ds
+
+
+def _open_bare(path, stop_before_pixels: bool):
+    """A data set without the 128-byte preamble and file meta: pydicom reads it with force=True.
+
+    force=True also "reads" any text file as a few garbage elements, so a file
+    is taken for DICOM only when it names a SOPInstanceUID or a Modality.
+    """
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+        ds = _dcmread(path, stop_before_pixels, force=True)
+        found = "SOPInstanceUID" in ds or "Modality" in ds
+    except Rejected:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise Rejected("not_dicom", f"{type(exc).__name__}: {exc}") from exc
-    if "SOPInstanceUID" not in ds and "Modality" not in ds:
+    if not found:
         raise Rejected("not_dicom", "no DICOM header found")
     return ds
+
+
+def _fill_transfer_syntax(ds) -> None:
+    """Without a file meta (or a TransferSyntaxUID in it) pydicom parses the data set but
+    refuses to decode its pixels; the encoding it detected while parsing is the answer."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None:
+        return
+    meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit else
+                              pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
+
+
+@contextmanager
+def _failing_as(reason: str):
+    """Turn any exception inside into Rejected(reason): pydicom raises many kinds on damaged
+    input (ValueError, NotImplementedError for an unknown VR, struct.error, ...), and the
+    RLE decoder (Rust) panics with pyo3's PanicException, a BaseException."""
+    try:
+        yield
+    except (Rejected, KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a Rust decoder's panic (pyo3) is no Exception
+        raise Rejected(reason, f"{type(exc).__name__}: {exc}") from exc
+
+
+PIXEL_DATA = 0x7FE00010
+
+
+def _check_not_cut(ds, size: int | None) -> None:
+    """pydicom keeps whatever it read from a file cut short, without a word; say `truncated`.
+
+    A cut shows as an empty data set, as a last element holding fewer bytes
+    than it declares, or (full reads, `size` given) as 1 to 7 bytes after the
+    last element: the start of an element header that pydicom drops. A cut
+    inside the pixel data is checked later (`_check_pixels_whole`), once the
+    header is known, so that the image keeps its place in its series.
+    """
+    tags = list(ds.keys())
+    if not tags:
+        raise Rejected("truncated", "no data set after the file meta header")
+    last = max(tags)
+    if last == PIXEL_DATA:
+        return
+    el = ds.get_item(last)
+    got = _short_by(el)
+    if got is not None:
+        raise Rejected("truncated", f"the file ends inside element {last}: {got[0]} of its {got[1]} bytes")
+    deflated = getattr(ds, "file_meta", {}).get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian
+    tell = getattr(el, "value_tell", None)
+    if size is not None and not deflated and tell is not None and isinstance(el.value, bytes) \
+            and 0 < size - (tell + len(el.value)) < 8:
+        raise Rejected("truncated", f"the file ends inside the header of the element after {last}")
+
+
+def _short_by(el) -> tuple[int, int] | None:
+    """(bytes held, bytes declared) of a raw element cut short, else None."""
+    if not isinstance(el, pydicom.dataelem.RawDataElement) or not isinstance(el.value, bytes):
+        return None
+    if el.length == 0xFFFFFFFF or len(el.value) >= el.length:
+        return None  # undefined length (sequence, encapsulated pixels) is parsed, not counted
+    return len(el.value), el.length
+
+
+def _check_pixels_whole(ds) -> None:
+    """A file cut inside its (native) pixel data: `truncated`, the header being fine."""
+    got = _short_by(ds.get_item(PIXEL_DATA))
+    if got is not None:
+        raise Rejected("truncated", f"the file ends inside the pixel data: {got[0]:,} of its {got[1]:,} bytes")
+
+
+def _explain_no_pixels(ds, v: dict) -> None:
+    """A full read found no PixelData and none of the tags of an image: a DICOM object that is
+    no image at all (DICOMDIR, report, private data), not a damaged file. Anything else goes
+    on to the header checks (not_ct, missing_*) and ends as no_pixel_data."""
+    if not any(k in v for k in ("SOPInstanceUID", "Modality", "Rows")):
+        sop_class = getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", "")
+        name = getattr(sop_class, "name", "") or str(sop_class) or "no SOP class"
+        raise Rejected("no_pixel_data", f"a DICOM object without an image ({name})")
 
 
 def header_from_dataset(ds, v: dict | None = None) -> SliceHeader:
@@ -180,8 +359,6 @@ def header_from_dataset(ds, v: dict | None = None) -> SliceHeader:
         v = _tag_values(ds) if v is None else v
     except Exception as exc:  # noqa: BLE001 - malformed values of any kind
         raise Rejected("unreadable", f"{type(exc).__name__}: {exc}") from exc
-    if "SOPInstanceUID" not in v and "Modality" not in v:
-        raise Rejected("unreadable", "header incomplete: no SOPInstanceUID and no Modality (truncated file?)")
     modality = v.get("Modality", [""])[0].upper()
     if modality != "CT":
         raise Rejected("not_ct", f"Modality is {modality or 'absent'}")
@@ -220,8 +397,9 @@ def header_from_dataset(ds, v: dict | None = None) -> SliceHeader:
     )
 
 
-def read_header(path) -> SliceHeader:
+def read_header(path, max_pixels: int = MAX_PIXELS) -> SliceHeader:
     """Header only (pixel data not read): the cheap first pass over all files."""
+    _check_file(path, max_pixels)
     return header_from_dataset(_open(path, stop_before_pixels=True))
 
 
@@ -245,29 +423,64 @@ def to_hu(stored: np.ndarray, header: SliceHeader) -> np.ndarray:
     return hu
 
 
-def read_stored(path) -> tuple[SliceHeader, np.ndarray]:
-    """Full read: header plus the stored pixel values (2-D), no conversion yet."""
-    ds = _open(path, stop_before_pixels=False)
-    try:
+def read_stored(path, max_pixels: int = MAX_PIXELS) -> tuple[SliceHeader, np.ndarray]:
+    """Full read: header plus the stored pixel values (2-D), no conversion yet.
+
+    Memory is bounded before anything is allocated: the file's size (pydicom
+    reads it whole) and the declared shape (the decoder allocates it) are
+    checked against max_pixels first, and pydicom's reads are counted
+    (`_BoundedFile`).
+    """
+    size = _check_file(path, max_pixels)
+    ds = _open(path, stop_before_pixels=False, size=size)
+    with _failing_as("unreadable"):
         values = _tag_values(ds)
-    except Exception as exc:  # noqa: BLE001 - malformed values of any kind
-        raise Rejected("unreadable", f"{type(exc).__name__}: {exc}") from exc
+        has_pixels = "PixelData" in ds
+        if not has_pixels:
+            _explain_no_pixels(ds, values)
     header = header_from_dataset(ds, values)
     try:
-        if "PixelData" not in ds:
-            raise Rejected("no_pixel_data", "no PixelData element")
-        stored = _native_pixels(ds, header, values)
-        if stored is None:
-            try:
+        if not has_pixels:
+            raise Rejected("no_pixel_data", "no PixelData element (or the file was cut just before it)")
+        _check_declared_shape(header, values, max_pixels)
+        with _failing_as("pixel_decode_failed"):  # truncated / corrupt / unsupported codec or VR
+            _check_pixels_whole(ds)
+            stored = _native_pixels(ds, header, values)
+            if stored is None:
+                if ds.file_meta.get("TransferSyntaxUID") == pydicom.uid.RLELossless:
+                    # pylibjpeg-rle (Rust) panics on some damaged streams, printing a Rust
+                    # backtrace from the worker; pydicom's own decoder raises a plain error
+                    # (4.5 instead of 1.4 ms a 512-px slice; no competition file is RLE)
+                    ds.pixel_array_options(decoding_plugin="pydicom")
                 stored = ds.pixel_array
-            except Exception as exc:  # noqa: BLE001 - truncated / corrupt / unsupported codec
-                raise Rejected("pixel_decode_failed", f"{type(exc).__name__}: {exc}") from exc
         if stored.ndim != 2 or min(stored.shape) < 8:
             raise Rejected("bad_shape", f"pixel array shape {stored.shape}")
     except Rejected as rej:
         rej.header = header  # the image is known: predict can still place it in its series
         raise
     return header, stored
+
+
+def _check_declared_shape(header: SliceHeader, v: dict, max_pixels: int) -> None:
+    """Refuse, from the header alone, what cannot be one grayscale slice within max_pixels.
+
+    The decoder allocates Rows x Columns x frames x samples x BitsAllocated/8
+    bytes from the header's word, whatever the file holds: 5 kB of RLE
+    declaring 65535 x 65535 pixels cost 8.5 GB and 53 s before this check.
+    One file is one image_id, so a multi-frame file cannot be used anyway.
+    """
+    frames = v.get("NumberOfFrames", ["1"])[0] or "1"
+    if frames.strip() not in ("1", "1.0"):
+        raise Rejected("bad_shape", f"NumberOfFrames {frames[:20]}: a slice is one frame")
+    if v.get("SamplesPerPixel", 1) != 1:
+        raise Rejected("bad_shape", f"SamplesPerPixel {v['SamplesPerPixel']}: not grayscale")
+    if v.get("BitsAllocated", 16) not in (8, 16, 32):
+        raise Rejected("bad_shape", f"BitsAllocated {v['BitsAllocated']}")
+    rows, cols = header.rows, header.cols
+    if min(rows, cols) < 8:
+        raise Rejected("bad_shape", f"Rows x Columns {rows} x {cols}")
+    if rows * cols > max_pixels:
+        raise Rejected("bad_shape", f"declares {rows} x {cols} pixels, more than max_pixels ({max_pixels:,})")
 
 
 def _native_pixels(ds, header: SliceHeader, v: dict) -> np.ndarray | None:
@@ -292,7 +505,7 @@ def _native_pixels(ds, header: SliceHeader, v: dict) -> np.ndarray | None:
     return np.frombuffer(data, dtype=dtype).reshape(header.rows, header.cols)
 
 
-def read_hu(path) -> tuple[SliceHeader, np.ndarray]:
+def read_hu(path, max_pixels: int = MAX_PIXELS) -> tuple[SliceHeader, np.ndarray]:
     """Full read: header plus the slice in HU (float32, 2-D)."""
-    header, stored = read_stored(path)
+    header, stored = read_stored(path, max_pixels)
     return header, to_hu(stored, header)

@@ -5,24 +5,37 @@ each once (header + pixels), windows it into a chunk buffer, writes the
 buffer into the cache with one pwrite and returns the header fields. Slice
 order, labels and folds are computed afterwards from those fields alone.
 Memory stays flat: a worker holds one chunk of small images (chunk_size x
-196 KB at 256 px), and the parent holds only table rows.
+196 KB at 256 px) plus the file it reads, which ich.dicom bounds through
+`max_pixels` before anything is decoded; the parent holds only table rows.
+
+Bad input never stops a run (README, "What happens to bad input"): every
+file ends in slices.parquet or in rejected.csv with a reason. Workers die
+with prepare_data, even on kill -9 (`_die_with_parent`), and the chunks
+finished by then are kept for the rerun.
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import multiprocessing
+import os
 import shutil
+import signal
+import sys
 import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from joblib import Parallel, delayed
 from tqdm.auto import tqdm
 
 from . import cache
 from .config import PrepareConfig
-from .dicom import Rejected, read_stored
+from .dicom import SAFE_ID, Rejected, read_stored
 from .folds import assign_folds
 from .image import process_slice
 from .labels import LABELS, read_labels
@@ -49,6 +62,8 @@ class Summary:
     rejected: dict = field(default_factory=dict)
     fixes: dict = field(default_factory=dict)
     labels_without_image: int = 0
+    id_mismatch: int = 0  # usable images whose file name differs from their SOPInstanceUID
+    id_mismatch_example: str = ""
     chunks_done_before: int = 0
     seconds: float = 0.0
 
@@ -66,6 +81,10 @@ class Summary:
         total = sum(self.rejected.values())
         reasons = ", ".join(f"{k} {v}" for k, v in self.rejected.items())
         out.append(f"  rejected: {total}" + (f" ({reasons})" if total else ""))
+        if self.id_mismatch:
+            out.append(f"  warning: {self.id_mismatch} file name(s) differ from the SOPInstanceUID inside "
+                       f"(e.g. {self.id_mismatch_example}); image_id is the file name, the UID is in "
+                       "slices.parquet's sop_uid")
         if self.labels_without_image:
             out.append(f"  label rows for {self.labels_without_image} images with no file (ignored)")
         out.append(f"  written to {self.clean_dir}")
@@ -73,12 +92,49 @@ class Summary:
 
 
 def list_files(folder: Path) -> list[str]:
-    """Every regular, non-hidden file in the folder, sorted: a stray file is rejected, not skipped."""
-    return sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    """Every non-hidden entry but sub-folders, sorted: a stray file, a dangling link or a device
+    is listed, so that it is rejected with a reason (rejected.csv), never skipped in silence."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and not p.is_dir())
 
 
-HEADER_COLUMNS = ("image_id", "patient_id", "study_id", "series_id", "z", "rows", "cols",
+def image_id_for(name: str, sop_uid: str | None) -> str | None:
+    """A file's image_id: its name without `.dcm`, or its SOPInstanceUID when the name is no safe ID.
+
+    In Kaggle's data the two are equal. Where they differ the file name wins:
+    the sample submission (and the label csv) are keyed by the names of the
+    files Kaggle handed out, so a row keyed by a name must get the prediction
+    of the image in that file; the UID stays in the `sop_uid` column and the
+    summary warns with an example.
+    """
+    stem = name[:-4] if name.lower().endswith(".dcm") else name
+    if SAFE_ID.match(stem) and stem not in (".", ".."):
+        return stem
+    return sop_uid
+
+
+# what a worker returns per file besides image_id; `sop_uid` is the header's SOPInstanceUID
+HEADER_COLUMNS = ("sop_uid", "patient_id", "study_id", "series_id", "z", "rows", "cols",
                   "pixel_spacing", "window_center", "window_width")
+PLACE_COLUMNS = ("sop_uid", "patient_id", "study_id", "series_id", "z")  # where a rejected image sits
+
+
+def _header_fields(header, columns) -> dict:
+    return {k: header.image_id if k == "sop_uid" else header.z if k == "z" else getattr(header, k)
+            for k in columns}
+
+
+def read_one(path: Path, cfg: PrepareConfig) -> tuple[np.ndarray, dict]:
+    """One file -> (cached image, its table fields); raises Rejected: a worker's step per file.
+
+    pydicom's warnings about odd files are silenced: for a bad file its
+    rejection reason says what is wrong, once, in rejected.csv.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        header, stored = read_stored(path, cfg.max_pixels)
+        image, quality = process_slice(stored, header, size=cfg.image_size, windows=cfg.windows,
+                                       sigmoid=cfg.sigmoid, crop=cfg.crop_border)
+    return image, {**_header_fields(header, HEADER_COLUMNS), **quality}
 
 
 def _process_chunk(folder: str, names: list[str], start: int, clean_dir: str, cfg: PrepareConfig) -> pd.DataFrame:
@@ -88,19 +144,108 @@ def _process_chunk(folder: str, names: list[str], start: int, clean_dir: str, cf
     for i, name in enumerate(names):
         row = {"cache_row": start + i, "file": name, "reason": "", "detail": ""}
         try:
-            header, stored = read_stored(Path(folder) / name)
-            image, quality = process_slice(stored, header, size=cfg.image_size, windows=cfg.windows,
-                                           sigmoid=cfg.sigmoid, crop=cfg.crop_border)
-            images[i] = image
-            row.update({k: getattr(header, k) for k in HEADER_COLUMNS if k != "z"}, z=header.z, **quality)
+            images[i], fields = read_one(Path(folder) / name, cfg)
+            row.update(fields)
         except Rejected as rej:
             row.update(reason=rej.reason, detail=rej.detail[:300])
             if rej.header is not None:  # pixels unusable, header fine: keep where the image sits
-                row.update({k: getattr(rej.header, k) for k in ("image_id", "patient_id", "study_id", "series_id")},
-                           z=rej.header.z)
+                row.update(_header_fields(rej.header, PLACE_COLUMNS))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - one odd file must not end a run of hours
+            row.update(reason="unreadable", detail=f"unexpected {type(exc).__name__}: {exc}"[:300])
+        row["image_id"] = image_id_for(name, row.get("sop_uid"))
         rows.append(row)
     cache.write_rows(Path(clean_dir), start, images)  # rows of rejected files: zeros
     return pd.DataFrame(rows)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: have the kernel SIGKILL this worker when prepare_data dies.
+
+    Without it a kill -9 of prepare_data left its workers alive for good
+    (blocked on a pipe, a few hundred MB each). Linux sends the signal when
+    the *thread* that forked the worker ends; `_chunk_results` starts every
+    worker from the main thread, whose end is the process's end. A parent
+    that died before this call can no longer signal: leave at once then.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _n_workers(n_jobs: int, n_tasks: int) -> int:
+    """joblib's convention: -1 = every usable core, -2 = all but one, ..."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = n_jobs if n_jobs > 0 else cores + 1 + n_jobs
+    return max(1, min(n, n_tasks))
+
+
+_POOLS: dict[int, ProcessPoolExecutor] = {}  # worker count -> the pool, kept for the process's life
+
+
+def _pool(n_workers: int) -> ProcessPoolExecutor:
+    """A pool of fresh interpreters (spawn: no threads or locks inherited from the parent).
+
+    Starting one costs about a second per worker, so it is kept and reused by
+    the next split (as joblib reused its pool); Python shuts it down at exit.
+    """
+    if n_workers not in _POOLS:
+        _drop_pools()
+        _POOLS[n_workers] = ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_die_with_parent, initargs=(os.getpid(),))
+    return _POOLS[n_workers]
+
+
+def _drop_pools() -> None:
+    for pool in _POOLS.values():
+        pool.shutdown(wait=False, cancel_futures=True)
+    _POOLS.clear()
+
+
+def _chunk_results(tasks: list[tuple], n_workers: int):
+    """Yield _process_chunk(*task) for every task as each finishes (any order).
+
+    Workers are started by the submits below, so from the caller's thread:
+    prepare_data's main thread (see _die_with_parent). Nothing keeps a
+    finished chunk's result once it is yielded, so the parent's memory does
+    not grow with the run. On any way out, chunks not started are cancelled
+    and running ones are waited for, so no worker writes into the cache
+    after this returns.
+    """
+    if n_workers == 1:
+        for task in tasks:
+            yield _process_chunk(*task)
+        return
+    futures = set()
+    try:
+        pool = _pool(n_workers)
+        futures = {pool.submit(_process_chunk, *task) for task in tasks}
+        for future in as_completed(futures):
+            futures.discard(future)
+            yield future.result()
+    except BrokenProcessPool as exc:
+        _drop_pools()
+        raise PrepareError("a worker process died (killed, or out of memory?); the chunks finished so far are "
+                           "kept: rerun the same command to do the rest") from exc
+    finally:
+        for future in futures:
+            future.cancel()
+        wait(futures)
+
+
+def _remove_cache(clean_dir: Path, keep_rejected: bool = False) -> None:
+    names = (cache.IMAGES, cache.META, "slices.parquet") + (() if keep_rejected else ("rejected.csv",))
+    for name in names:
+        (clean_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(clean_dir / cache.PARTS, ignore_errors=True)
 
 
 def _check_existing(clean_dir: Path, key: dict, force: bool) -> None:
@@ -108,9 +253,7 @@ def _check_existing(clean_dir: Path, key: dict, force: bool) -> None:
     if meta is None:
         return
     if force:
-        for name in (cache.IMAGES, cache.META, "slices.parquet", "rejected.csv"):
-            (clean_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(clean_dir / cache.PARTS, ignore_errors=True)
+        _remove_cache(clean_dir)
         return
     if meta != key:
         changed = sorted(k for k in set(meta) | set(key) if meta.get(k) != key.get(k))
@@ -120,10 +263,18 @@ def _check_existing(clean_dir: Path, key: dict, force: bool) -> None:
         )
 
 
+def _check_caps(cfg: PrepareConfig) -> None:
+    """max_pixels is used only here (ich.config checks types; the range is prepare's business)."""
+    mp = cfg.max_pixels
+    if not isinstance(mp, int) or isinstance(mp, bool) or mp < 64:
+        raise PrepareError(f"max_pixels must be an integer >= 64 (an 8 x 8 slice), got {mp!r}")
+
+
 def prepare_split(raw_dir: Path, clean_dir: Path, split: str, cfg: PrepareConfig, *,
                   force: bool = False, progress: bool = True) -> Summary:
     """Prepare `train` or `test`: see the module docstring and DESIGN.md contract 1."""
     t0 = time.time()
+    _check_caps(cfg)
     folder = Path(raw_dir) / (TRAIN_DIR if split == "train" else TEST_DIR)
     if not folder.is_dir():
         nested = sorted(Path(raw_dir).glob(f"*/{folder.name}")) if Path(raw_dir).is_dir() else []
@@ -160,35 +311,60 @@ def prepare_split(raw_dir: Path, clean_dir: Path, split: str, cfg: PrepareConfig
     summary = Summary(split=split, clean_dir=clean_dir, n_files=len(names),
                       chunks_done_before=len(starts) - len(todo))
     if todo:
-        jobs = (delayed(_process_chunk)(str(folder), names[s:s + cfg.chunk_size], s, str(clean_dir), cfg)
-                for s in todo)
-        bar = tqdm(total=sum(len(names[s:s + cfg.chunk_size]) for s in todo), unit="img",
-                   desc=f"prepare {split}", disable=not progress, smoothing=0.1)
-        n_jobs = 1 if len(todo) == 1 else cfg.n_jobs
-        for part in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(jobs):
-            start = int(part["cache_row"].iloc[0])
-            cache.write_atomic(parts_dir / f"chunk_{start:08d}.parquet", lambda p: part.to_parquet(p, index=False))
-            bar.update(len(part))
-        bar.close()
+        tasks = [(str(folder), names[s:s + cfg.chunk_size], s, str(clean_dir), cfg) for s in todo]
+        bar = tqdm(total=sum(len(t[1]) for t in tasks), unit="img", desc=f"prepare {split}",
+                   disable=not progress, smoothing=0.1)
+        try:
+            for part in _chunk_results(tasks, _n_workers(cfg.n_jobs, len(tasks))):
+                start = int(part["cache_row"].iloc[0])
+                cache.write_atomic(parts_dir / f"chunk_{start:08d}.parquet", lambda p: part.to_parquet(p, index=False))
+                bar.update(len(part))
+        except OSError as exc:  # the clean dir's disk or permissions, not the input
+            raise PrepareError(f"cannot write the cache in {clean_dir}: {exc}; the chunks finished so far are "
+                               "kept: rerun the same command to do the rest") from exc
+        finally:
+            bar.close()
 
     table = pd.concat([pd.read_parquet(parts_dir / f"chunk_{s:08d}.parquet") for s in starts], ignore_index=True)
-    slices, rejected = _finish(table, labels, cfg, summary)
+    usable, rejected = _sort_out(table, labels, summary)
+    if usable.empty:
+        _stop_without_images(clean_dir, folder, rejected, summary)
+    slices = _slice_table(usable, labels, cfg, summary)
     cache.write_atomic(clean_dir / "slices.parquet", lambda p: slices.to_parquet(p, index=False))
     cache.write_atomic(clean_dir / "rejected.csv", lambda p: rejected.to_csv(p, index=False))
     summary.seconds = time.time() - t0
     return summary
 
 
-def _finish(table: pd.DataFrame, labels, cfg: PrepareConfig, summary: Summary):
-    """Rows of all files -> (slices table, rejected table); fills the summary."""
-    for col in (*HEADER_COLUMNS, "z", "brain_fraction", "cropped", "fixes"):
+def _stop_without_images(clean_dir: Path, folder: Path, rejected: pd.DataFrame, summary: Summary) -> None:
+    """No file of the split is usable: a one-line error, rejected.csv to say why, and no cache.
+
+    An empty slices.parquet would let train or predict go on with nothing (a
+    submission of priors); the image cache of such a run holds only zeros,
+    so it is removed rather than left half-made for a later run to trust.
+    """
+    _remove_cache(clean_dir, keep_rejected=True)
+    cache.write_atomic(clean_dir / "rejected.csv", lambda p: rejected.to_csv(p, index=False))
+    reasons = ", ".join(f"{k} {v}" for k, v in summary.rejected.items())
+    raise PrepareError(f"no usable image among the {summary.n_files} file(s) of {folder} ({reasons}); "
+                       f"each file's reason is in {clean_dir / 'rejected.csv'}")
+
+
+REJECTED_COLUMNS = ["file", "image_id", "reason", "detail", "patient_id", "study_id", "series_id", "z", "sop_uid"]
+
+
+def _sort_out(table: pd.DataFrame, labels, summary: Summary) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows of all files -> (usable rows, rejected table): a second file with an already seen
+    image_id, and (train) an image absent from the label csv, join the rejected."""
+    for col in ("image_id", *HEADER_COLUMNS, "brain_fraction", "cropped", "fixes"):
         if col not in table:  # every file of the split rejected before its header was read
             table[col] = np.nan
-    ok = table[table["reason"] == ""].copy()
+    ok = table[table["reason"] == ""]
     dup = ok.duplicated("image_id", keep="first")
-    table.loc[ok.index[dup], ["reason", "detail"]] = ["duplicate_id", ""]
-    table.loc[ok.index[dup], "detail"] = "same SOPInstanceUID as " + ok.loc[dup, "image_id"].map(
-        ok[~dup].set_index("image_id")["file"])
+    if dup.any():
+        first_file = ok[~dup].set_index("image_id")["file"]
+        table.loc[ok.index[dup], "reason"] = "duplicate_id"
+        table.loc[ok.index[dup], "detail"] = "same image_id as " + ok.loc[dup, "image_id"].map(first_file)
     ok = ok[~dup]
     if labels is not None:
         has = ok["image_id"].isin(labels.index)
@@ -196,8 +372,14 @@ def _finish(table: pd.DataFrame, labels, cfg: PrepareConfig, summary: Summary):
         ok = ok[has]
         seen = table["image_id"].dropna()  # usable or rejected: the file is there either way
         summary.labels_without_image = int((~labels.index.isin(seen)).sum())
+    rejected = table[table["reason"] != ""].reindex(columns=REJECTED_COLUMNS).reset_index(drop=True)
+    summary.rejected = rejected["reason"].value_counts().to_dict()
+    return ok.drop(columns=["reason", "detail"]), rejected
 
-    ok = ok.drop(columns=["reason", "detail"]).astype({"rows": np.int32, "cols": np.int32})
+
+def _slice_table(ok: pd.DataFrame, labels, cfg: PrepareConfig, summary: Summary) -> pd.DataFrame:
+    """Usable rows -> slices.parquet's table (series order, labels, folds); fills the summary."""
+    ok = ok.astype({"rows": np.int32, "cols": np.int32})
     if labels is not None:
         ok = ok.join(labels, on="image_id")
     slices = order_slices(ok)
@@ -214,15 +396,16 @@ def _finish(table: pd.DataFrame, labels, cfg: PrepareConfig, summary: Summary):
     slices = slices[front + [c for c in slices.columns if c not in front]]
     slices["cache_row"] = slices["cache_row"].astype(np.int64)
 
-    cols = ["file", "image_id", "reason", "detail", "patient_id", "study_id", "series_id", "z"]
-    rejected = table[table["reason"] != ""].reindex(columns=cols).reset_index(drop=True)
     summary.n_images = len(slices)
     summary.n_series = int(slices["series_id"].nunique())
     summary.n_studies = int(slices["study_id"].nunique())
     summary.n_patients = int(slices["patient_id"].nunique())
     if labels is not None:
         summary.positives = {k: int(slices[k].sum()) for k in LABELS}
-    summary.rejected = rejected["reason"].value_counts().to_dict()
     fixes = slices["fixes"].str.split().explode().dropna()
     summary.fixes = fixes.value_counts().to_dict()
-    return slices, rejected
+    differ = slices[slices["image_id"] != slices["sop_uid"]]
+    summary.id_mismatch = len(differ)
+    if len(differ):
+        summary.id_mismatch_example = f"{differ['file'].iloc[0]} holds {differ['sop_uid'].iloc[0]}"
+    return slices

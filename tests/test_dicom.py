@@ -1,4 +1,5 @@
 """Reading one slice: the real competition slice, each quirk, each rejection reason."""
+import struct
 import warnings
 
 import numpy as np
@@ -78,15 +79,30 @@ def _edit(path, fn):
     return path
 
 
+# the file-size cap follows max_pixels: 64 x 64 pixels allow 8 x 4096 bytes + 4 MiB of header
+SMALL_MAX_PIXELS = 64 * 64
+
+
 def make_bad(tmp_path, reason):
-    """A file that must be rejected for `reason` (the prepare tests reuse this)."""
+    """A file that must be rejected for `reason` when read with max_pixels=SMALL_MAX_PIXELS
+    (the prepare tests reuse this)."""
     p = tmp_path / f"{reason}.dcm"
-    if reason == "not_dicom":
+    if reason == "not_a_file":
+        p.symlink_to(tmp_path / "nowhere.dcm")  # dangling
+    elif reason == "too_large":
+        good = write(p).read_bytes()
+        p.write_bytes(good + bytes(5 << 20))  # 5 MB: more than any 64 x 64 slice takes
+    elif reason == "not_dicom":
         p.write_text("this is not a DICOM file\n" * 10)
     elif reason == "unreadable":
-        good = write(tmp_path / "tmp_src.dcm").read_bytes()
-        p.write_bytes(good[:200])  # truncated inside the header
-        (tmp_path / "tmp_src.dcm").unlink()
+        good = write(p).read_bytes()
+        at = good.index(b"\x08\x00\x18\x00UI")  # the first data set element
+        # an element of undefined length that is no sequence: pydicom cannot find its end
+        bad = struct.pack("<HH2sHI", 0x0008, 0x0016, b"UN", 0, 0xFFFFFFFF) + b"\x01\x02\x03\x04" * 10
+        p.write_bytes(good[:at] + bad + good[at:])
+    elif reason == "truncated":
+        good = write(p).read_bytes()
+        p.write_bytes(good[:400])  # cut inside the header
     elif reason == "not_ct":
         _edit(write(p), lambda ds: setattr(ds, "Modality", "MR"))
     elif reason == "missing_uid":
@@ -100,8 +116,8 @@ def make_bad(tmp_path, reason):
     elif reason == "no_pixel_data":
         _edit(write(p), lambda ds: delattr(ds, "PixelData"))
     elif reason == "pixel_decode_failed":
-        good = write(p).read_bytes()
-        p.write_bytes(good[: len(good) - 700])  # truncated in the pixel data, like ID_6431af929
+        # a whole PixelData element with fewer bytes than Rows x Columns needs
+        _edit(write(p), lambda ds: setattr(ds, "PixelData", ds.PixelData[:-700]))
     elif reason == "bad_shape":
         def two_frames(ds):
             ds.NumberOfFrames = 2
@@ -117,7 +133,7 @@ FILE_REASONS = [r for r in REASONS if r not in ("duplicate_id", "no_labels")]  #
 def test_each_rejection_reason(tmp_path, reason):
     path = make_bad(tmp_path, reason)
     with pytest.raises(Rejected) as info:
-        read_hu(path)
+        read_hu(path, max_pixels=SMALL_MAX_PIXELS)
     assert info.value.reason == reason, info.value
 
 

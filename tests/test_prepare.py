@@ -13,9 +13,9 @@ from ich.dicom import REASONS, read_stored
 from ich.image import process_slice
 from ich.labels import LABELS, LabelsError
 from ich.prepare import PrepareError, prepare_split
-from test_dicom import FILE_REASONS, make_bad
+from test_dicom import FILE_REASONS, SMALL_MAX_PIXELS, make_bad
 
-CFG = PrepareConfig(image_size=32, n_folds=3, n_jobs=2, chunk_size=7)
+CFG = PrepareConfig(image_size=32, n_folds=3, n_jobs=2, chunk_size=7, max_pixels=SMALL_MAX_PIXELS)
 
 
 @pytest.fixture
@@ -28,8 +28,8 @@ def raw(tmp_path):
     order["ID_se3"] = write_series(train, series="ID_se3", patient="ID_p2", n=6, first_id=3, descending=True)
     order["ID_se4"] = write_series(train, series="ID_se4", patient="ID_p3", n=4, first_id=4, bits12_quirk=True)
     ids = [i for v in order.values() for i in v]
-    # a copy of an existing slice under another file name: same SOPInstanceUID
-    shutil.copy(train / f"{ids[0]}.dcm", train / "ID_copy.dcm")
+    # the same image_id twice (the file name without .dcm is the image_id): the first in name order is kept
+    shutil.copy(train / f"{ids[0]}.dcm", train / ids[0])
     # an image without labels
     write_series(train, series="ID_se9", patient="ID_p9", n=1, first_id=9)
     for reason in FILE_REASONS:
@@ -71,7 +71,8 @@ def test_train_contract(raw, tmp_path):
 
     rejected = pd.read_csv(clean / "rejected.csv")
     assert set(rejected["reason"]) == set(REASONS)
-    assert rejected.loc[rejected.reason == "duplicate_id", "detail"].str.contains("same SOPInstanceUID").all()
+    dup = rejected.loc[rejected.reason == "duplicate_id", "detail"].tolist()
+    assert dup == [f"same image_id as {order['ID_se1'][0]}"]
     # an image whose pixels fail but whose header is fine keeps its place (predict's fallback uses it)
     broken = rejected[rejected.reason == "pixel_decode_failed"].iloc[0]
     assert broken.series_id == "ID_se1" and np.isfinite(broken.z)
@@ -79,7 +80,7 @@ def test_train_contract(raw, tmp_path):
     assert summary.rejected == rejected["reason"].value_counts().to_dict()
     assert summary.n_images == 22 and summary.n_series == 4 and summary.n_patients == 3
     text = "\n".join(summary.lines())
-    assert "rejected: 12" in text and "bits12 4" in text
+    assert f"rejected: {len(FILE_REASONS) + 2}" in text and "bits12 4" in text
 
     # the cache row of an image holds exactly what process_slice makes of its file
     images = cache.open_images(clean)
