@@ -276,3 +276,49 @@ def test_damaged_resume_state_is_named_in_one_line(prepared, tmp_path):
     out = run_train("--settings", settings, "--config", cfg, "--folds", "0", "--resume")
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "fold0.last.pt is damaged" in out.stderr and "--force" in out.stderr
+
+
+def test_submission_has_every_sample_row_for_pydicom_corpus(prepared, trained, tmp_path):
+    """Issue 10: pydicom's own test files as a test split: no crash, and a submission with every sample row."""
+    import shutil
+    from pathlib import Path
+
+    import pydicom
+    import yaml
+
+    from conftest import run_script
+    from ich.config import PrepareConfig
+    from ich.prepare import prepare_split
+    _, _, work = trained
+    corpus = Path(pydicom.data.__file__).parent / "test_files"
+    split = tmp_path / "raw" / "stage_2_test"
+    split.mkdir(parents=True)
+    for path in sorted(p for p in corpus.rglob("*") if p.is_file()):
+        shutil.copy(path, split / str(path.relative_to(corpus)).replace("/", "__"))
+    prepare_split(tmp_path / "raw", tmp_path / "clean", "test", PrepareConfig(**TINY_PREPARE), progress=False)
+    slices = pd.read_parquet(tmp_path / "clean" / "slices.parquet")
+    rejected = pd.read_csv(tmp_path / "clean" / "rejected.csv", keep_default_na=False)
+    ids = sorted(set(slices["image_id"]) | set(rejected["image_id"]) - {""}) + ["ID_nodicom"]
+    sample = pd.DataFrame({"ID": [f"{i}_{c}" for i in ids for c in LABELS], "Label": 0.5})
+    sample.to_csv(tmp_path / "raw" / "stage_2_sample_submission.csv", index=False)
+
+    models = tmp_path / "models" / "tiny"
+    models.mkdir(parents=True)
+    for path in (work / "models" / "tiny").iterdir():  # checkpoints and OOF files; the test outputs are new
+        if not path.name.startswith("test"):
+            (models / path.name).symlink_to(path)
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({
+        "RAW_DATA_DIR": str(tmp_path / "raw"), "TRAIN_DATA_CLEAN_PATH": str(prepared / "clean" / "train"),
+        "TEST_DATA_CLEAN_PATH": str(tmp_path / "clean"), "MODEL_CHECKPOINT_DIR": str(tmp_path / "models"),
+        "LOGS_DIR": str(tmp_path / "logs"), "SUBMISSION_DIR": str(tmp_path / "sub")}))
+    cfg = tmp_path / "predict.yaml"
+    cfg.write_text(yaml.safe_dump({"experiments": ["tiny"], "k_neighbors": 2, "pca_components": 2,
+                                   "lgb": {"num_leaves": 7, "min_data_in_leaf": 10, "num_threads": 1},
+                                   "num_boost_round": 50, "early_stopping_rounds": 10, "num_workers": 0}))
+    out = run_script("predict.py", "--settings", settings, "--config", cfg)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    sub = pd.read_csv(tmp_path / "sub" / "submission.csv")
+    assert sub["ID"].tolist() == sample["ID"].tolist()
+    assert sub["Label"].between(1e-6, 1 - 1e-6).all()
+    assert f"{len(ids)} test images: {len(slices)} predicted" in out.stdout
