@@ -6,7 +6,7 @@ are wanted, test_fold{k}.parquet (+ test_fold{k}_emb.npy) of every stage-one
 fold model k, never the fold-averaged test.parquet / test_emb.npy: every
 feature vector a booster sees comes from one stage-one model, at training
 and at test time alike (`load_stage_one`, `stage_two_features`). Writes to
-MODEL_CHECKPOINT_DIR/stacking/<name>/: oof.parquet, test.parquet,
+MODEL_CHECKPOINT_DIR/stacking/<name>/: oof.parquet, test.parquet, stage_two.joblib,
 boosters/<label>_fold<k>.txt (n_k rounds each), config.json; and to
 LOGS_DIR/stacking/<name>/: metrics.csv (the log-loss table, TABLE_NOTE says
 what each stage-two row is), rounds.csv (rounds per label and fold, honest
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import joblib
 from sklearn.decomposition import PCA
 
 from ich.cache import write_atomic
@@ -32,6 +33,7 @@ from .features import build_features
 from .model import fit_predict, logit
 
 ANY = LABELS.index("any")
+SAVED = "stage_two.joblib"  # what stacking.apply needs besides the boosters: per-fold-model PCAs, feature names
 STAGE_TWO = "stage two"
 STAGE_TWO_OPTIMISTIC = "stage two (rounds picked on the scored fold, optimistic)"
 TABLE_NOTE = (f"'{STAGE_TWO}': each fold scored by boosters whose number of rounds was picked on the other folds "
@@ -75,6 +77,7 @@ class StageOne:
     """What stage one hands stage two for one set of rows, per experiment (rows aligned with slices)."""
     probs: dict[str, np.ndarray]                            # (n, 6) probabilities
     pcs: dict[str, np.ndarray] = field(default_factory=dict)  # (n, pca_components); empty without PCA
+    pca_models: dict = field(default_factory=dict)  # (experiment, fold k) -> SignedPCA of fold model k (train view)
 
 
 @dataclass
@@ -166,6 +169,7 @@ def load_stage_one(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFrame,
             held = np.flatnonzero(folds == k)
             emb = _embeddings(d / "oof_emb.npy", rows[held], n_oof)
             pca = fit_signed_pca(emb, logit(train.probs[exp][held, ANY]), cfg.pca_components)
+            train.pca_models[exp, k] = pca
             train.pcs[exp][held] = pca.transform(emb)
             if tests is not None:
                 emb = _embeddings(_test_fold_path(d, k, emb=True), *test_rows[k])
@@ -182,6 +186,7 @@ class Features:
     base: np.ndarray | None                     # mean stage-one OOF probability (start_from_stage_one)
     X_test: dict[int, np.ndarray] | None = None  # k -> test features from fold model k
     base_test: dict[int, np.ndarray] | None = None  # k -> mean over experiments of fold model k's probabilities
+    pca_models: dict = field(default_factory=dict)  # (experiment, fold k) -> SignedPCA (saved with the boosters)
 
 
 def stage_two_features(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFrame,
@@ -202,7 +207,8 @@ def stage_two_features(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFr
 
     X, names = build(train_slices, train)
     mean = lambda view: np.mean(list(view.probs.values()), axis=0)  # noqa: E731
-    out = Features(X, names, train.probs, mean(train) if cfg.start_from_stage_one else None)
+    out = Features(X, names, train.probs, mean(train) if cfg.start_from_stage_one else None,
+                   pca_models=train.pca_models)
     if tests is not None:
         out.X_test = {}
         for k, view in tests.items():
@@ -256,6 +262,9 @@ def run_stacking(cfg: PredictCfg, *, train_slices: pd.DataFrame, test_slices: pd
     for (label, k), booster in res.boosters.items():
         booster.save_model(str(out_dir / "boosters" / f"{label}_fold{k}.txt"), num_iteration=res.rounds[(label, k)])
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    saved = {"feature_names": feats.names, "folds": sorted(int(k) for k in np.unique(folds)),
+             "pca": feats.pca_models, "rounds": res.rounds}
+    write_atomic(out_dir / SAVED, lambda p: joblib.dump(saved, p))
     oof = pd.DataFrame(res.oof, columns=list(LABELS))
     oof.insert(0, "image_id", train_slices["image_id"].to_numpy())
     write_atomic(out_dir / "oof.parquet", lambda p: oof.to_parquet(p, index=False))

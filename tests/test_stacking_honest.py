@@ -285,3 +285,20 @@ def test_optimistic_protocol_beats_the_honest_one_on_noise():
         for i, k in enumerate(sorted(np.unique(folds))):
             others = np.delete(curves, i, axis=0).mean(axis=0, keepdims=True)
             assert res.rounds[label, k] == early_stop(others, 15)[0][0]
+
+
+def test_saved_stage_two_reproduces_the_batch_test_predictions(stage_one):
+    """stacking.apply (boosters + PCAs from disk, no training) equals what run_stacking predicted."""
+    from stacking.apply import apply_stage_two
+    from stacking.run import StackingError
+    tmp, train, test, _ = stage_one
+    for pca in (2, 0):
+        cfg = PredictCfg(name=f"saved{pca}", experiments=["e"], k_neighbors=2, pca_components=pca, lgb=PARAMS,
+                         num_boost_round=60, early_stopping_rounds=10)
+        res = run_stacking(cfg, train_slices=train, test_slices=test, model_dir=tmp / "models",
+                           logs_dir=tmp / "logs", progress=False, log=lambda *a: None)
+        again = apply_stage_two(cfg, tmp / "models", test.iloc[::-1])  # any row order
+        got = again.set_index("image_id").loc[res["test"]["image_id"], list(LABELS)].to_numpy()
+        np.testing.assert_allclose(got, res["test"][list(LABELS)].to_numpy(), rtol=1e-9, atol=1e-12)
+    with pytest.raises(StackingError, match="run predict.py"):
+        apply_stage_two(PredictCfg(name="never", experiments=["e"]), tmp / "models", test)
