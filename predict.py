@@ -12,12 +12,15 @@ def main(argv=None):
     p.add_argument("--stage1-only", action="store_true", help="submit the mean of the stage-one models (no stacking)")
     p.add_argument("--force", action="store_true", help="recompute cached stage-one test predictions")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--study", help="one study (folder or .zip of DICOMs): per-slice probabilities, no submission")
+    p.add_argument("--out", help="with --study: output folder (default LOGS_DIR/study)")
     args = p.parse_args(argv)
 
     import numpy as np
     import pandas as pd
 
     from ich.labels import LABELS
+    from ich.study import StudyError
     from ich.submission import (SubmissionError, build_submission, read_sample, score_submission,
                                 write_submission)
     from models import runtime as rt
@@ -25,9 +28,12 @@ def main(argv=None):
     from stacking.config import load_predict_config
     from stacking.run import StackingError, run_stacking
 
-    with friendly_errors(SubmissionError, InferenceError, StackingError, FileNotFoundError):
+    with friendly_errors(SubmissionError, InferenceError, StackingError, StudyError, FileNotFoundError):
         settings = load_settings(args.settings)
         cfg = load_predict_config(args.config)
+        if args.study:  # the study path: same reading, stage one and stage two as below (models/study.py)
+            from models.study import study_cli
+            return study_cli(args.study, args.out, settings, cfg)
         # stage one and two take hours on the real data: find a read-only output folder now, not at the last write
         require_writable({"MODEL_CHECKPOINT_DIR": settings.model_checkpoint_dir, "LOGS_DIR": settings.logs_dir,
                           "SUBMISSION_DIR": settings.submission_dir})

@@ -1,0 +1,94 @@
+"""The study path (predict.py --study) is the batch path: same probabilities for the same slices."""
+import json
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import run_script
+from ich.labels import LABELS
+from ich.study import StudyError, choose_series, extract_zip, study_files
+
+
+@pytest.fixture(scope="module")
+def batch(prepared, trained, tmp_path_factory):
+    """predict.py on the generated test split with its own model tree: (settings, config, work)."""
+    _, _, work = trained
+    root = tmp_path_factory.mktemp("study_batch")
+    models = root / "models" / "tiny"
+    models.mkdir(parents=True)
+    for path in (work / "models" / "tiny").iterdir():
+        if not path.name.startswith("test"):
+            (models / path.name).symlink_to(path)
+    settings = root / "settings.json"
+    settings.write_text(json.dumps({
+        "RAW_DATA_DIR": str(prepared / "raw"), "TRAIN_DATA_CLEAN_PATH": str(prepared / "clean" / "train"),
+        "TEST_DATA_CLEAN_PATH": str(prepared / "clean" / "test"), "MODEL_CHECKPOINT_DIR": str(root / "models"),
+        "LOGS_DIR": str(root / "logs"), "SUBMISSION_DIR": str(root / "sub")}))
+    cfg = root / "study.yaml"
+    cfg.write_text(yaml.safe_dump({"experiments": ["tiny"], "k_neighbors": 2, "pca_components": 2,
+                                   "lgb": {"num_leaves": 7, "min_data_in_leaf": 10, "num_threads": 1},
+                                   "num_boost_round": 60, "early_stopping_rounds": 10, "num_workers": 0}))
+    out = run_script("predict.py", "--settings", settings, "--config", cfg)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return settings, cfg, root
+
+
+def test_study_probabilities_equal_the_batch_path(prepared, batch, tmp_path):
+    settings, cfg, root = batch
+    test = pd.read_parquet(prepared / "clean" / "test" / "slices.parquet")
+    counts = test["series_id"].value_counts()
+    big, small = counts.index[0], counts.index[-1]
+    zpath = tmp_path / "study.zip"
+    with zipfile.ZipFile(zpath, "w") as z:  # any layout: nested folders, other names, a stray file
+        for i, image_id in enumerate(test.loc[test.series_id == big, "image_id"]):
+            z.write(prepared / "raw" / "stage_2_test" / f"{image_id}.dcm", f"PATIENT/SER1/IM{i:04d}")
+        for image_id in test.loc[test.series_id == small, "image_id"][:2]:
+            z.write(prepared / "raw" / "stage_2_test" / f"{image_id}.dcm", f"PATIENT/SER2/{image_id}")
+        z.writestr("PATIENT/README.txt", "not an image")
+    before = set(p.name for p in __import__("pathlib").Path(__import__("tempfile").gettempdir()).glob("ich_study_*"))
+    out = run_script("predict.py", "--settings", settings, "--config", cfg, "--study", zpath, "--out", tmp_path / "o")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Research use only" in out.stdout and big not in out.stdout + out.stderr  # no UIDs in the log
+    got = pd.read_csv(tmp_path / "o" / "study.csv").set_index("image_id")
+    want = pd.read_parquet(root / "models" / "stacking" / "study" / "test.parquet").set_index("image_id")
+    ids = test.loc[test.series_id == big, "image_id"]
+    assert set(got.index) == set(ids)
+    np.testing.assert_allclose(got.loc[ids, list(LABELS)].to_numpy(), want.loc[ids, list(LABELS)].to_numpy(),
+                               atol=1e-4, rtol=0)
+    assert got["slice_index"].tolist() == sorted(got["slice_index"])
+    doc = json.loads((tmp_path / "o" / "study.json").read_text())
+    reasons = {s["file"]: s["reason"] for s in doc["skipped"]}
+    assert reasons["PATIENT/README.txt"] == "not_dicom"
+    assert sum(r == "other_series" for r in reasons.values()) == 2
+    kaggle = pd.read_csv(tmp_path / "o" / "study_kaggle.csv")
+    assert len(kaggle) == 6 * len(ids) and kaggle["ID"].str.rsplit("_", n=1).str[1].isin(LABELS).all()
+    after = set(p.name for p in __import__("pathlib").Path(__import__("tempfile").gettempdir()).glob("ich_study_*"))
+    assert after <= before  # nothing of the study is kept
+
+
+def test_hostile_zips_are_refused_in_one_line(tmp_path):
+    slip = tmp_path / "slip.zip"
+    with zipfile.ZipFile(slip, "w") as z:
+        z.writestr("../../evil.dcm", b"x")
+    with pytest.raises(StudyError, match="unsafe path"):
+        extract_zip(slip, tmp_path / "x")
+    assert not (tmp_path.parent / "evil.dcm").exists()
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("big", b"\0" * (3 << 20))
+    with pytest.raises(StudyError, match="unpacks to more than"):
+        extract_zip(bomb, tmp_path / "y", max_bytes=1 << 20)
+    (tmp_path / "junk.zip").write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(StudyError):
+        study_files(tmp_path / "junk.zip", tmp_path / "w")
+    with pytest.raises(StudyError, match="not found"):
+        study_files(tmp_path / "nowhere", tmp_path / "w")
+
+
+def test_no_axial_ct_series_is_a_clear_error(tmp_path):
+    (tmp_path / "a.txt").write_text("hello")
+    files = choose_series(study_files(tmp_path, tmp_path / "w"))
+    assert files.chosen == [] and files.skipped[0]["reason"] == "not_dicom"
