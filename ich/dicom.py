@@ -58,7 +58,6 @@ REASONS = (
     "pixel_decode_failed",  # whole PixelData that cannot be decoded (corrupt stream, fewer bytes than the shape)
     "bad_shape",        # not one 2-D grayscale image within max_pixels: checked on the header, before decoding
     "no_labels",        # train image absent from the label csv
-    "other_series",     # a study's readable slice of a series that was not chosen (ich.study)
 )
 
 # Caps checked before anything is decoded, so a hostile header cannot make a worker

@@ -23,8 +23,10 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .dicom import MAX_PIXELS, Rejected, read_header
+from .dicom import MAX_PIXELS, REASONS, Rejected, read_header
 
+OTHER_SERIES = "other_series"  # a readable slice of a series that was not chosen (prepare_data never uses it)
+STUDY_REASONS = (*REASONS, OTHER_SERIES)
 AXIAL_MIN_COS = 0.85   # |normal . head-foot axis|: up to about 32 degrees of gantry tilt
 MAX_FILES = 5000       # a head CT study holds a few hundred slices per series
 MAX_BYTES = 4 << 30    # uncompressed
@@ -112,13 +114,13 @@ def choose_series(files: list[tuple[str, Path]], *, max_pixels: int = MAX_PIXELS
     axial = [s for s in series if s["axial"]]
     if not axial:
         return StudyFiles([], None, skipped + [
-            {"file": n, "reason": "other_series", "detail": "not an axial series"}
+            {"file": n, "reason": OTHER_SERIES, "detail": "not an axial series"}
             for v in by_series.values() for n, _, _ in v], series)
     best = max(axial, key=lambda s: (s["n_files"], s["series_id"]))["series_id"]
     for s, v in by_series.items():
         if s != best:
             why = "another axial series has more slices" if _is_axial(v[0][2].orientation) else "not axial"
-            skipped += [{"file": n, "reason": "other_series", "detail": why} for n, _, _ in v]
+            skipped += [{"file": n, "reason": OTHER_SERIES, "detail": why} for n, _, _ in v]
     chosen, seen = [], set()
     for name, path, header in by_series[best]:
         if header.image_id in seen:

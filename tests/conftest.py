@@ -141,3 +141,31 @@ def trained(prepared, tmp_path_factory):
     out = run_train("--settings", settings, "--config", write_config(work))
     assert out.returncode == 0, out.stderr[-3000:]
     return settings, out, work
+
+
+def link_models(src: Path, dst: Path) -> Path:
+    """A copy of an experiment folder made of links (checkpoints, OOF files), without its test outputs."""
+    dst.mkdir(parents=True)
+    for path in src.iterdir():
+        if not path.name.startswith("test"):
+            (dst / path.name).symlink_to(path)
+    return dst
+
+
+def write_paths(path: Path, *, raw: Path, train: Path, test: Path, root: Path) -> Path:
+    """A settings file: raw data and clean dirs as given, models/logs/submissions under root."""
+    path.write_text(json.dumps({
+        "RAW_DATA_DIR": str(raw), "TRAIN_DATA_CLEAN_PATH": str(train), "TEST_DATA_CLEAN_PATH": str(test),
+        "MODEL_CHECKPOINT_DIR": str(root / "models"), "LOGS_DIR": str(root / "logs"),
+        "SUBMISSION_DIR": str(root / "sub")}))
+    return path
+
+
+def write_predict_config(path: Path, **overrides) -> Path:
+    """A small, fast predict config over the tiny experiment."""
+    import yaml
+    cfg = {"experiments": ["tiny"], "k_neighbors": 2, "pca_components": 2,
+           "lgb": {"num_leaves": 7, "min_data_in_leaf": 10, "num_threads": 1},
+           "num_boost_round": 60, "early_stopping_rounds": 10, "num_workers": 0, **overrides}
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -284,9 +284,8 @@ def test_submission_has_every_sample_row_for_pydicom_corpus(prepared, trained, t
     from pathlib import Path
 
     import pydicom
-    import yaml
 
-    from conftest import run_script
+    from conftest import link_models, run_script, write_paths, write_predict_config
     from ich.config import PrepareConfig
     from ich.prepare import prepare_split
     _, _, work = trained
@@ -302,20 +301,10 @@ def test_submission_has_every_sample_row_for_pydicom_corpus(prepared, trained, t
     sample = pd.DataFrame({"ID": [f"{i}_{c}" for i in ids for c in LABELS], "Label": 0.5})
     sample.to_csv(tmp_path / "raw" / "stage_2_sample_submission.csv", index=False)
 
-    models = tmp_path / "models" / "tiny"
-    models.mkdir(parents=True)
-    for path in (work / "models" / "tiny").iterdir():  # checkpoints and OOF files; the test outputs are new
-        if not path.name.startswith("test"):
-            (models / path.name).symlink_to(path)
-    settings = tmp_path / "settings.json"
-    settings.write_text(json.dumps({
-        "RAW_DATA_DIR": str(tmp_path / "raw"), "TRAIN_DATA_CLEAN_PATH": str(prepared / "clean" / "train"),
-        "TEST_DATA_CLEAN_PATH": str(tmp_path / "clean"), "MODEL_CHECKPOINT_DIR": str(tmp_path / "models"),
-        "LOGS_DIR": str(tmp_path / "logs"), "SUBMISSION_DIR": str(tmp_path / "sub")}))
-    cfg = tmp_path / "predict.yaml"
-    cfg.write_text(yaml.safe_dump({"experiments": ["tiny"], "k_neighbors": 2, "pca_components": 2,
-                                   "lgb": {"num_leaves": 7, "min_data_in_leaf": 10, "num_threads": 1},
-                                   "num_boost_round": 50, "early_stopping_rounds": 10, "num_workers": 0}))
+    link_models(work / "models" / "tiny", tmp_path / "models" / "tiny")  # the test outputs are new
+    settings = write_paths(tmp_path / "settings.json", raw=tmp_path / "raw", train=prepared / "clean" / "train",
+                           test=tmp_path / "clean", root=tmp_path)
+    cfg = write_predict_config(tmp_path / "predict.yaml")
     out = run_script("predict.py", "--settings", settings, "--config", cfg)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
     sub = pd.read_csv(tmp_path / "sub" / "submission.csv")

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import run_script
+from conftest import run_script, write_predict_config
 from ich.config import ConfigError
 from ich.labels import LABELS
 from ich.submission import SubmissionError, build_submission, read_sample
@@ -154,10 +154,8 @@ def test_submission_order_and_fallbacks(tmp_path):
 
 def test_predict_end_to_end(prepared, trained):
     settings, _, work = trained
-    cfg = work / "predict.yaml"
-    cfg.write_text(yaml.safe_dump({"experiments": ["tiny"], "k_neighbors": 3, "pca_components": 2,
-                                   "lgb": {"num_leaves": 7, "min_data_in_leaf": 10, "learning_rate": 0.05},
-                                   "num_boost_round": 300, "early_stopping_rounds": 30, "num_workers": 0}))
+    cfg = write_predict_config(work / "predict.yaml", k_neighbors=3, num_boost_round=300, early_stopping_rounds=30,
+                               lgb={"num_leaves": 7, "min_data_in_leaf": 10, "learning_rate": 0.05})
     out = run_script("predict.py", "--settings", settings, "--config", cfg)
     assert out.returncode == 0, out.stderr[-3000:]
     sub = pd.read_csv(work / "sub" / "submission.csv")
