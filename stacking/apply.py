@@ -24,8 +24,8 @@ from ich.labels import LABELS
 
 from .config import PredictCfg
 from .features import build_features
-from .model import logit
-from .run import SAVED, StackingError, _aligned, _embeddings, _test_fold_path
+from .model import logit, predict_booster
+from .run import SAVED, StackingError, fold_model_view
 
 
 def load_saved(cfg: PredictCfg, model_dir: Path) -> tuple[dict, dict]:
@@ -55,25 +55,16 @@ def apply_stage_two(cfg: PredictCfg, model_dir: Path, slices: pd.DataFrame) -> p
     saved, boosters = load_saved(cfg, model_dir)
     total = np.zeros((len(slices), len(LABELS)))
     for k in saved["folds"]:
-        probs, pcs = {}, {}
-        for exp in cfg.experiments:
-            d = model_dir / exp
-            probs[exp], rows, n = _aligned(_test_fold_path(d, k), slices["image_id"], f"fold {k} stage-one")
-            if cfg.pca_components:
-                pcs[exp] = saved["pca"][exp, k].transform(_embeddings(_test_fold_path(d, k, emb=True), rows, n))
-        X, names = build_features(slices, probs, k=cfg.k_neighbors, embeddings=pcs or None,
+        view = fold_model_view(cfg, model_dir, slices, k, saved["pca"])
+        X, names = build_features(slices, view.probs, k=cfg.k_neighbors, embeddings=view.pcs or None,
                                   neighbors=cfg.neighbors)
         if names != saved["feature_names"]:
             raise StackingError("these slices give other stage-two features than training did ("
                                 + ", ".join(sorted(set(names) ^ set(saved["feature_names"]))[:5])
                                 + "): prepare them with the same prepare_data.py")
-        init = logit(np.mean(list(probs.values()), axis=0)) if cfg.start_from_stage_one else None
+        init = logit(np.mean(list(view.probs.values()), axis=0)) if cfg.start_from_stage_one else None
         for j, label in enumerate(LABELS):
-            b = boosters[label, k]
-            if init is None:
-                total[:, j] += b.predict(X)
-            else:
-                total[:, j] += 1 / (1 + np.exp(-(b.predict(X, raw_score=True) + init[:, j])))
+            total[:, j] += predict_booster(boosters[label, k], X, None, None if init is None else init[:, j])
     out = pd.DataFrame(total / len(saved["folds"]), columns=list(LABELS))
     out.insert(0, "image_id", slices["image_id"].to_numpy())
     return out

@@ -146,11 +146,11 @@ def fit_predict(X: np.ndarray, y: np.ndarray, folds: np.ndarray, X_test: dict[in
         for i, k in enumerate(fold_ids):
             b, n, n_opt = boosters[k], int(honest[i]), int(optimistic[i])
             rows_init = None if init is None else init[held[k], j]
-            result.oof[held[k], j] = _predict(b, X_valid[k], n, rows_init)
-            result.oof_optimistic[held[k], j] = _predict(b, X_valid[k], n_opt, rows_init)
+            result.oof[held[k], j] = predict_booster(b, X_valid[k], n, rows_init)
+            result.oof_optimistic[held[k], j] = predict_booster(b, X_valid[k], n_opt, rows_init)
             if X_test is not None:
                 test_init = None if init is None else logit(base_test[k][:, j])
-                result.test[:, j] += _predict(b, X_test[k], n, test_init) / len(fold_ids)
+                result.test[:, j] += predict_booster(b, X_test[k], n, test_init) / len(fold_ids)
             result.importance += b.feature_importance("gain", iteration=n)
             # keep the n_k trees only, detached from the training data (as lgb.train returns its boosters)
             result.boosters[(label, k)] = lgb.Booster(model_str=b.model_to_string(num_iteration=n))
@@ -182,7 +182,8 @@ def _train_lockstep(params: dict, dtrain: dict, dvalid: dict, num_boost_round: i
     return boosters, curves
 
 
-def _predict(booster: lgb.Booster, X: np.ndarray, iteration: int, init: np.ndarray | None) -> np.ndarray:
+def predict_booster(booster: lgb.Booster, X: np.ndarray, iteration: int | None, init: np.ndarray | None) -> np.ndarray:
+    """Probabilities of one booster; with init (a logit), the booster's raw score is a correction to it."""
     if init is None:
         return booster.predict(X, num_iteration=iteration)
     raw = booster.predict(X, num_iteration=iteration, raw_score=True)

@@ -150,18 +150,12 @@ def load_stage_one(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFrame,
     folds = train_slices["fold"].to_numpy()
     fold_ids = [int(k) for k in sorted(np.unique(folds))]
     train = StageOne({})
-    tests = {k: StageOne({}) for k in fold_ids} if test_slices is not None else None
     for exp in cfg.experiments:
         d = model_dir / exp
         if not (d / "oof.parquet").is_file():
             raise StackingError(f"{d / 'oof.parquet'} not found: run train.py for experiment {exp} first")
         check_folds(d, train_slices)
         train.probs[exp], rows, n_oof = _aligned(d / "oof.parquet", train_slices["image_id"], "train stage-one")
-        test_rows = {}  # k -> (rows of test_fold{k}.parquet in test_slices order, its row count)
-        for k in tests or ():
-            tests[k].probs[exp], rows_k, n_k = _aligned(_test_fold_path(d, k), test_slices["image_id"],
-                                                        f"fold {k} test stage-one")
-            test_rows[k] = rows_k, n_k
         if not cfg.pca_components:
             continue
         train.pcs[exp] = np.empty((len(train_slices), cfg.pca_components), dtype=np.float32)
@@ -171,10 +165,21 @@ def load_stage_one(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFrame,
             pca = fit_signed_pca(emb, logit(train.probs[exp][held, ANY]), cfg.pca_components)
             train.pca_models[exp, k] = pca
             train.pcs[exp][held] = pca.transform(emb)
-            if tests is not None:
-                emb = _embeddings(_test_fold_path(d, k, emb=True), *test_rows[k])
-                tests[k].pcs[exp] = pca.transform(emb)
-    return train, tests
+    if test_slices is None:
+        return train, None
+    return train, {k: fold_model_view(cfg, model_dir, test_slices, k, train.pca_models) for k in fold_ids}
+
+
+def fold_model_view(cfg: PredictCfg, model_dir: Path, slices: pd.DataFrame, k: int, pca_models: dict) -> StageOne:
+    """What stage-one fold model k of every experiment says about `slices` (its test_fold{k} outputs),
+    with its embeddings through that model's own PCA (`pca_models[(experiment, k)]`)."""
+    view = StageOne({})
+    for exp in cfg.experiments:
+        d = model_dir / exp
+        view.probs[exp], rows, n = _aligned(_test_fold_path(d, k), slices["image_id"], f"fold {k} test stage-one")
+        if cfg.pca_components:
+            view.pcs[exp] = pca_models[exp, k].transform(_embeddings(_test_fold_path(d, k, emb=True), rows, n))
+    return view
 
 
 @dataclass
