@@ -142,8 +142,21 @@ def load_prepare_config(path: str | Path | None) -> PrepareConfig:
     """configs/prepare/*.yaml -> PrepareConfig; the name is the file's stem, never a key."""
     if path is None:
         return PrepareConfig()
-    where = str(path)
-    kwargs = check_fields(PrepareConfig, load_yaml(path), where, exclude=("name",))
+    return prepare_config_from(load_yaml(path), str(path), Path(path).stem)
+
+
+def cache_settings(meta: dict) -> dict:
+    """A cache's cache_meta.json -> the prepare config mapping (YAML shape) that makes images like it:
+    what a test split must be prepared with for models trained on that cache."""
+    return {"image_size": int(meta["image_size"]),
+            "windows": [{"name": str(n), "center": float(c), "width": float(w)} for n, c, w in meta["windows"]],
+            "sigmoid": bool(meta["sigmoid"]), "crop_border": bool(meta["crop_border"]),
+            "chunk_size": int(meta["chunk_size"])}
+
+
+def prepare_config_from(data: dict, where: str, name: str = "default") -> PrepareConfig:
+    """A prepare config mapping (a YAML file's, or cache_settings') -> a checked PrepareConfig."""
+    kwargs = check_fields(PrepareConfig, data, where, exclude=("name",))
     if "windows" in kwargs:
         try:
             kwargs["windows"] = tuple(
@@ -153,7 +166,7 @@ def load_prepare_config(path: str | Path | None) -> PrepareConfig:
             raise ConfigError(f"{where}: windows must be a list of {{name, center, width}}: {exc}") from exc
         need(kwargs["windows"] and all(w.width > 0 for w in kwargs["windows"]), where,
              "windows must be non-empty with positive widths")
-    cfg = PrepareConfig(name=Path(path).stem, **kwargs)
+    cfg = PrepareConfig(name=name, **kwargs)
     need(cfg.image_size >= 16, where, f"image_size must be >= 16, got {cfg.image_size}")
     need(cfg.n_folds >= 2, where, f"n_folds must be >= 2, got {cfg.n_folds}")
     need(cfg.chunk_size >= 1, where, f"chunk_size must be >= 1, got {cfg.chunk_size}")

@@ -97,14 +97,9 @@ def experiment_files(exp_dir: Path, folds: list[int], need_emb: bool) -> list[st
 def prepare_yaml_from_meta(meta: dict) -> str:
     """A configs/prepare-style YAML that rebuilds a cache with the same key as `meta` (test files differ)."""
     import yaml
-    cfg = {
-        "image_size": int(meta["image_size"]),
-        "windows": [{"name": str(n), "center": float(c), "width": float(w)} for n, c, w in meta["windows"]],
-        "sigmoid": bool(meta["sigmoid"]),
-        "crop_border": bool(meta["crop_border"]),
-        "chunk_size": int(meta["chunk_size"]),
-        "n_jobs": -1,
-    }
+
+    from ich.config import cache_settings
+    cfg = {**cache_settings(meta), "n_jobs": -1}
     return ("# written by kaggle/upload_checkpoints.py from the train cache_meta.json:\n"
             "# the test cache must match the train cache the models were trained on\n"
             + yaml.safe_dump(cfg, sort_keys=False))

@@ -21,8 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from ich.cache import read_meta, write_atomic
-from ich.config import PrepareConfig
-from ich.image import Window
+from ich.config import PrepareConfig, cache_settings, prepare_config_from
 from ich.labels import LABELS
 from ich.prepare import prepare_split
 from ich.study import StudyError, choose_series, study_files
@@ -38,9 +37,7 @@ def prepare_config_like(train_dir: Path) -> PrepareConfig:
     meta = read_meta(train_dir)
     if meta is None:
         raise StudyError(f"no cache_meta.json in {train_dir}: the models' train cache is needed for its settings")
-    return PrepareConfig(image_size=int(meta["image_size"]), sigmoid=bool(meta["sigmoid"]),
-                         crop_border=bool(meta["crop_border"]), chunk_size=int(meta["chunk_size"]), n_jobs=1,
-                         windows=tuple(Window(str(n), float(c), float(w)) for n, c, w in meta["windows"]))
+    return prepare_config_from({**cache_settings(meta), "n_jobs": 1}, str(train_dir / "cache_meta.json"), "study")
 
 
 def _model_tree(cfg, model_dir: Path, tmp: Path) -> Path:

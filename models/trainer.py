@@ -154,6 +154,7 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
     y_valid = data.valid[list(LABELS)].to_numpy(np.float32)
     prior = weighted_log_loss(y_valid, prior_baseline(y_train, len(y_valid)))
     valid_set = make_dataset(cfg, data.valid, data.clean_dir, cfg.final_size, train=False)
+    trained_on = image_settings(read_meta(data.clean_dir))  # stored with the kept weights
 
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.time()
@@ -190,7 +191,7 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
                 save_atomic({"state_dict": raw_model.state_dict(), "config": cfg.to_dict(), "fold": fold,
                              "epoch": epoch + 1, "val_wlogloss": score, "selected": cfg.train.checkpoint,
                              "in_chans": raw_model.in_chans,
-                             "image_settings": image_settings(read_meta(data.clean_dir))}, best_path)
+                             "image_settings": trained_on}, best_path)
             save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                          "best": best, "history": history}, last_path)
