@@ -99,8 +99,18 @@ def _is_axial(orientation) -> bool:
     return bool(norm > 0 and abs(normal[2]) / norm >= AXIAL_MIN_COS)
 
 
-def choose_series(files: list[tuple[str, Path]], *, max_pixels: int = MAX_PIXELS) -> StudyFiles:
-    """Read every header; keep the axial CT series with the most slices, give every other file a reason."""
+def choose_series(files: list[tuple[str, Path]], *, max_pixels: int = MAX_PIXELS,
+                  series_index: int | None = None) -> StudyFiles:
+    """Read every header; keep one CT series, give every other file a reason.
+
+    The series list is ordered axial first, then by slice count (most
+    first), then by UID, so `series_index` (0 = the automatic choice when an
+    axial series exists) names the same series on a second upload of the same
+    files without a UID travelling through a URL. By default the axial series
+    with the most slices is kept; a user may pick another CT series by its
+    index (a non-axial one is out of what the networks saw, and
+    `StudyFiles.series[i]["axial"]` says so).
+    """
     by_series, skipped = {}, []
     for name, path in files:
         try:
@@ -111,15 +121,24 @@ def choose_series(files: list[tuple[str, Path]], *, max_pixels: int = MAX_PIXELS
         by_series.setdefault(header.series_id, []).append((name, path, header))
     series = [{"series_id": s, "n_files": len(v), "axial": all(_is_axial(h.orientation) for _, _, h in v)}
               for s, v in by_series.items()]
-    axial = [s for s in series if s["axial"]]
-    if not axial:
+    series.sort(key=lambda s: (not s["axial"], -s["n_files"], s["series_id"]))
+    for i, s in enumerate(series):
+        s["index"] = i
+    if series_index is not None:
+        if not 0 <= series_index < len(series):
+            raise StudyError(f"series {series_index} does not exist: the study has {len(series)} CT series "
+                             f"(0 to {len(series) - 1})")
+        best = series[series_index]["series_id"]
+    elif series and series[0]["axial"]:
+        best = series[0]["series_id"]
+    else:
         return StudyFiles([], None, skipped + [
             {"file": n, "reason": OTHER_SERIES, "detail": "not an axial series"}
             for v in by_series.values() for n, _, _ in v], series)
-    best = max(axial, key=lambda s: (s["n_files"], s["series_id"]))["series_id"]
     for s, v in by_series.items():
         if s != best:
-            why = "another axial series has more slices" if _is_axial(v[0][2].orientation) else "not axial"
+            why = "another series was chosen" if series_index is not None else (
+                "another axial series has more slices" if _is_axial(v[0][2].orientation) else "not axial")
             skipped += [{"file": n, "reason": OTHER_SERIES, "detail": why} for n, _, _ in v]
     chosen, seen = [], set()
     for name, path, header in by_series[best]:

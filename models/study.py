@@ -8,8 +8,11 @@ with the train cache's image settings), models.predict_split (every fold
 model of every experiment of the predict config) and stacking.apply (the
 boosters predict.py trained, with their saved PCAs). Nothing of the study
 is kept: the temporary folder goes when the call returns, on error too.
-Outputs (`write_outputs`): a per-slice CSV, the same rows in Kaggle's
-`ID_<image>_<label>` form, and a JSON with the skipped files and the model.
+Outputs (`output_bytes`, written by `write_outputs` for the CLI and served
+by the web app, web/): a per-slice CSV, the same rows in Kaggle's
+`ID_<image>_<label>` form, a JSON with the skipped files and the model, and a
+DICOM SR (models.sr). Every one carries the research-use notice; the CSVs as
+a first `#` comment line (pandas: `read_csv(path, comment="#")`).
 """
 from __future__ import annotations
 
@@ -18,18 +21,22 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pydicom
 
-from ich.cache import read_meta, write_atomic
+from ich.cache import open_images, read_meta, write_atomic
 from ich.config import PrepareConfig, cache_settings, prepare_config_from
 from ich.labels import LABELS
-from ich.prepare import prepare_split
+from ich.prepare import PrepareError, prepare_split
 from ich.study import StudyError, choose_series, study_files
 from stacking.apply import apply_stage_two
+from stacking.run import STAGE_TWO
 
 from .predict_split import fold_checkpoints, predict_test
 
 NOTICE = "Research use only - not for clinical use."
+MIN_SLICES = 3  # one or two slices are no series: stage two reads each slice's neighbors along z
 
 
 def prepare_config_like(train_dir: Path) -> PrepareConfig:
@@ -55,22 +62,53 @@ def _model_tree(cfg, model_dir: Path, tmp: Path) -> Path:
     return tree
 
 
-def predict_study(study: Path, cfg, *, train_dir: Path, model_dir: Path, runtime, log=print) -> dict:
-    """-> {"slices": DataFrame (file, image_id, slice_index, z, six probabilities), "skipped", "series", ...}."""
+def model_info(cfg, model_dir: Path, logs_dir: Path | None = None) -> dict:
+    """What made the probabilities: experiments, fold models, stage two and its honest out-of-fold score."""
+    info = {"experiments": list(cfg.experiments),
+            "folds": {exp: len(fold_checkpoints(model_dir / exp)) for exp in cfg.experiments},
+            "stage_two": cfg.name, "oof_score": None}
+    metrics = (logs_dir / "stacking" / cfg.name / "metrics.csv") if logs_dir else None
+    if metrics is not None and metrics.is_file():
+        table = pd.read_csv(metrics, index_col=0)
+        if STAGE_TWO in table.index:
+            info["oof_score"] = float(table.loc[STAGE_TWO, "weighted"])
+    return info
+
+
+def predict_study(study, cfg, *, train_dir: Path, model_dir: Path, runtime, series_index: int | None = None,
+                  keep_images: bool = False, log=print) -> dict:
+    """-> {"slices": DataFrame (file, image_id, slice_index, z, six probabilities), "skipped", "series", ...}.
+
+    study: a folder or zip path, or a list of (name to report, path) pairs (the
+    web app's uploaded files). series_index: a CT series other than the
+    automatic choice (ich.study.choose_series). keep_images: also return the
+    cached windows of every slice in table order ("images", n x H x W x
+    windows uint8, "windows" their names), for display and Grad-CAM; they are
+    copied to memory before the temporary folder goes. "headers" (the
+    slices' DICOM headers, no pixels, table order) feed the DICOM SR.
+    """
     timings, t = {}, time.time()
     with tempfile.TemporaryDirectory(prefix="ich_study_") as tmp:
         tmp = Path(tmp)
-        files = choose_series(study_files(study, tmp))
+        listed = study if isinstance(study, list) else study_files(study, tmp)
+        files = choose_series(listed, series_index=series_index)
         timings["read"] = time.time() - t
         if not files.chosen:
-            raise StudyError(f"{study}: no axial CT series found ({len(files.skipped)} files, reasons: "
+            raise StudyError(f"{'the upload' if isinstance(study, list) else study}: no axial CT series found "
+                             f"({len(files.skipped)} files, reasons: "
                              + ", ".join(sorted({s['reason'] for s in files.skipped})) + ")")
+        if len(files.chosen) < MIN_SLICES:
+            raise StudyError(f"the chosen CT series has {len(files.chosen)} slice(s): the models read a series "
+                             f"along z (at least {MIN_SLICES} slices; a head CT has dozens); upload the whole series")
         split = tmp / "raw" / "stage_2_test"
         split.mkdir(parents=True)
         for s in files.chosen:  # named by SOPInstanceUID, like Kaggle's files
             (split / f"{s['image_id']}.dcm").symlink_to(Path(s["path"]).resolve())
         clean = tmp / "clean"
-        prepare_split(tmp / "raw", clean, "test", prepare_config_like(train_dir), progress=False)
+        try:
+            prepare_split(tmp / "raw", clean, "test", prepare_config_like(train_dir), progress=False)
+        except PrepareError as exc:  # no slice could be read: the reasons, without the temporary path
+            raise StudyError(str(exc).replace(str(split), "the chosen series")) from None
         slices = pd.read_parquet(clean / "slices.parquet")
         rejected = pd.read_csv(clean / "rejected.csv") if (clean / "rejected.csv").is_file() else None
         timings["prepare"] = time.time() - t - timings["read"]
@@ -81,33 +119,68 @@ def predict_study(study: Path, cfg, *, train_dir: Path, model_dir: Path, runtime
         timings["stage one"] = time.time() - t - timings["read"] - timings["prepare"]
         probs = apply_stage_two(cfg, tree, slices)
         timings["stage two"] = time.time() - t - sum(timings.values())
+        slices = slices.sort_values("slice_index", kind="mergesort").reset_index(drop=True)
+        paths = {s["image_id"]: Path(s["path"]) for s in files.chosen}
+        headers = [pydicom.dcmread(paths[i], stop_before_pixels=True) for i in slices["image_id"]]
+        extra = {}
+        if keep_images:
+            extra = {"images": np.array(open_images(clean)[slices["cache_row"].to_numpy()]),
+                     "windows": [w["name"] for w in cache_settings(read_meta(clean))["windows"]]}
     names = {s["image_id"]: s["file"] for s in files.chosen}
-    table = slices[["image_id", "slice_index", "z"]].merge(probs, on="image_id")
+    table = slices[["image_id", "slice_index", "z"]].merge(probs, on="image_id", how="left", validate="1:1")
     table.insert(0, "file", table["image_id"].map(names))
-    table = table.sort_values("slice_index").reset_index(drop=True)
     skipped = list(files.skipped)
     if rejected is not None:
         skipped += [{"file": names.get(r.image_id, r.file), "reason": r.reason, "detail": r.detail}
                     for r in rejected.itertuples()]
     log(f"study: {len(table)} slices of the chosen series predicted, {len(skipped)} files skipped")  # no UIDs in logs
     return {"slices": table, "skipped": skipped, "series": files.series, "series_id": files.series_id,
-            "timings": timings, "experiments": list(cfg.experiments), "stage_two": cfg.name}
+            "timings": timings, "experiments": list(cfg.experiments), "stage_two": cfg.name,
+            "headers": headers, **extra}
 
 
-def write_outputs(result: dict, out_dir: Path) -> dict:
-    """study.csv (per slice), study_kaggle.csv (ID_<image>_<label>,Label) and study.json; atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _csv(frame: pd.DataFrame) -> bytes:
+    """A CSV whose first line is the notice as a comment (read it with pandas' `comment="#"`)."""
+    return (f"# {NOTICE}\n" + frame.to_csv(index=False, float_format="%.6g")).encode()
+
+
+def study_document(result: dict, model: dict | None = None) -> dict:
+    """The JSON output: notice, series, model, timings, per-slice probabilities and every skipped file."""
+    return {"notice": NOTICE, "series_id": result["series_id"], "series": result["series"],
+            "experiments": result["experiments"], "stage_two": result["stage_two"], "model": model,
+            "timings_s": {k: round(v, 3) for k, v in result["timings"].items()},
+            "slices": result["slices"].to_dict(orient="records"), "skipped": result["skipped"]}
+
+
+OUTPUTS = {"csv": "study.csv", "kaggle_csv": "study_kaggle.csv", "json": "study.json", "sr": "study_sr.dcm"}
+
+
+def output_bytes(result: dict, kind: str, model: dict | None = None) -> bytes:
+    """One output of a study, as bytes: the CLI writes them, the web app serves them (one place for both)."""
     table = result["slices"]
-    long = table.melt(id_vars=["image_id"], value_vars=list(LABELS), var_name="label", value_name="Label")
-    long = long.assign(ID=long["image_id"] + "_" + long["label"])[["ID", "Label"]]
-    paths = {"csv": out_dir / "study.csv", "kaggle_csv": out_dir / "study_kaggle.csv", "json": out_dir / "study.json"}
-    write_atomic(paths["csv"], lambda p: table.to_csv(p, index=False, float_format="%.6g"))
-    write_atomic(paths["kaggle_csv"], lambda p: long.to_csv(p, index=False, float_format="%.6g"))
-    doc = {"notice": NOTICE, "series_id": result["series_id"], "series": result["series"],
-           "experiments": result["experiments"], "stage_two": result["stage_two"],
-           "timings_s": {k: round(v, 3) for k, v in result["timings"].items()},
-           "slices": table.to_dict(orient="records"), "skipped": result["skipped"]}
-    write_atomic(paths["json"], lambda p: p.write_text(json.dumps(doc, indent=1, default=str)))
+    if kind == "csv":
+        return _csv(table)
+    if kind == "kaggle_csv":
+        long = table.melt(id_vars=["image_id"], value_vars=list(LABELS), var_name="label", value_name="Label")
+        return _csv(long.assign(ID=long["image_id"] + "_" + long["label"])[["ID", "Label"]])
+    if kind == "json":
+        return json.dumps(study_document(result, model), indent=1, default=str).encode()
+    if kind == "sr":
+        from .sr import build_sr, sr_bytes
+        model = model or {"experiments": result["experiments"], "folds": None, "stage_two": result["stage_two"],
+                          "oof_score": None}
+        return sr_bytes(build_sr(result["headers"], table, model=model))
+    raise ValueError(f"unknown study output {kind!r}: one of {', '.join(OUTPUTS)}")
+
+
+def write_outputs(result: dict, out_dir: Path, model: dict | None = None) -> dict:
+    """study.csv (per slice), study_kaggle.csv (ID_<image>_<label>,Label), study.json, study_sr.dcm; atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for kind, name in OUTPUTS.items():
+        data = output_bytes(result, kind, model)
+        paths[kind] = out_dir / name
+        write_atomic(paths[kind], lambda p, d=data: p.write_bytes(d))
     return paths
 
 
@@ -124,7 +197,7 @@ def study_cli(study: str, out: str | None, settings, cfg) -> dict:
                                model_dir=settings.model_checkpoint_dir, runtime=runtime)
     finally:
         rt.teardown()
-    paths = write_outputs(result, out_dir)
+    paths = write_outputs(result, out_dir, model_info(cfg, settings.model_checkpoint_dir, settings.logs_dir))
     top = result["slices"][list(LABELS)].max()
     print("highest probability per label: " + ", ".join(f"{k} {v:.3f}" for k, v in top.items()))
     print("\n".join(f"{k}: {v}" for k, v in paths.items()) + f"\n{NOTICE}")

@@ -44,7 +44,7 @@ def test_study_probabilities_equal_the_batch_path(prepared, batch, tmp_path):
     out = run_script("predict.py", "--settings", settings, "--config", cfg, "--study", zpath, "--out", tmp_path / "o")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Research use only" in out.stdout and big not in out.stdout + out.stderr  # no UIDs in the log
-    got = pd.read_csv(tmp_path / "o" / "study.csv").set_index("image_id")
+    got = pd.read_csv(tmp_path / "o" / "study.csv", comment="#").set_index("image_id")
     want = pd.read_parquet(root / "models" / "stacking" / "study" / "test.parquet").set_index("image_id")
     ids = test.loc[test.series_id == big, "image_id"]
     assert set(got.index) == set(ids)
@@ -55,7 +55,7 @@ def test_study_probabilities_equal_the_batch_path(prepared, batch, tmp_path):
     reasons = {s["file"]: s["reason"] for s in doc["skipped"]}
     assert reasons["PATIENT/README.txt"] == "not_dicom"
     assert sum(r == "other_series" for r in reasons.values()) == 2 and set(reasons.values()) <= set(STUDY_REASONS)
-    kaggle = pd.read_csv(tmp_path / "o" / "study_kaggle.csv")
+    kaggle = pd.read_csv(tmp_path / "o" / "study_kaggle.csv", comment="#")
     assert len(kaggle) == 6 * len(ids) and kaggle["ID"].str.rsplit("_", n=1).str[1].isin(LABELS).all()
     after = set(Path(tempfile.gettempdir()).glob("ich_study_*"))
     assert after <= before  # nothing of the study is kept

@@ -1,0 +1,214 @@
+"""serve.py's web application and its JSON API (FastAPI), on the study path of predict.py.
+
+API (the page uses nothing else):
+- `POST /api/studies[?series=N]`: multipart form, field `files`: one .zip or
+  several DICOM files of one study. -> 201 and the result (below). `series`
+  picks another CT series of the same files by its index in `series`.
+- `GET /api/studies/{id}`: the result again.
+- `GET /api/studies/{id}/download/{csv|kaggle_csv|json|sr}`: the outputs of
+  `predict.py --study`, from the same code (models.study.output_bytes).
+- `GET /api/studies/{id}/slices/{row}/image.png?window=brain`: one slice in
+  one of the cache's windows, as the network saw it (8-bit).
+- `GET /api/studies/{id}/slices/{row}/cam.png?label=subdural`: its Grad-CAM
+  as an RGBA heat map (alpha = attention), to lay over the image.
+- `DELETE /api/studies/{id}`: forget a result now. `GET /api/health`.
+Errors are JSON `{"error": "..."}` with 400 (the upload), 404, 411/413 (size),
+503 (queue full), 500 (the model side; logged without patient data).
+
+Safety: each upload is written to a temporary folder that is deleted when
+the request ends, on error too; results live in memory only (web.store).
+File names in the folder are numbers; the uploaded names are only reported
+back. Nothing with patient data (names, IDs, UIDs) is logged: log lines say
+counts and timings.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from starlette.requests import ClientDisconnect
+
+from ich.labels import LABELS, SUBTYPES
+from ich.study import MAX_FILES, StudyError
+from models.predict_split import InferenceError
+from models.study import NOTICE, OUTPUTS, output_bytes
+
+from .engine import Busy, Engine
+from .store import StudyStore
+
+HERE = Path(__file__).resolve().parent
+log = logging.getLogger("ich.web")
+MEDIA = {"csv": "text/csv", "kaggle_csv": "text/csv", "json": "application/json", "sr": "application/dicom"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _safe_name(name: str | None, i: int) -> str:
+    """The uploaded name, for reporting only: no folders, no control characters, bounded length."""
+    base = re.split(r"[\\/]", name or "")[-1]
+    base = re.sub(r"[\x00-\x1f\x7f]", "", base).strip()[:200]
+    return base or f"file {i + 1}"
+
+
+def public_result(study_id: str, result: dict, model: dict) -> dict:
+    """What the page needs: the probabilities per slice, series, skipped files, timings, model, notice."""
+    table = result["slices"]
+    chosen = result["series_id"]
+    return {
+        "id": study_id, "notice": NOTICE, "labels": list(LABELS), "subtypes": list(SUBTYPES),
+        "series": [{"index": s["index"], "n_files": s["n_files"], "axial": s["axial"],
+                    "chosen": s["series_id"] == chosen} for s in result["series"]],
+        "slices": [{"row": i, "file": r["file"], "slice_index": int(r["slice_index"]), "z": float(r["z"]),
+                    **{label: float(r[label]) for label in LABELS}} for i, r in enumerate(table.to_dict("records"))],
+        "skipped": result["skipped"], "windows": result["windows"], "image_size": int(result["images"].shape[1]),
+        "timings_s": {k: round(v, 3) for k, v in result["timings"].items()}, "model": model,
+    }
+
+
+def _png(image: np.ndarray) -> Response:
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise ApiError(500, "could not encode the image")
+    return Response(data.tobytes(), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def heat_map(cam: np.ndarray) -> np.ndarray:
+    """CAM in [0, 1] -> BGRA: the jet colour map, opaque where the network looked, transparent elsewhere."""
+    bgr = cv2.applyColorMap((cam * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    alpha = (np.clip(cam, 0, 1) * 255).astype(np.uint8)
+    return np.dstack([bgr, alpha])
+
+
+def create_app(engine: Engine, *, max_upload_mb: int = 1024, max_studies: int = 8) -> FastAPI:
+    app = FastAPI(title="ICH study viewer (research use only)", docs_url="/api/docs", redoc_url=None)
+    store = StudyStore(max_studies)
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    app.state.engine, app.state.store = engine, store
+    max_bytes = max_upload_mb << 20
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    def result_of(study_id: str) -> dict:
+        result = store.get(study_id)
+        if result is None:
+            raise ApiError(404, "no such study here (results are kept in memory for the last "
+                                f"{store.max_studies} studies only): upload it again")
+        return result
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index(request: Request):
+        return templates.TemplateResponse(request, "index.html", {
+            "notice": NOTICE, "model": engine.model, "max_upload_mb": max_upload_mb, "labels": list(LABELS)})
+
+    @app.get("/api/health")
+    async def health():
+        return {"ok": True, "model": engine.model, "studies_in_memory": len(store), "notice": NOTICE}
+
+    @app.post("/api/studies", status_code=201)
+    async def upload(request: Request, series: int | None = None):
+        t0 = time.time()
+        length = request.headers.get("content-length")
+        if length is None:
+            raise ApiError(411, "the upload must state its size (Content-Length)")
+        if not length.isdigit() or int(length) > max_bytes:
+            raise ApiError(413, f"the upload is larger than {max_upload_mb} MB")
+        with tempfile.TemporaryDirectory(prefix="ich_upload_") as tmp:
+            tmp = Path(tmp)
+            try:
+                form = await request.form(max_files=MAX_FILES, max_fields=20)
+            except ClientDisconnect:
+                log.info("upload: the client went away before the upload ended")
+                return Response(status_code=400)
+            except Exception as exc:  # noqa: BLE001 - a truncated or malformed multipart body
+                raise ApiError(400, f"the upload could not be read (incomplete or not a file upload: "
+                                    f"{type(exc).__name__})") from None
+            try:
+                files = [f for f in form.getlist("files") if hasattr(f, "read")]
+                if not files:
+                    raise ApiError(400, "no file in the upload: send one .zip or the DICOM files of one study "
+                                        "in the form field 'files'")
+                listed = []
+                for i, f in enumerate(files):
+                    path = tmp / f"{i:05d}"
+                    with open(path, "wb") as out:
+                        while chunk := await f.read(1 << 20):
+                            out.write(chunk)
+                    listed.append((_safe_name(f.filename, i), path))
+            finally:
+                await form.close()
+            received = time.time() - t0
+            study = listed[0][1] if len(listed) == 1 and zipfile.is_zipfile(listed[0][1]) else listed
+            try:
+                result = await run_in_threadpool(engine.run, study, series)
+            except StudyError as exc:
+                raise ApiError(400, " ".join(str(exc).split())) from None
+            except Busy as exc:
+                raise ApiError(503, str(exc)) from None
+            except InferenceError as exc:
+                log.error("inference failed: %s", exc)
+                raise ApiError(500, f"the model could not run: {exc}") from None
+        result["timings"] = {"upload": received, **result["timings"], "total": time.time() - t0}
+        study_id = store.add(result)
+        log.info("study: %d slices, %d files skipped, %.2f s", len(result["slices"]), len(result["skipped"]),
+                 result["timings"]["total"])
+        return public_result(study_id, result, engine.model)
+
+    @app.get("/api/studies/{study_id}")
+    async def get_study(study_id: str):
+        return public_result(study_id, result_of(study_id), engine.model)
+
+    @app.delete("/api/studies/{study_id}")
+    async def forget(study_id: str):
+        if not store.forget(study_id):
+            raise ApiError(404, "no such study here")
+        return {"forgotten": True}
+
+    @app.get("/api/studies/{study_id}/download/{kind}")
+    async def download(study_id: str, kind: str):
+        if kind not in OUTPUTS:
+            raise ApiError(404, f"no output {kind!r}: one of {', '.join(OUTPUTS)}")
+        data = await run_in_threadpool(output_bytes, result_of(study_id), kind, engine.model)
+        return Response(data, media_type=MEDIA[kind],
+                        headers={"Content-Disposition": f'attachment; filename="{OUTPUTS[kind]}"'})
+
+    def slice_row(result: dict, row: int) -> int:
+        if not 0 <= row < len(result["slices"]):
+            raise ApiError(404, f"slice {row} does not exist: the series has {len(result['slices'])} slices")
+        return row
+
+    @app.get("/api/studies/{study_id}/slices/{row}/image.png")
+    async def image(study_id: str, row: int, window: str | None = None):
+        result = result_of(study_id)
+        windows = result["windows"]
+        if window is not None and window not in windows:
+            raise ApiError(404, f"no window {window!r}: one of {', '.join(windows)}")
+        channel = windows.index(window) if window else 0
+        return _png(np.ascontiguousarray(result["images"][slice_row(result, row), :, :, channel]))
+
+    @app.get("/api/studies/{study_id}/slices/{row}/cam.png")
+    async def cam(study_id: str, row: int, label: str = "any"):
+        result = result_of(study_id)
+        if label not in LABELS:
+            raise ApiError(404, f"no label {label!r}: one of {', '.join(LABELS)}")
+        heat = await run_in_threadpool(engine.cam, result, slice_row(result, row), label)
+        return _png(heat_map(heat))
+
+    return app
