@@ -1,0 +1,187 @@
+"""models.sr: the study's DICOM SR (TID 1500) from source headers and a probability table."""
+from __future__ import annotations
+
+import copy
+import io
+
+import highdicom as hd
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from ich.labels import LABELS
+from models.sr import NOTICE, PROBABILITY, build_sr, sr_bytes, write_sr
+
+N = 5
+MODEL = {"experiments": ["exp_a", "exp_b"], "folds": 5, "stage_two": "stack_v1", "oof_score": 0.0612}
+OPTIONAL = ("AccessionNumber", "StudyDate", "ReferringPhysicianName", "StudyID")
+
+
+@pytest.fixture
+def headers(tmp_path) -> list[pydicom.Dataset]:
+    """N copies of pydicom's CT slice as one series, written and read back without pixels."""
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    study, series = generate_uid(), generate_uid()
+    out = []
+    for i in range(N):
+        ds = copy.deepcopy(src)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.ImagePositionPatient = [0.0, 0.0, i * 5.0]
+        ds.save_as(tmp_path / f"{i}.dcm")
+        out.append(pydicom.dcmread(tmp_path / f"{i}.dcm", stop_before_pixels=True))
+    return out
+
+
+@pytest.fixture
+def table(headers) -> pd.DataFrame:
+    rng = np.random.default_rng(12)
+    frame = pd.DataFrame({"image_id": [h.SOPInstanceUID for h in headers], "slice_index": range(N),
+                          "z": [float(h.ImagePositionPatient[2]) for h in headers]})
+    for label in LABELS:
+        frame[label] = rng.random(N)
+    frame.loc[2, "subdural"] = 0.123456789012345678  # more digits than a DS holds
+    frame.loc[3, "any"] = 1.0
+    return frame
+
+
+def _read_back(ds) -> tuple[pydicom.Dataset, hd.sr.ComprehensiveSR]:
+    data = sr_bytes(ds)
+    assert data[128:132] == b"DICM"  # preamble and file meta: a real DICOM file
+    return pydicom.dcmread(io.BytesIO(data)), hd.sr.srread(io.BytesIO(data))
+
+
+def _groups(sr) -> tuple[object, list]:
+    groups = sr.content.get_image_measurement_groups()
+    summary = [g for g in groups if g.tracking_identifier == "study summary"]
+    assert len(summary) == 1
+    return summary[0], [g for g in groups if g is not summary[0]]
+
+
+def _items(item):
+    """Every content item of the tree below (and including) a dataset."""
+    yield item
+    for child in item.get("ContentSequence", []):
+        yield from _items(child)
+
+
+def _measured(group, label) -> pydicom.Dataset:
+    """The MeasuredValueSequence item of the group's (non-derived) measurement of a label, as stored."""
+    items = [m for m in group.get_measurements(name=PROBABILITY[label])]
+    assert len(items) == 1, f"{label}: {len(items)} measurements"
+    return items[0][0].MeasuredValueSequence[0]  # Measurement is a template; [0] its NUM item
+
+
+def test_round_trip_and_marking(headers, table):
+    raw, sr = _read_back(build_sr(headers, table, model=MODEL))
+    assert raw.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert raw.SOPClassUID == pydicom.uid.ComprehensiveSRStorage == sr.SOPClassUID
+    assert isinstance(sr.content, hd.sr.MeasurementReport)
+    assert raw.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    assert raw.VerificationFlag == "UNVERIFIED" and "VerifyingObserverSequence" not in raw
+    assert raw.PreliminaryFlag == "PRELIMINARY"
+    assert NOTICE in raw.SeriesDescription
+    texts = [i.TextValue for i in _items(raw) if i.get("ValueType") == "TEXT"]
+    assert NOTICE in texts
+    assert raw.Modality == "SR" and raw.SeriesNumber == 1 and raw.InstanceNumber == 1
+    assert "research" in raw.Manufacturer
+    # the private scheme is declared
+    assert [s.CodingSchemeDesignator for s in raw.CodingSchemeIdentificationSequence] == ["99RSNAICH"]
+
+
+def test_one_group_per_slice_with_the_table_values(headers, table):
+    _, sr = _read_back(build_sr(headers, table, model=MODEL))
+    summary, slices = _groups(sr)
+    assert len(slices) == N
+    for row, header, group in zip(table.itertuples(), headers, slices):
+        assert group.tracking_identifier.startswith(f"slice {row.slice_index} ")
+        [source] = group.source_images
+        assert source.referenced_sop_instance_uid == header.SOPInstanceUID
+        assert source.referenced_sop_class_uid == header.SOPClassUID
+        for label in LABELS:
+            want = getattr(row, label)
+            item = _measured(group, label)
+            assert float(item.FloatingPointValue) == want  # FD: exact
+            assert len(str(item.NumericValue)) <= 16  # DS: at most 16 characters ...
+            assert float(item.NumericValue) == pytest.approx(want, abs=1e-13)  # ... about 14 digits
+            unit = item.MeasurementUnitsCodeSequence[0]
+            assert (unit.CodingSchemeDesignator, unit.CodeValue) == ("UCUM", "1")
+    assert {m.name.meaning for m in slices[0].get_measurements()} == {PROBABILITY[lab].meaning for lab in LABELS}
+
+
+def test_summary_holds_maxima_counts_and_algorithm(headers, table):
+    _, sr = _read_back(build_sr(headers, table, model=MODEL, threshold=0.5))
+    summary, _ = _groups(sr)
+    for label in LABELS:
+        item = _measured(summary, label)
+        assert float(item.FloatingPointValue) == table[label].max()
+    counts = {m.name.value: m.value for m in summary.get_measurements() if m.name.value.endswith("N")}
+    assert counts == {PROBABILITY[lab].value + "N": float((table[lab] >= 0.5).sum()) for lab in LABELS}
+    assert counts["ICHN"] >= 1  # row 3 has any = 1.0
+    params = [i.TextValue for i in _items(summary[0]) if i.ConceptNameCodeSequence[0].CodeValue == "111002"]
+    assert "experiments=exp_a,exp_b" in params and "stage_two=stack_v1" in params and "threshold=0.5" in params
+
+
+def test_uids_and_patient_come_from_the_sources(headers, table):
+    raw, sr = _read_back(build_sr(headers, table, model=MODEL))
+    assert raw.StudyInstanceUID == headers[0].StudyInstanceUID
+    assert raw.PatientID == headers[0].PatientID and raw.PatientName == headers[0].PatientName
+    assert raw.SOPInstanceUID not in {h.SOPInstanceUID for h in headers}
+    assert raw.SeriesInstanceUID != headers[0].SeriesInstanceUID
+    assert raw.SOPInstanceUID != raw.SeriesInstanceUID
+    assert {e[2] for e in sr.get_evidence()} == {h.SOPInstanceUID for h in headers}
+    again = build_sr(headers, table, model=MODEL)
+    assert again.SOPInstanceUID != raw.SOPInstanceUID and again.SeriesInstanceUID != raw.SeriesInstanceUID
+
+
+def test_missing_optional_attributes_still_build(headers, table):
+    for h in headers:
+        for key in OPTIONAL:
+            if key in h:
+                delattr(h, key)
+    kept = [set(h.keys()) for h in headers]
+    raw, sr = _read_back(build_sr(headers, table, model=MODEL))
+    assert [set(h.keys()) for h in headers] == kept  # the caller's headers are not changed
+    for key in OPTIONAL:
+        assert not raw.get(key)  # Type 2: present and empty
+    assert len(_groups(sr)[1]) == N
+
+
+def test_rsna_like_headers_without_sop_class_or_patient_name(headers, table):
+    for h in headers:
+        for key in ("SOPClassUID", "PatientName", "PatientSex", "PatientBirthDate", "StudyTime", *OPTIONAL):
+            if key in h:
+                delattr(h, key)
+    raw, sr = _read_back(build_sr(headers, table, model={"experiments": ["x"], "folds": None,
+                                                          "stage_two": None, "oof_score": None}))
+    assert str(raw.PatientName) == ""
+    [source] = _groups(sr)[1][0].source_images
+    assert source.referenced_sop_class_uid == pydicom.uid.CTImageStorage  # from the file meta
+
+
+def test_bad_inputs_raise_clear_errors(headers, table):
+    with pytest.raises(ValueError, match=f"{N} source headers but {N - 1} table rows"):
+        build_sr(headers, table.iloc[:-1], model=MODEL)
+    with pytest.raises(ValueError, match=f"{N - 1} source headers but {N} table rows"):
+        build_sr(headers[:-1], table, model=MODEL)
+    bad = table.copy()
+    bad.loc[1, "epidural"] = np.nan
+    with pytest.raises(ValueError, match="row 1 .*outside"):
+        build_sr(headers, bad, model=MODEL)
+    with pytest.raises(ValueError, match="lacks columns.*subdural"):
+        build_sr(headers, table.drop(columns="subdural"), model=MODEL)
+    other = copy.deepcopy(headers)
+    other[4].StudyInstanceUID = generate_uid()
+    with pytest.raises(ValueError, match="more than one study"):
+        build_sr(other, table, model=MODEL)
+
+
+def test_write_sr(tmp_path, headers, table):
+    ds = build_sr(headers, table, model=MODEL)
+    path = write_sr(ds, tmp_path / "study_sr.dcm")
+    assert path == tmp_path / "study_sr.dcm" and path.read_bytes() == sr_bytes(ds)
+    assert hd.sr.srread(path).SOPInstanceUID == ds.SOPInstanceUID
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
