@@ -44,8 +44,10 @@ class StudyFiles:
     series: list[dict] = field(default_factory=list)   # {series_id, n_files, axial} of each CT series
 
 
-def extract_zip(path: Path, target: Path, *, max_files: int = MAX_FILES, max_bytes: int = MAX_BYTES) -> Path:
-    """Extract a study zip into target with caps; refuse absolute or climbing member names."""
+def extract_zip(path: Path, target: Path, *, max_files: int | None = None, max_bytes: int | None = None) -> Path:
+    """Extract a study zip into target with caps (default MAX_FILES, MAX_BYTES); refuse climbing member names."""
+    max_files = MAX_FILES if max_files is None else max_files
+    max_bytes = MAX_BYTES if max_bytes is None else max_bytes
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:

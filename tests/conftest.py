@@ -169,3 +169,41 @@ def write_predict_config(path: Path, **overrides) -> Path:
            "num_boost_round": 60, "early_stopping_rounds": 10, "num_workers": 0, **overrides}
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@pytest.fixture(scope="session")
+def study_models(prepared, trained, tmp_path_factory):
+    """predict.py on the generated test split with its own model tree: (settings, predict config, root).
+
+    The trained tiny experiment plus a saved stage two: what `predict.py
+    --study` and serve.py need (tests/test_study.py, tests/test_web*.py).
+    """
+    _, _, work = trained
+    root = tmp_path_factory.mktemp("study_models")
+    link_models(work / "models" / "tiny", root / "models" / "tiny")
+    settings = write_paths(root / "settings.json", raw=prepared / "raw", train=prepared / "clean" / "train",
+                           test=prepared / "clean" / "test", root=root)
+    cfg = write_predict_config(root / "study.yaml")
+    out = run_script("predict.py", "--settings", settings, "--config", cfg)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return settings, cfg, root
+
+
+def study_zip(prepared: Path, path: Path, *, n_other: int = 2, extra: dict | None = None) -> tuple[Path, list]:
+    """A zip of one generated test study in a PACS-like layout: the largest test series (nested folders,
+    other names), n_other slices of another series, a stray text file and `extra` {name: bytes}.
+    Returns (zip path, image ids of the large series in slice order)."""
+    import zipfile
+    test = pd.read_parquet(prepared / "clean" / "test" / "slices.parquet").sort_values("slice_index")
+    counts = test["series_id"].value_counts()
+    big, small = counts.index[0], counts.index[-1]
+    ids = test.loc[test.series_id == big, "image_id"].tolist()
+    with zipfile.ZipFile(path, "w") as z:
+        for i, image_id in enumerate(ids):
+            z.write(prepared / "raw" / "stage_2_test" / f"{image_id}.dcm", f"PATIENT/SER1/IM{i:04d}")
+        for image_id in test.loc[test.series_id == small, "image_id"][:n_other]:
+            z.write(prepared / "raw" / "stage_2_test" / f"{image_id}.dcm", f"PATIENT/SER2/{image_id}")
+        z.writestr("PATIENT/README.txt", "not an image")
+        for name, data in (extra or {}).items():
+            z.writestr(name, data)
+    return path, ids

@@ -9,27 +9,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import link_models, run_script, write_paths, write_predict_config
+from conftest import run_script
 from ich.labels import LABELS
 from ich.study import STUDY_REASONS, StudyError, choose_series, extract_zip, study_files
 
 
-@pytest.fixture(scope="module")
-def batch(prepared, trained, tmp_path_factory):
-    """predict.py on the generated test split with its own model tree: (settings, config, work)."""
-    _, _, work = trained
-    root = tmp_path_factory.mktemp("study_batch")
-    link_models(work / "models" / "tiny", root / "models" / "tiny")
-    settings = write_paths(root / "settings.json", raw=prepared / "raw", train=prepared / "clean" / "train",
-                           test=prepared / "clean" / "test", root=root)
-    cfg = write_predict_config(root / "study.yaml")
-    out = run_script("predict.py", "--settings", settings, "--config", cfg)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return settings, cfg, root
-
-
-def test_study_probabilities_equal_the_batch_path(prepared, batch, tmp_path):
-    settings, cfg, root = batch
+def test_study_probabilities_equal_the_batch_path(prepared, study_models, tmp_path):
+    settings, cfg, root = study_models
     test = pd.read_parquet(prepared / "clean" / "test" / "slices.parquet")
     counts = test["series_id"].value_counts()
     big, small = counts.index[0], counts.index[-1]

@@ -143,8 +143,9 @@ def create_app(engine: Engine, *, max_upload_mb: int = 1024, max_studies: int = 
             try:
                 files = [f for f in form.getlist("files") if hasattr(f, "read")]
                 if not files:
-                    raise ApiError(400, "no file in the upload: send one .zip or the DICOM files of one study "
-                                        "in the form field 'files'")
+                    raise ApiError(400, "no complete file in the upload (an upload cut short arrives without "
+                                        "its files): send one .zip or the DICOM files of one study in the form "
+                                        "field 'files'")
                 listed = []
                 for i, f in enumerate(files):
                     path = tmp / f"{i:05d}"
