@@ -11,9 +11,19 @@ generators: every Compose and every transform in it owns a `random.Random`
 are copies of the main process's dataset (forked, or unpickled with 'spawn',
 which keeps the generator state too), so without reseeding every worker
 draws the same sequence, and a transform that is not rebuilt repeats it
-every epoch. `seed_augment_workers` gives each (seed, fold, epoch, worker)
-its own stream: training sees all the variety, and a rerun sees the same
-batches.
+every epoch. Each (seed, fold, epoch, worker) gets its own stream:
+training sees all the variety, and a rerun sees the same batches.
+
+Two ways to get there, with the same streams:
+- `EpochSeeder` (the trainer): persistent workers, started once per fold;
+  the dataset calls it when the first item of a new epoch reaches it
+  (models.data.EpochAware; the tagged EpochSampler sends the epoch with
+  every index). A worker_init_fn could not do it: it runs once per worker.
+- `seed_augment_workers` (a new DataLoader per epoch, persistent_workers
+  False: the LR finder): the epoch is fixed when the loader is built, and
+  the worker_init_fn seeds each worker as it starts.
+A DataLoader hands batch k of every epoch to worker k mod num_workers, so both
+give the same batches (tests/test_augment.py holds them equal).
 """
 from __future__ import annotations
 
@@ -89,6 +99,43 @@ def seed_globals(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_worker_stream(transform, seed: int, fold: int, epoch: int, worker: int, rank: int,
+                       in_worker: bool) -> None:
+    """Start the augmentation stream of (seed, fold, epoch, worker, rank) in this process.
+
+    In a worker, also its global random/numpy/torch generators, in case
+    anything else in loading draws from them; never in the main process,
+    whose torch generator training (dropout, ...) uses.
+    """
+    s = augment_seed(seed, fold, epoch, worker, rank)
+    if in_worker:
+        seed_globals(_derive(s, 0))  # children of the transform get _derive(s, 1), (s, 2), ...
+    seed_transform(transform, s)
+
+
+class EpochSeeder:
+    """`on_epoch` hook of a models.data.EpochAware dataset: reseed its transform for each new epoch.
+
+    For persistent DataLoader workers, which start once per fold and keep
+    their copy of the dataset: the tagged sampler sends the epoch with every
+    index, and at the first item of a new epoch each worker (or the main
+    process, num_workers=0, as worker 0) starts the stream of (seed, fold,
+    epoch, its worker id, rank). A plain picklable object, for 'fork' and
+    'spawn' alike.
+    """
+
+    def __init__(self, seed: int, fold: int, rank: int = 0):
+        self.seed, self.fold, self.rank = int(seed), int(fold), int(rank)
+
+    def __call__(self, dataset, epoch: int) -> None:
+        info = get_worker_info()
+        seed_worker_stream(getattr(dataset, "transform", None), self.seed, self.fold, int(epoch),
+                           0 if info is None else info.id, self.rank, in_worker=info is not None)
+
+    def __repr__(self) -> str:
+        return f"EpochSeeder(seed={self.seed}, fold={self.fold}, rank={self.rank})"
+
+
 class AugmentWorkerInit:
     """`worker_init_fn` that reseeds each worker's augmentations from (seed, fold, epoch, worker id).
 
@@ -97,22 +144,21 @@ class AugmentWorkerInit:
     `dataset.transform` (see `seed_transform`) and the worker's global
     random/numpy/torch generators, in case anything else in loading draws from them.
 
-    The epoch is fixed when the object is built, which fits the trainer: a new
-    DataLoader per epoch with persistent_workers=False, so workers start (and
-    this runs) again every epoch. Persistent workers are started once and would
-    need the epoch passed differently (e.g. read from shared memory or sent with
-    each index by the sampler), or every epoch would repeat the first.
+    The epoch is fixed when the object is built: it fits a new DataLoader per
+    epoch with persistent_workers=False, so workers start (and this runs) again
+    every epoch. Persistent workers start once: with this alone a worker would
+    just go on drawing, so epoch e's draws would depend on what came before (a
+    resumed run would not see the uninterrupted run's batches). They use
+    EpochSeeder instead.
     """
 
     def __init__(self, seed: int, fold: int, epoch: int, rank: int = 0):
         self.seed, self.fold, self.epoch, self.rank = int(seed), int(fold), int(epoch), int(rank)
 
     def __call__(self, worker_id: int) -> None:
-        s = augment_seed(self.seed, self.fold, self.epoch, worker_id, self.rank)
-        seed_globals(_derive(s, 0))  # children of the transform get _derive(s, 1), (s, 2), ...
         info = get_worker_info()
-        if info is not None:
-            seed_transform(getattr(info.dataset, "transform", None), s)
+        transform = getattr(info.dataset, "transform", None) if info is not None else None
+        seed_worker_stream(transform, self.seed, self.fold, self.epoch, worker_id, self.rank, in_worker=True)
 
     def __repr__(self) -> str:
         return f"AugmentWorkerInit(seed={self.seed}, fold={self.fold}, epoch={self.epoch}, rank={self.rank})"
@@ -121,6 +167,7 @@ class AugmentWorkerInit:
 def seed_augment_workers(dataset, seed: int, fold: int, epoch: int, rank: int = 0) -> AugmentWorkerInit:
     """Seed `dataset.transform` for (seed, fold, epoch) and return the DataLoader's worker_init_fn.
 
+    For a DataLoader built per epoch (persistent workers use EpochSeeder).
     Call it once per epoch when building that epoch's DataLoader:
     `DataLoader(ds, ..., worker_init_fn=seed_augment_workers(ds, seed, fold, epoch, rank))`.
     `rank` (DistributedDataParallel) keeps the ranks' workers apart too.

@@ -12,11 +12,23 @@ Input modes (config `input.mode`):
   with 3 windows, ordered slice by slice): the neighbors' context without
   giving up the subdural and bone windows. The network's first convolution
   is widened to match (timm's in_chans, models.net).
+
+Persistent workers. The training loader keeps its worker processes for the
+whole fold: restarted every epoch, a dozen workers fork again and the first
+batches of each epoch wait for them to start and refill the pipeline. A worker
+holds its own copy of the dataset, made when it started, so what the main
+process changes later (the epoch's size under progressive resizing, the
+epoch whose augmentation stream to draw) never reaches it. So the sampler
+sends those facts with every index: `EpochSampler(tagged=True)` yields
+`EpochItem(index, epoch, size)`, and the dataset (`EpochAware`) applies the
+size and, at the first item of a new epoch, calls its `on_epoch` hook
+(models.augment.EpochSeeder reseeds the augmentations there).
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -52,8 +64,40 @@ def with_neighbors(slices: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-class SliceDataset(Dataset):
-    """Item i -> (uint8 tensor C x H x W, float32 labels (6,) or zeros, i)."""
+class EpochItem(NamedTuple):
+    """An index with the facts of its epoch, as a tagged EpochSampler hands it to the dataset."""
+    index: int
+    epoch: int
+    size: int | None = None  # None: the dataset's own size
+
+
+class EpochAware:
+    """Mixin for a dataset that takes plain indices or EpochItems (see the module docstring).
+
+    `on_epoch(dataset, epoch)`, if set, runs in the process that makes the
+    items (a worker, or the main process with num_workers=0) before the
+    first item of each new epoch it sees. Every worker sees every epoch's
+    first batch it is sent, so each reseeds once per epoch, whichever items
+    it gets.
+    """
+    epoch: int | None = None
+    on_epoch = None
+
+    def start_item(self, key) -> int:
+        """The plain index of `key`, after applying its epoch's size and epoch hook."""
+        if not isinstance(key, EpochItem):
+            return key
+        if key.size is not None:
+            self.size = key.size
+        if key.epoch != self.epoch:
+            self.epoch = key.epoch
+            if self.on_epoch is not None:
+                self.on_epoch(self, key.epoch)
+        return key.index
+
+
+class SliceDataset(EpochAware, Dataset):
+    """Item i (or EpochItem) -> (uint8 tensor C x H x W, float32 labels (6,) or zeros, i)."""
 
     def __init__(self, table: pd.DataFrame, clean_dir: str | Path, *, mode: str = "windows",
                  channel: int = 0, size: int = 256, transform=None):
@@ -94,7 +138,8 @@ class SliceDataset(Dataset):
                              interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
         return img
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        i = self.start_item(key)
         img = self.image(i)
         if self.transform is not None:
             img = self.transform(image=img)["image"]
@@ -110,19 +155,24 @@ class EpochSampler(Sampler):
     takes every world_size-th item, padded so all ranks see as many batches.
     `balanced`: every positive (`any`) plus neg_ratio times as many negatives,
     redrawn each epoch, so the network sees all negatives over many epochs.
+    `tagged`: yield EpochItem(index, epoch, size) instead of plain indices, so
+    persistent loader workers learn the epoch and its size (module docstring).
+    The sampler is iterated in the main process at the start of each epoch, so
+    `set_epoch` before iterating is enough.
     """
 
     def __init__(self, labels_any: np.ndarray, *, kind: str = "all", neg_ratio: float = 1.0,
-                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, tagged: bool = False):
         self.pos = np.flatnonzero(labels_any > 0)
         self.neg = np.flatnonzero(labels_any <= 0)
         self.n_all = len(labels_any)
         self.kind, self.neg_ratio, self.shuffle, self.seed = kind, neg_ratio, shuffle, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
+        self.rank, self.world_size, self.tagged = rank, world_size, tagged
+        self.epoch, self.size = 0, None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, size: int | None = None) -> None:
+        """The epoch to draw (and, tagged, the image size its items are made at; None: the dataset's)."""
+        self.epoch, self.size = epoch, size
 
     @property
     def n_negatives_drawn(self) -> int:
@@ -149,7 +199,10 @@ class EpochSampler(Sampler):
         return idx[self.rank::self.world_size]
 
     def __iter__(self):
-        return iter(self.epoch_indices().tolist())
+        indices = self.epoch_indices().tolist()
+        if self.tagged:
+            return iter([EpochItem(i, self.epoch, self.size) for i in indices])
+        return iter(indices)
 
     def __len__(self) -> int:
         n = len(self.pos) + self.n_negatives_drawn if self.kind == "balanced" and len(self.pos) else self.n_all

@@ -17,6 +17,20 @@ from .data import EpochSampler
 from .runtime import Runtime
 
 
+def one_pass(loader, *, desc: str, show: bool):
+    """A progress bar over one pass of `loader` that starts exactly one pass.
+
+    tqdm.auto's class (tqdm_asyncio) calls iter() on what it is given as soon
+    as it is built, and iterates it again when used. Given a DataLoader that
+    is two passes: the first is dropped after its workers have started and
+    loaded prefetch_factor x num_workers batches for nothing (every epoch,
+    every validation, every fold model's test pass), and with persistent
+    workers it would also draw augmentations from the epoch's stream that no
+    batch shows. Given the pass's own iterator, it is one.
+    """
+    return tqdm(iter(loader), total=len(loader), desc=desc, leave=False, disable=not show, unit="batch")
+
+
 def make_loader(dataset, runtime: Runtime, batch_size: int, num_workers: int) -> DataLoader:
     sampler = EpochSampler(np.zeros(len(dataset)), shuffle=False, rank=runtime.rank,
                            world_size=runtime.world_size)
@@ -32,8 +46,7 @@ def predict(model, loader: DataLoader, runtime: Runtime, *, tta_hflip: bool = Tr
     model.eval()
     n = len(loader.dataset)
     idx_parts, prob_parts, emb_parts = [], [], []
-    bar = tqdm(loader, desc=desc, leave=False, disable=not (progress and runtime.is_main), unit="batch")
-    for x, _, idx in bar:
+    for x, _, idx in one_pass(loader, desc=desc, show=progress and runtime.is_main):
         x = x.to(runtime.device, non_blocking=True)
         if runtime.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

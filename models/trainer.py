@@ -15,6 +15,11 @@ settings) for the epoch the config keeps (`train.checkpoint`):
   beside the last epoch's.
 Every file is written atomically (temporary file + rename): a kill mid-save
 leaves the previous good file. All load with torch.load(weights_only=True).
+
+One training DataLoader serves all epochs of a fold, its workers persistent
+(`train_loader`): the epoch and its progressive size travel with the indices
+and each worker reseeds its augmentations per epoch, so the batches are those
+a new loader per epoch gave, without restarting the workers every epoch.
 """
 from __future__ import annotations
 
@@ -30,16 +35,15 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ich.cache import image_settings, read_meta, write_atomic
 from ich.labels import LABELS
 from ich.metric import per_label_log_loss, prior_baseline, weighted_log_loss
 
-from .augment import build_train_transform, seed_augment_workers
+from .augment import EpochSeeder, build_train_transform
 from .config import ExperimentCfg
 from .data import EpochSampler, SliceDataset, input_channels
-from .inference import make_loader, predict
+from .inference import make_loader, one_pass, predict
 from .net import SliceNet
 from .runtime import Runtime
 from .schedule import build_scheduler
@@ -94,6 +98,24 @@ def save_atomic(obj, path: Path) -> None:
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
+def train_loader(dataset, sampler: EpochSampler, cfg: ExperimentCfg, runtime: Runtime) -> DataLoader:
+    """One training DataLoader for a whole fold, its workers started once (persistent).
+
+    Everything an epoch changes reaches the workers with the indices: the
+    sampler must be tagged (EpochSampler(tagged=True), its set_epoch(epoch,
+    size) called before each epoch), and the dataset's on_epoch hook
+    (EpochSeeder) reseeds each worker's augmentations for the new epoch, as
+    per-epoch loaders with a worker_init_fn did (the same batches; see
+    models.data and models.augment). A resumed fold builds a new one.
+    """
+    if not sampler.tagged:
+        raise ValueError("persistent workers need a tagged EpochSampler: they would not see the epoch otherwise")
+    workers = cfg.train.num_workers
+    return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=runtime.device.type == "cuda", drop_last=False,
+                      prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
+
+
 def validate(model, dataset, runtime: Runtime, cfg: ExperimentCfg, progress: bool):
     loader = make_loader(dataset, runtime, cfg.train.batch_size * 2, cfg.train.num_workers)
     probs, _ = predict(model, loader, runtime, tta_hflip=False, embeddings=False, desc="validate",
@@ -124,7 +146,8 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
     criterion = WeightedBCE(cfg.loss.any_weight, pos_weight).to(runtime.device)
 
     sampler = EpochSampler(y_train[:, -1], kind=cfg.sampler.kind, neg_ratio=cfg.sampler.neg_ratio,
-                           seed=cfg.train.seed + 1000 * fold, rank=runtime.rank, world_size=runtime.world_size)
+                           seed=cfg.train.seed + 1000 * fold, rank=runtime.rank, world_size=runtime.world_size,
+                           tagged=True)
     raw_model.set_sampling(sampler.neg_keep)  # its probabilities() then undo the sampler's prior shift
     steps_per_epoch = math.ceil(len(sampler) / cfg.train.batch_size / cfg.train.accumulate)
     optimizer = torch.optim.AdamW(
@@ -155,18 +178,14 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
     prior = weighted_log_loss(y_valid, prior_baseline(y_train, len(y_valid)))
     valid_set = make_dataset(cfg, data.valid, data.clean_dir, cfg.final_size, train=False)
     trained_on = image_settings(read_meta(data.clean_dir))  # stored with the kept weights
+    train_set = make_dataset(cfg, data.train, data.clean_dir, cfg.size_at(start_epoch), train=True)
+    train_set.on_epoch = EpochSeeder(cfg.train.seed, fold, runtime.rank)
+    loader = train_loader(train_set, sampler, cfg, runtime)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.time()
         size = cfg.size_at(epoch)
-        train_set = make_dataset(cfg, data.train, data.clean_dir, size, train=True)
-        sampler.set_epoch(epoch)
-        loader = DataLoader(train_set, batch_size=cfg.train.batch_size, sampler=sampler,
-                            num_workers=cfg.train.num_workers, pin_memory=runtime.device.type == "cuda",
-                            drop_last=False, prefetch_factor=4 if cfg.train.num_workers else None,
-                            persistent_workers=False,  # workers restart, reseeded for this epoch
-                            worker_init_fn=seed_augment_workers(train_set, cfg.train.seed, fold, epoch,
-                                                                runtime.rank))
+        sampler.set_epoch(epoch, size)  # the workers learn both from the indices
         compiling = raw_model.__dict__.get("_compiled") is not None and epoch == start_epoch
         train_loss = run_epoch(model, loader, criterion, optimizer, scheduler, scaler, runtime, cfg,
                                desc=f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs}", progress=progress)
@@ -211,7 +230,7 @@ def run_epoch(model, loader, criterion, optimizer, scheduler, scaler, runtime: R
     total, count = 0.0, 0
     accumulate = cfg.train.accumulate
     optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(loader, desc=desc, leave=False, disable=not (progress and runtime.is_main), unit="batch")
+    bar = one_pass(loader, desc=desc, show=progress and runtime.is_main)
     n_batches = len(loader)
     for i, (x, y, _) in enumerate(bar):
         x = x.to(runtime.device, non_blocking=True)

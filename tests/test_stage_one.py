@@ -239,3 +239,55 @@ def test_compile_failure_falls_back_to_eager_and_checkpoints_stay_plain(prepared
     assert set(state) == set(SliceNet("test_resnet").state_dict())  # the plain module's keys
     with pytest.raises(ConfigError, match="train.compile"):
         from_dict({"train": {"compile": "sometimes"}})
+
+
+def test_one_persistent_loader_per_fold_trains_each_epoch_at_its_size(prepared, tmp_path, monkeypatch):
+    """Issue 11: train_fold builds one DataLoader per fold, its workers persistent; progressive
+    resizing still trains each epoch at its size, and the network gets exactly the batches of a
+    DataLoader built for that epoch with the worker_init_fn seeding (the code before). Recorded
+    where the network sees them, so nothing between the loader and the model may draw from the
+    epoch's stream either (tqdm.auto started a second pass of every loader, see one_pass)."""
+    from torch.utils.data import DataLoader
+
+    from models import net, trainer
+    from models.augment import seed_augment_workers
+    from models.runtime import setup
+    cfg = load_experiment(write_config(tmp_path, "pers", input={"size": 64, "progressive": [[32, 1], [64, 2]]},
+                                       augment={"hflip": 0.5, "shift_scale_rotate": 1.0},
+                                       train={"epochs": 3, "num_workers": 2, "batch_size": 32}))
+    clean = prepared / "clean" / "train"
+    slices = with_neighbors(pd.read_parquet(clean / "slices.parquet"))
+    train, valid = slices[slices["fold"] != 0].iloc[:100], slices[slices["fold"] == 0].iloc[:20]
+    data = trainer.FoldData(train=train, valid=valid, clean_dir=clean)
+    loaders, seen = [], []
+    real_epoch, real_forward = trainer.run_epoch, net.SliceNet.forward
+
+    def epoch(model, loader, *args, **kwargs):
+        loaders.append(loader)
+        seen.append([])
+        return real_epoch(model, loader, *args, **kwargs)
+
+    def forward(self, x, *args, **kwargs):
+        if self.training:
+            seen[-1].append(x.clone())
+        return real_forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "run_epoch", epoch)
+    monkeypatch.setattr(net.SliceNet, "forward", forward)
+    (tmp_path / "m").mkdir()
+    trainer.train_fold(cfg, 0, data, tmp_path / "m", setup("none", False), resume=False, progress=False,
+                       log=lambda *a: None)
+    assert len(loaders) == 3 and all(loader is loaders[0] for loader in loaders), "a new DataLoader per epoch"
+    assert loaders[0].persistent_workers and loaders[0].num_workers == 2
+    assert [{tuple(x.shape[-2:]) for x in batches} for batches in seen] == [{(32, 32)}, {(64, 64)}, {(64, 64)}]
+
+    y_any = data.train["any"].to_numpy(np.float32)
+    for e, batches in enumerate(seen):
+        dataset = trainer.make_dataset(cfg, data.train, clean, cfg.size_at(e), train=True)
+        sampler = EpochSampler(y_any, seed=cfg.train.seed)
+        sampler.set_epoch(e)
+        before = DataLoader(dataset, batch_size=32, sampler=sampler, num_workers=2,
+                            worker_init_fn=seed_augment_workers(dataset, cfg.train.seed, 0, e))
+        expected = [x for x, _, _ in before]
+        assert len(expected) == len(batches)
+        assert all(torch.equal(x, x0) for x, x0 in zip(batches, expected)), f"epoch {e}"
