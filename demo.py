@@ -31,6 +31,29 @@ STEPS = [
 ]
 
 
+STUDY_ZIP = ROOT / "data" / "demo" / "study_demo.zip"
+
+
+def write_demo_study(path: Path = STUDY_ZIP) -> Path:
+    """One generated test study as a zip, to upload in the web app: the test series with the most bleeding
+    slices (the generated test labels say which), in a PACS-like layout."""
+    import zipfile
+
+    import pandas as pd
+
+    from ich.labels import read_labels
+
+    slices = pd.read_parquet(ROOT / "data" / "demo" / "clean" / "test" / "slices.parquet")
+    labels = read_labels(RAW / "stage_2_test_labels.csv")
+    bleeding = slices.assign(any=slices["image_id"].map(labels["any"])).groupby("series_id")["any"].sum()
+    series = bleeding.idxmax()
+    ids = slices.loc[slices.series_id == series].sort_values("slice_index")["image_id"]
+    with zipfile.ZipFile(path, "w") as z:
+        for i, image_id in enumerate(ids):
+            z.write(RAW / "stage_2_test" / f"{image_id}.dcm", f"DEMO_STUDY/CT_HEAD/IM{i:04d}.dcm")
+    return path
+
+
 def main():
     t0 = time.time()
     for i, (title, cmd) in enumerate(STEPS, 1):
@@ -41,6 +64,7 @@ def main():
         result = subprocess.run(cmd, cwd=ROOT)
         if result.returncode:
             sys.exit(f"demo: step {i} failed with exit code {result.returncode}")
+    write_demo_study()
     print(f"\nDemo finished in {time.time() - t0:.0f} s. Outputs under data/demo/:")
     for path, what in [("clean/train/slices.parquet", "clean slice table (train)"),
                        ("clean/train/rejected.csv", "files that could not be used, with the reason"),
@@ -49,8 +73,12 @@ def main():
                        ("logs/stacking/demo/metrics.csv", "log-loss table: prior, stage one, stage two"),
                        ("logs/stacking/demo/feature_importance.png", "stage-two feature importance"),
                        ("submissions/submission.csv", "the Kaggle submission"),
-                       ("logs/report/report.html", "the report: open it in a browser")]:
+                       ("logs/report/report.html", "the report: open it in a browser"),
+                       ("study_demo.zip", "one test study, to upload in the web app")]:
         print(f"  {what:48s} data/demo/{path}")
+    print("\nThe web application on the demo model (one study in, probabilities per slice out; upload "
+          "data/demo/study_demo.zip):\n  .venv/bin/python serve.py --settings SETTINGS.demo.json "
+          "--config configs/predict/demo.yaml\n  then open http://127.0.0.1:8000/  (research use only)")
 
 
 if __name__ == "__main__":

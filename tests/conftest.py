@@ -207,3 +207,43 @@ def study_zip(prepared: Path, path: Path, *, n_other: int = 2, extra: dict | Non
         for name, data in (extra or {}).items():
             z.writestr(name, data)
     return path, ids
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served(study_models, tmp_path_factory):
+    """serve.py as a user starts it, on a free port of 127.0.0.1: (base URL, its Popen, its log file)."""
+    import time
+    import urllib.request
+    settings, cfg, _ = study_models
+    port = free_port()
+    log = tmp_path_factory.mktemp("served") / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--settings", str(settings), "--config",
+                                 str(cfg), "--port", str(port), "--max-upload-mb", "64"], cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/api/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"serve.py did not start: {log.read_text()[-3000:]}")
+        time.sleep(0.3)
+    yield url, proc, log
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()

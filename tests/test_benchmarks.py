@@ -58,3 +58,12 @@ def test_stacking_benchmark_stage_two_beats_stage_one():
     for r in rows:  # the generated stage one is noisy along the series: neighbors must help
         assert float(r[5]) < float(r[4])
     assert "growth 0.5 -> 1" in out and "full scale:" not in out  # not the competition's size
+
+
+def test_study_benchmark(study_models):
+    settings, cfg, _ = study_models
+    out = bench("study.py", "--settings", str(settings), "--config", str(cfg), "--slices", "8", "--repeats", "2")
+    assert re.search(r"server start-up \(load \+ warm the models, not counted below\): [\d.]+ s", out)
+    assert len(re.findall(r"^run \d\s+[\d.]+ s  upload", out, flags=re.M)) == 2
+    assert re.search(r"8-slice study, upload to results: median [\d.]+ s over 2 runs", out)
+    assert re.search(r"median per stage: upload .* stage one [\d.]+ s, stage two [\d.]+ s", out)

@@ -134,8 +134,13 @@ function ranges(label, threshold) {
   return out;
 }
 
+function threshold() {
+  const t = parseFloat($("threshold").value);
+  return Number.isNaN(t) ? 0.5 : Math.max(0, Math.min(1, t));
+}
+
 function renderSummary() {
-  const threshold = parseFloat($("threshold").value) || 0.5;
+  const cut = threshold();
   const tbody = $("summary").querySelector("tbody");
   tbody.innerHTML = "";
   for (const label of state.study.labels) {
@@ -145,7 +150,7 @@ function renderSummary() {
     tr.insertCell().textContent = label;
     tr.insertCell().textContent = state.study.slices[row][label].toFixed(3);
     tr.insertCell().textContent = row + 1;
-    const r = ranges(label, threshold);
+    const r = ranges(label, cut);
     tr.insertCell().textContent = r.length ? r.map(([a, b]) => (a === b ? `${a + 1}` : `${a + 1}–${b + 1}`)).join(", ") : "none";
   }
   const m = state.study.model;
@@ -178,9 +183,8 @@ function drawChart() {
     g.beginPath(); g.moveTo(PAD.left, y(p)); g.lineTo(w - PAD.right, y(p)); g.stroke();
     g.fillText(p.toFixed(2), 4, y(p) + 4);
   }
-  const threshold = parseFloat($("threshold").value) || 0.5;
   g.setLineDash([5, 4]); g.strokeStyle = "#999";
-  g.beginPath(); g.moveTo(PAD.left, y(threshold)); g.lineTo(w - PAD.right, y(threshold)); g.stroke();
+  g.beginPath(); g.moveTo(PAD.left, y(threshold())); g.lineTo(w - PAD.right, y(threshold())); g.stroke();
   g.setLineDash([]);
   const s = state.study.slices;
   for (const label of state.study.labels) {
