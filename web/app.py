@@ -128,7 +128,9 @@ def create_app(engine: Engine, *, max_upload_mb: int = 1024, max_studies: int = 
         length = request.headers.get("content-length")
         if length is None:
             raise ApiError(411, "the upload must state its size (Content-Length)")
-        if not length.isdigit() or int(length) > max_bytes:
+        if not length.isdigit():
+            raise ApiError(400, "the upload's Content-Length is not a number")
+        if int(length) > max_bytes:
             raise ApiError(413, f"the upload is larger than {max_upload_mb} MB")
         with tempfile.TemporaryDirectory(prefix="ich_upload_") as tmp:
             tmp = Path(tmp)
