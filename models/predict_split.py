@@ -35,7 +35,7 @@ from ich.labels import LABELS
 
 from .config import from_dict
 from .data import with_neighbors
-from .inference import make_loader, predict
+from .inference import is_compiled, make_loader, predict
 from .net import SliceNet
 from .runtime import Runtime
 from .trainer import make_dataset
@@ -73,11 +73,15 @@ def fold_checkpoints(exp_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def load_fold_model(path: Path, runtime: Runtime):
+def load_fold_model(path: Path, runtime: Runtime, reuse=None):
     """A fold checkpoint -> (model on the device, its experiment config, the checkpoint dict without weights).
 
     No pretrained file is needed: the weights, the normalization and the
-    sampler correction all come from the checkpoint.
+    sampler correction all come from the checkpoint. `reuse`: a model an
+    earlier call returned; when it has the same architecture, the weights are
+    copied into it in place and it is returned. A compiled backbone keeps its
+    compiled code that way (torch.compile treats the weights as inputs), so
+    the fold models of an experiment compile once, not once each.
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -85,16 +89,23 @@ def load_fold_model(path: Path, runtime: Runtime):
         raise InferenceError(f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}): it is damaged or "
                              "incomplete; retrain that fold (train.py --folds K --force)") from None
     cfg = from_dict(state["config"], where=str(path))
-    model = SliceNet(cfg.model.backbone, None, cfg.model.dropout, int(state.get("in_chans", 3)))  # weights: below
+    info = {k: v for k, v in state.items() if k != "state_dict"}
+    arch = (cfg.model.backbone, int(state.get("in_chans", 3)), cfg.model.dropout)
+    model = reuse if reuse is not None and getattr(reuse, "arch", None) == arch else None
+    if model is None:
+        model = SliceNet(cfg.model.backbone, None, cfg.model.dropout, arch[1])  # weights: below
     missing = {"mean", "std", "neg_keep"} - set(state["state_dict"])
     if missing:
         raise InferenceError(f"{path} was written by an older version that did not store "
                              f"{', '.join(sorted(missing))} with the weights: retrain it (train.py --force)")
-    model.load_state_dict(state["state_dict"])
+    model.load_state_dict(state["state_dict"])  # in place: a reused model stays on its device, compiled
+    if model is reuse:
+        return model, cfg, info
+    model.arch = arch
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model, cfg, {k: v for k, v in state.items() if k != "state_dict"}
+    return model, cfg, info
 
 
 def _file_digest(path: Path) -> str:
@@ -128,6 +139,19 @@ def _reusable(exp_dir: Path, key: dict, folds) -> bool:
     return stored == key and all(p.is_file() for p in files)
 
 
+def split_loader(loaders: dict, cfg, slices, test_dir: Path, runtime: Runtime, batch_size: int, num_workers: int):
+    """The test DataLoader for a fold model's input settings, one per settings for all fold models.
+
+    Its workers persist between the fold models' passes: started once per
+    experiment instead of once per fold model.
+    """
+    key = (cfg.input.mode, cfg.input.adjacent_channel, cfg.final_size)
+    if key not in loaders:
+        dataset = make_dataset(cfg, slices, test_dir, cfg.final_size, train=False)
+        loaders[key] = make_loader(dataset, runtime, batch_size, num_workers, persistent=True)
+    return loaders[key]
+
+
 def predict_test(exp_dir: Path, test_dir: Path, runtime: Runtime, *, batch_size: int = 64, num_workers: int = 2,
                  force: bool = False, progress: bool = True, log=print) -> pd.DataFrame:
     """Every fold model of one experiment on the test split; returns the fold mean (test.parquet's table)."""
@@ -147,14 +171,14 @@ def predict_test(exp_dir: Path, test_dir: Path, runtime: Runtime, *, batch_size:
     test_meta = read_meta(test_dir)
     t0 = time.time()
     mean, tta = 0.0, set()
+    model, loaders = None, {}
     for k, path in checkpoints.items():
-        model, cfg, info = load_fold_model(path, runtime)
-        if runtime.wants_compile(cfg.train.compile):
+        model, cfg, info = load_fold_model(path, runtime, reuse=model)
+        if runtime.wants_compile(cfg.train.compile) and not is_compiled(model):
             model.compile_backbone()
         if "image_settings" in info:
             _compare(info["image_settings"], test_meta, f"the cache {path.name} was trained on", test_dir)
-        dataset = make_dataset(cfg, slices, test_dir, cfg.final_size, train=False)
-        loader = make_loader(dataset, runtime, batch_size, num_workers)
+        loader = split_loader(loaders, cfg, slices, test_dir, runtime, batch_size, num_workers)
         probs, emb = predict(model, loader, runtime, tta_hflip=cfg.train.tta_hflip,
                              desc=f"{exp_dir.name} fold {k} test", progress=progress)
         tta.add(cfg.train.tta_hflip)

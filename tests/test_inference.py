@@ -1,0 +1,128 @@
+"""Stage-one inference (models.inference, models.predict_split) on the input path issue 11 reworked.
+
+predict must give the outputs the straightforward loop gave (a `.cpu()` per
+batch), make every item exactly once, feed a compiled model full batches only,
+and predict_test must carry one model and one loader through all fold models.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from models.config import from_dict
+from models.inference import make_loader, padded, predict
+from models.net import SliceNet
+from models.predict_split import load_fold_model
+from models.runtime import setup
+
+N, SIZE = 21, 32
+
+
+class CountingSet(Dataset):
+    """uint8 images; counts the items made, in whatever process makes them."""
+
+    def __init__(self, n: int = N):
+        self.images = np.random.default_rng(0).integers(0, 256, (n, 3, SIZE, SIZE), dtype=np.uint8)
+        self.made = mp.Value("i", 0)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        with self.made.get_lock():
+            self.made.value += 1
+        return torch.from_numpy(self.images[i]), torch.zeros(6), i
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return SliceNet("test_resnet").eval()
+
+
+def reference(model, dataset, batch_size, tta=True):
+    """The loop as it was before issue 11: two device->host copies per batch, float16 on the host."""
+    probs, embs = [], []
+    with torch.no_grad():
+        for x, _, _ in DataLoader(dataset, batch_size=batch_size):
+            logits, emb = model(x, return_embedding=True)
+            prob = model.probabilities(logits)
+            if tta:
+                logits_f, emb_f = model(torch.flip(x, dims=[3]), return_embedding=True)
+                prob = (prob + model.probabilities(logits_f)) / 2
+                emb = (emb + emb_f) / 2
+            probs.append(prob.cpu().numpy())
+            embs.append(emb.float().cpu().numpy().astype(np.float16))
+    return np.concatenate(probs), np.concatenate(embs)
+
+
+@pytest.mark.parametrize("tta", [True, False])
+def test_outputs_equal_the_per_batch_copy_loop(model, tta):
+    ds = CountingSet()
+    probs, emb = predict(model, make_loader(ds, setup("none", False), 8, 0), setup("none", False), tta_hflip=tta,
+                         progress=False)
+    ref_probs, ref_emb = reference(model, ds, 8, tta)
+    np.testing.assert_array_equal(probs, ref_probs)
+    assert emb.dtype == np.float16 and np.array_equal(emb.view(np.uint16), ref_emb.view(np.uint16))
+    no_emb = predict(model, make_loader(ds, setup("none", False), 8, 0), setup("none", False), tta_hflip=tta,
+                     embeddings=False, progress=False)
+    assert no_emb[1] is None and np.array_equal(no_emb[0], probs)
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_every_item_is_made_once(model, progress):
+    """tqdm.auto iterated a DataLoader twice: its first pass started the workers and loaded
+    prefetch_factor x num_workers batches that were thrown away."""
+    ds = CountingSet()
+    rt = setup("none", False)
+    predict(model, make_loader(ds, rt, 4, 1), rt, tta_hflip=False, progress=progress)
+    assert ds.made.value == N
+
+
+def test_a_compiled_model_sees_full_batches_only(model):
+    """A short last batch is padded to the loader's batch size (torch.compile would compile
+    again for it); the padding rows are dropped, the outputs stay those of the plain loop."""
+    shapes = []
+    hook = model.backbone.register_forward_hook(lambda m, args, out: shapes.append(args[0].shape[0]))
+    model.__dict__["_compiled"] = model.backbone  # stands in for torch.compile(backbone): same function
+    try:
+        rt = setup("none", False)
+        probs, emb = predict(model, make_loader(CountingSet(), rt, 8, 0), rt, progress=False)
+    finally:
+        model.__dict__["_compiled"] = None
+        hook.remove()
+    assert set(shapes) == {8} and len(shapes) == 2 * 3  # 21 images: 3 batches, x2 for the flip
+    ref_probs, ref_emb = reference(model, CountingSet(), 8)
+    np.testing.assert_allclose(probs, ref_probs, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(emb.astype(np.float32), ref_emb.astype(np.float32), atol=1e-3, rtol=1e-3)
+    x = torch.arange(3 * 2).view(3, 2)
+    assert padded(x, 5).tolist() == [[0, 1], [2, 3], [4, 5], [4, 5], [4, 5]] and padded(x, 0) is x
+
+
+def test_fold_models_reuse_one_module(tmp_path):
+    """load_fold_model(reuse=...) copies the next fold's weights into the same module (a compiled
+    backbone keeps its code); a different architecture gets a new one."""
+    cfg = from_dict({"model": {"backbone": "test_resnet"}, "input": {"size": SIZE}, "train": {"epochs": 1}})
+    paths = []
+    for k in range(2):
+        torch.manual_seed(k)
+        net = SliceNet("test_resnet")
+        net.set_sampling(0.5 + 0.25 * k)
+        paths.append(tmp_path / f"fold{k}.pt")
+        torch.save({"state_dict": net.state_dict(), "config": cfg.to_dict(), "fold": k, "epoch": 1}, paths[-1])
+    rt = setup("none", False)
+    first, _, _ = load_fold_model(paths[0], rt)
+    second, _, _ = load_fold_model(paths[1], rt, reuse=first)
+    fresh, _, _ = load_fold_model(paths[1], rt)
+    assert second is first and fresh is not first
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(second.state_dict()[key], value), key
+    other = from_dict({"model": {"backbone": "test_resnet"}, "input": {"size": SIZE}, "train": {"epochs": 1}})
+    torch.save({"state_dict": SliceNet("test_resnet", in_chans=9).state_dict(), "config": other.to_dict(),
+                "in_chans": 9}, tmp_path / "nine.pt")
+    nine, _, _ = load_fold_model(tmp_path / "nine.pt", rt, reuse=first)
+    assert nine is not first and nine.in_chans == 9
