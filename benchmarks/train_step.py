@@ -6,8 +6,9 @@
 (a') bare step, torch.compile + fused AdamW (fused on CUDA only): the
     ceiling for this model, batch and size;
 (b) loop: models.trainer.run_epoch with the real pieces: the cache dataset,
-    albumentations augmentations, the epoch sampler, DataLoader workers, the
-    LR schedule and loss bookkeeping, compiled like (a') with --compile;
+    albumentations augmentations, the tagged epoch sampler and the trainer's
+    persistent-worker DataLoader (models.trainer.train_loader), the LR
+    schedule and loss bookkeeping, compiled like (a') with --compile;
 (c) loader alone: the same DataLoader without the model.
 Every rate counts only the steps after --warmup steps: start-up (worker
 start, cuDNN autotuning, the first batches) and compiling are printed on
@@ -19,6 +20,13 @@ steady state on an H100.) Target: (b) >= 0.9x (a'). Usage:
         [--steps 25] [--warmup 10] [--workers 1] [--amp bf16] [--channels-last] [--compile auto|true|false]
 On a GPU: --amp bf16 --channels-last and larger --size/--batch/--workers, e.g.
     --backbone seresnext50_32x4d --size 256 --batch 128 --workers 14 --steps 100 --warmup 40
+--config configs/X.yaml takes the backbone, input mode, size, batch, augmentations and
+sampler from an experiment config (--size/--batch/--backbone still override), and the
+projected wall time of the config's training is printed: epochs x folds x training
+slices per epoch / (b), on the 752,803 stage-2 train slices (4/5 of them per fold; a
+balanced sampler draws every `any` positive, about 14%, and neg_ratio times as many
+negatives). Epochs at another progressive size are scaled from (b) by their pixel
+count, and say so; run again with --size for a measured rate there.
 """
 from __future__ import annotations
 
@@ -41,9 +49,15 @@ from ich.prepare import prepare_split  # noqa: E402
 from ich.synthetic import generate_dataset  # noqa: E402
 from models import runtime as rt  # noqa: E402
 from models.config import from_dict  # noqa: E402
-from models.data import EpochSampler, with_neighbors  # noqa: E402
+from models.augment import EpochSeeder  # noqa: E402
+from models.config import load_experiment  # noqa: E402
+from models.data import EpochSampler, input_channels, with_neighbors  # noqa: E402
 from models.schedule import build_scheduler  # noqa: E402
-from models.trainer import WeightedBCE, build_model, make_dataset, run_epoch  # noqa: E402
+from models.trainer import WeightedBCE, build_model, make_dataset, run_epoch, train_loader  # noqa: E402
+
+TRAIN_SLICES = 752_803  # stage-2 train images
+ANY_SHARE = 0.14  # share of them with any = 1 (benchmarks/stacking.py generates the same)
+FOLDS = 5
 
 
 class Clock:
@@ -83,11 +97,56 @@ def adamw(model, runtime, fused: bool):
     return torch.optim.AdamW(groups, lr=1e-4, fused=fused and runtime.device.type == "cuda")
 
 
+def bench_cfg(args):
+    """The experiment being timed: --config's (random weights) or a plain one; CLI values override."""
+    if args.config:
+        data = load_experiment(args.config).to_dict()
+        data["model"]["pretrained"] = None
+    else:
+        data = {"name": "bench", "augment": {"hflip": 0.5, "shift_scale_rotate": 0.5, "contrast": 0.3},
+                "model": {"backbone": "resnet18"}, "input": {"size": 128}, "train": {"batch_size": 32, "epochs": 1}}
+    if args.backbone:
+        data["model"]["backbone"] = args.backbone
+    if args.size and args.size not in [s for s, _ in data["input"].get("progressive") or []]:
+        data["input"].update({"size": args.size, "progressive": None})  # not in the schedule: time and project it
+    if args.batch:
+        data["train"]["batch_size"] = args.batch
+    data["train"].update({"num_workers": args.workers, "amp": args.amp, "channels_last": args.channels_last,
+                          "compile": args.compile, "accumulate": 1})
+    return from_dict(data)
+
+
+def epoch_slices(cfg) -> float:
+    """Training slices one epoch of one fold draws on the full data (4/5 of the slices are its train part)."""
+    train = TRAIN_SLICES * (FOLDS - 1) / FOLDS
+    if cfg.sampler.kind == "balanced":
+        return min(train, train * ANY_SHARE * (1 + cfg.sampler.neg_ratio))
+    return train
+
+
+def projection(cfg, size: int, rate: float) -> list[str]:
+    """Lines: each epoch's size, slices and hours at `rate` (measured at `size`), and the total."""
+    lines, total = [], 0.0
+    for epoch in range(cfg.train.epochs):
+        s = cfg.size_at(epoch)
+        r = rate * (size / s) ** 2
+        hours = epoch_slices(cfg) / r / 3600
+        total += hours
+        how = "measured" if s == size else f"scaled from {size} px by pixels"
+        lines.append(f"  epoch {epoch + 1}: {s} px, {epoch_slices(cfg):,.0f} slices at {r:,.0f} img/s ({how}): "
+                     f"{hours:.2f} h per fold")
+    lines.append(f"projected training wall time of {cfg.name}: {cfg.train.epochs} epochs x {FOLDS} folds = "
+                 f"{total * FOLDS:.1f} h at (b) (training steps only: validation, OOF and test inference not in it)")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default="resnet18")
-    ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--config", help="an experiment config: backbone, input, batch, augmentations, sampler; "
+                                      "prints the projected training wall time")
+    ap.add_argument("--backbone", help="timm name (default resnet18, or the config's)")
+    ap.add_argument("--size", type=int, help="input size (default 128, or the config's final size)")
+    ap.add_argument("--batch", type=int, help="batch size (default 32, or the config's)")
     ap.add_argument("--steps", type=int, default=25, help="timed steps (after the warm-up)")
     ap.add_argument("--warmup", type=int, default=10, help="steps run before timing starts")
     ap.add_argument("--workers", type=int, default=1)
@@ -100,12 +159,9 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    cfg = from_dict({
-        "model": {"backbone": args.backbone}, "input": {"size": args.size},
-        "augment": {"hflip": 0.5, "shift_scale_rotate": 0.5, "contrast": 0.3},
-        "train": {"batch_size": args.batch, "num_workers": args.workers, "amp": args.amp,
-                  "channels_last": args.channels_last, "epochs": 1, "compile": args.compile},
-    })
+    cfg = bench_cfg(args)
+    args.backbone, args.size, args.batch = cfg.model.backbone, args.size or cfg.final_size, cfg.train.batch_size
+    in_chans = input_channels(cfg.input.mode, 3)  # the generated cache has 3 windows
     runtime = rt.setup(args.amp, args.channels_last)
     compiled = runtime.wants_compile(args.compile)
     clock = Clock(runtime.device)
@@ -122,16 +178,16 @@ def main():
 
         criterion = WeightedBCE().to(runtime.device)
         fmt = torch.channels_last if runtime.channels_last else torch.contiguous_format
-        x = torch.randint(0, 255, (args.batch, 3, args.size, args.size), dtype=torch.uint8,
+        x = torch.randint(0, 255, (args.batch, in_chans, args.size, args.size), dtype=torch.uint8,
                           device=runtime.device).contiguous(memory_format=fmt)
         y = torch.rand(args.batch, len(LABELS), device=runtime.device).round()
 
-        model = build_model(cfg, runtime)
+        model = build_model(cfg, runtime, in_chans)
         _, eager = bare_rate(model, adamw(model, runtime, False), criterion, x, y, runtime, clock,
                              args.warmup, args.steps)
         ceiling, compile_s = eager, None
         if compiled:
-            model = build_model(cfg, runtime)
+            model = build_model(cfg, runtime, in_chans)
             model.compile_backbone()
             compile_s, ceiling = bare_rate(model, adamw(model, runtime, True), criterion, x, y, runtime, clock,
                                            args.warmup, args.steps)
@@ -139,14 +195,14 @@ def main():
                 print(model.compile_note)
                 compiled = False
 
-        model = build_model(cfg, runtime)
+        model = build_model(cfg, runtime, in_chans)
         if compiled:
             model.compile_backbone()
         dataset = make_dataset(cfg, table, tmp / "clean", args.size, train=True)
-        sampler = EpochSampler(table["any"].to_numpy(), seed=0)
-        loader = DataLoader(dataset, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
-                            pin_memory=runtime.device.type == "cuda",
-                            prefetch_factor=4 if args.workers else None)
+        dataset.on_epoch = EpochSeeder(cfg.train.seed, 0)
+        sampler = EpochSampler(table["any"].to_numpy(), seed=0, tagged=True)  # as train_fold
+        sampler.set_epoch(0, args.size)
+        loader = train_loader(dataset, sampler, cfg, runtime)
         optimizer = adamw(model, runtime, compiled)
         sched = build_scheduler(optimizer, cfg.optim, total_steps=total, steps_per_epoch=total)
         scaler = torch.amp.GradScaler(enabled=runtime.amp_dtype == torch.float16)
@@ -190,8 +246,10 @@ def main():
     print(f"ratio (b)/(a')                 : {loop / ceiling:8.2f}x  the limit (target >= 0.9x)")
     print(f"(c)  loader alone              : {loader_rate:8.1f} img/s with {args.workers} workers "
           f"(start-up {loader_start:.1f} s, not in the rate)")
-    full = 752_803 * 4 / 5
+    full = TRAIN_SLICES * (FOLDS - 1) / FOLDS
     print(f"one epoch over 4/5 of 752,803 slices at (b): {full / loop / 3600:.2f} h")
+    if args.config:
+        print("\n".join(projection(cfg, args.size, loop)))
 
 
 if __name__ == "__main__":

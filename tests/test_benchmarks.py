@@ -37,14 +37,33 @@ def test_train_step_benchmark():
     assert rate(out, "(a)  bare step, eager") > 0 and rate(out, "(b)  train.py loop") > 0
     assert rate(out, "(c)  loader alone") > 0 and "after 2 warm-up steps" in out
     assert re.search(r"ratio \(b\)/\(a'\)\s*:\s*[\d.]+x", out) and "loop start-up" in out
+    assert "projected training wall time" not in out  # only for a config
+
+
+def test_train_step_benchmark_projects_a_config():
+    """--config: the config's schedule (progressive sizes, balanced sampler) projected from (b)."""
+    out = bench("train_step.py", "--config", "configs/resnext50_512.yaml", "--backbone", "test_resnet",
+                "--size", "256", "--batch", "4", "--steps", "1", "--warmup", "1", "--workers", "0")
+    assert rate(out, "(b)  train.py loop") > 0 and "test_resnet @ 256px, batch 4" in out
+    epochs = re.findall(r"^  epoch (\d): (\d+) px, ([\d,]+) slices .*\((measured|scaled from 256 px by pixels)\)",
+                        out, flags=re.M)
+    assert [(e, s, how[:6]) for e, s, _, how in epochs] == [
+        ("1", "256", "measur"), ("2", "256", "measur"), ("3", "384", "scaled"), ("4", "384", "scaled"),
+        ("5", "512", "scaled"), ("6", "512", "scaled")]
+    assert {n for _, _, n, _ in epochs} == {"337,256"}  # balanced, neg_ratio 3: 4/5 x 752,803 x 0.14 x 4
+    assert re.search(r"projected training wall time of resnext50_512: 6 epochs x 5 folds = [\d.]+ h", out)
 
 
 def test_predict_benchmark():
-    out = bench("predict.py", "--backbones", "test_resnet", "--size", "32", "--images", "64", "--batch", "32",
-                "--patients", "1", "--workers", "0")
+    out = bench("predict.py", "--backbones", "test_resnet", "--size", "32", "--batch", "16", "--warmup", "1",
+                "--batches", "2", "--patients", "1", "--workers", "0", "--profile")
     rows = re.findall(r"^\s*test_resnet\s+(on|off)\s+([\d.]+)\s", out, flags=re.M)
     assert sorted(r[0] for r in rows) == ["off", "on"] and all(float(r[1]) > 0 for r in rows)
-    assert "121,232 test slices / fold" in out
+    assert "121,232 test slices / fold" in out and "rates over 2 batches after 1 warm-up batches" in out
+    limits = re.findall(r"\(a\) model alone\s+([\d.]+) img/s.*\(b\) predict path\s+([\d.]+) img/s, ratio", out)
+    assert len(limits) == 2 and all(float(a) > 0 and float(b) > 0 for a, b in limits)
+    assert re.search(r"\(c\) loader alone:\s+[\d.]+ img/s", out) and "start-up: checkpoint load" in out
+    assert "torch.profiler, predict path" in out and "Self CPU" in out  # --profile's table
 
 
 def test_stacking_benchmark_stage_two_beats_stage_one():
