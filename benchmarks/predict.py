@@ -48,7 +48,7 @@ from ich.synthetic import generate_dataset  # noqa: E402
 from models import runtime as rt  # noqa: E402
 from models.config import from_dict, load_experiment  # noqa: E402
 from models.data import with_neighbors  # noqa: E402
-from models.inference import is_compiled, make_loader, predict  # noqa: E402
+from models.inference import forward, is_compiled, make_loader, predict  # noqa: E402
 from models.net import SliceNet  # noqa: E402
 from models.predict_split import load_fold_model  # noqa: E402
 from models.trainer import make_dataset  # noqa: E402
@@ -116,14 +116,7 @@ def model_alone(model, runtime, x: torch.Tensor, tta: bool, clock: Clock, warmup
     model.eval()
 
     def step():
-        with runtime.autocast():
-            logits, emb = model(x, return_embedding=True)
-            prob = model.probabilities(logits)
-            if tta:
-                logits_f, emb_f = model(torch.flip(x, dims=[3]), return_embedding=True)
-                prob = (prob + model.probabilities(logits_f)) / 2
-                emb = (emb + emb_f) / 2
-        return prob, emb
+        return forward(model, x, runtime, tta)
 
     t0 = clock()
     for _ in range(warmup):

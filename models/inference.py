@@ -87,6 +87,21 @@ def padded(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([x, x[-1:].expand(rows - len(x), *x.shape[1:])])
 
 
+def forward(model, x, runtime: Runtime, tta_hflip: bool):
+    """One device batch -> (probabilities, pooled embeddings), averaged with the flipped image under TTA.
+
+    The one definition of a prediction: validation, OOF, test and the
+    benchmark (benchmarks/predict.py) all call it."""
+    with runtime.autocast():
+        logits, emb = model(x, return_embedding=True)
+        prob = model.probabilities(logits)
+        if tta_hflip:
+            logits_f, emb_f = model(torch.flip(x, dims=[3]), return_embedding=True)
+            prob = (prob + model.probabilities(logits_f)) / 2
+            emb = (emb + emb_f) / 2
+    return prob, emb
+
+
 @torch.no_grad()
 def predict(model, loader: DataLoader, runtime: Runtime, *, tta_hflip: bool = True,
             embeddings: bool = True, desc: str = "predict", progress: bool = True, on_batch=None):
@@ -106,13 +121,7 @@ def predict(model, loader: DataLoader, runtime: Runtime, *, tta_hflip: bool = Tr
         x = padded(x.to(runtime.device, non_blocking=True), full)
         if runtime.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with runtime.autocast():
-            logits, emb = model(x, return_embedding=True)
-            prob = model.probabilities(logits)
-            if tta_hflip:
-                logits_f, emb_f = model(torch.flip(x, dims=[3]), return_embedding=True)
-                prob = (prob + model.probabilities(logits_f)) / 2
-                emb = (emb + emb_f) / 2
+        prob, emb = forward(model, x, runtime, tta_hflip)
         if out is None:
             out = HostOutputs(len(loader.sampler), emb.shape[1] if embeddings else 0, runtime)
         out.put(prob[:rows], emb[:rows])
