@@ -57,22 +57,10 @@ N_TEST = 121_232
 FOLDS, EXPERIMENTS = 5, 2
 
 
-class Clock:
-    """Wall time that waits for the device first, so queued GPU work is counted where it belongs."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-
 class Marks:
     """on_batch hook: the clock after batch 1, after the warm-up and after the last batch."""
 
-    def __init__(self, clock: Clock, warmup: int, total: int):
+    def __init__(self, clock, warmup: int, total: int):
         self.clock, self.warmup, self.total = clock, warmup, total
         self.at = {0: clock()}
 
@@ -111,7 +99,7 @@ def save_checkpoint(path: Path, cfg, in_chans: int) -> None:
 
 
 @torch.no_grad()
-def model_alone(model, runtime, x: torch.Tensor, tta: bool, clock: Clock, warmup: int, batches: int):
+def model_alone(model, runtime, x: torch.Tensor, tta: bool, clock, warmup: int, batches: int):
     """(seconds of the warm-up batches, img/s after them) of predict's forward work on one device batch."""
     model.eval()
 
@@ -127,7 +115,7 @@ def model_alone(model, runtime, x: torch.Tensor, tta: bool, clock: Clock, warmup
     return t1 - t0, batches * len(x) / (clock() - t1)
 
 
-def loader_alone(loader, clock: Clock, warmup: int) -> tuple[float, float]:
+def loader_alone(loader, clock, warmup: int) -> tuple[float, float]:
     """(seconds to the end of the warm-up batches, img/s after them) of the DataLoader alone."""
     t0 = clock()
     t1, count = t0, 0
@@ -190,7 +178,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     runtime = rt.setup(args.amp, not args.no_channels_last)
-    clock = Clock(runtime.device)
+    clock = runtime.now  # waits for the GPU's queued work
     if runtime.device.type == "cuda":
         dev = f"{torch.cuda.get_device_name()} (CUDA), amp {runtime.amp_dtype}, channels_last {runtime.channels_last}"
     else:

@@ -60,18 +60,6 @@ ANY_SHARE = 0.14  # share of them with any = 1 (benchmarks/stacking.py generates
 FOLDS = 5
 
 
-class Clock:
-    """Wall time that waits for the device first, so queued GPU work is counted where it belongs."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-
 def bare_rate(model, optimizer, criterion, x, y, runtime, clock, warmup: int, steps: int) -> tuple[float, float]:
     """(seconds of the warm-up steps, img/s over the timed steps) of forward + backward + step."""
     def step():
@@ -164,7 +152,7 @@ def main():
     in_chans = input_channels(cfg.input.mode, 3)  # the generated cache has 3 windows
     runtime = rt.setup(args.amp, args.channels_last)
     compiled = runtime.wants_compile(args.compile)
-    clock = Clock(runtime.device)
+    clock = runtime.now  # waits for the GPU's queued work
     total = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

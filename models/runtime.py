@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,12 @@ class Runtime:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def now(self) -> float:
+        """Wall time after the device's queued work: timings count GPU work where it was asked for."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def wants_compile(self, setting: str) -> bool:
         """train.compile: auto compiles on CUDA only (on the CPU compiling costs more than it saves here)."""

@@ -164,6 +164,8 @@ def test_hostile_uploads_get_a_clear_error_and_the_server_keeps_serving(client, 
     assert client.post("/api/studies", content=b"", headers=headers).status_code == 400  # no file at all
     big = client.post("/api/studies", content=b"x", headers={**headers, "content-length": str(65 << 20)})
     assert big.status_code == 413
+    odd = client.post("/api/studies", content=b"x", headers={**headers, "content-length": "12abc"})
+    assert odd.status_code == 400 and "not a number" in odd.json()["error"]
 
     assert post(client, ("study.zip", zpath.read_bytes())).status_code == 201  # still serving
     assert leftovers() <= before
