@@ -33,6 +33,7 @@ from .features import build_features
 from .model import fit_predict, logit
 
 ANY = LABELS.index("any")
+COMMON_ROWS = 20_000  # test images on which the fold models' PCAs are aligned
 SAVED = "stage_two.joblib"  # what stacking.apply needs besides the boosters: per-fold-model PCAs, feature names
 STAGE_TWO = "stage two"
 STAGE_TWO_OPTIMISTIC = "stage two (rounds picked on the scored fold, optimistic)"
@@ -77,20 +78,26 @@ class StageOne:
     """What stage one hands stage two for one set of rows, per experiment (rows aligned with slices)."""
     probs: dict[str, np.ndarray]                            # (n, 6) probabilities
     pcs: dict[str, np.ndarray] = field(default_factory=dict)  # (n, pca_components); empty without PCA
-    pca_models: dict = field(default_factory=dict)  # (experiment, fold k) -> SignedPCA of fold model k (train view)
+    pca_models: dict = field(default_factory=dict)  # (experiment, fold k) -> AlignedPCA of fold model k (train view)
 
 
 @dataclass
-class SignedPCA:
-    """A PCA of one stage-one model's embeddings, each component's sign fixed by that model's `any` logit."""
+class AlignedPCA:
+    """A PCA of one stage-one fold model's embeddings, then a rotation into the experiment's common frame.
+
+    transform(emb) = pca.transform(emb) @ rotation. The rotation is
+    orthogonal (c x c): a sign flip per component when no common images were
+    available (`fit_signed_pca`), else the Procrustes alignment of
+    `align_fold_models`.
+    """
     pca: PCA
-    sign: np.ndarray
+    rotation: np.ndarray
 
     def transform(self, emb: np.ndarray) -> np.ndarray:
-        return (self.pca.transform(emb) * self.sign).astype(np.float32)
+        return (self.pca.transform(emb) @ self.rotation).astype(np.float32)
 
 
-def fit_signed_pca(emb: np.ndarray, anchor: np.ndarray, n_components: int, max_rows: int = 100_000) -> SignedPCA:
+def fit_signed_pca(emb: np.ndarray, anchor: np.ndarray, n_components: int, max_rows: int = 100_000) -> AlignedPCA:
     """PCA of one model's embeddings (at most max_rows of them), each component made to correlate
     positively with `anchor` (the model's logit of `any` on the same rows).
 
@@ -98,16 +105,44 @@ def fit_signed_pca(emb: np.ndarray, anchor: np.ndarray, n_components: int, max_r
     oriented embedding spaces (another seed and other data give another
     basis: emb_j = z R_j for some rotation R_j, at best). The principal
     components of each model's own embeddings are invariant to its rotation
-    up to their signs, which the anchor then fixes, so PC i means the same
-    for every fold model and for train and test. A component all but
-    uncorrelated with `any` keeps an arbitrary sign; it says little.
+    up to their signs (and, for components of close variance, up to a
+    rotation among them). The anchor fixes the sign of the components that
+    correlate with `any`; the others keep a coin-flip sign (measured on the
+    demo: PC1 of two fold models at -0.97), which `align_fold_models` then
+    fixes on images every fold model has scored.
     """
     rows = np.random.default_rng(0).permutation(len(emb))[:max_rows]
     pca = PCA(n_components, random_state=0).fit(emb[rows])
     scores = pca.transform(emb[rows])
     a = anchor[rows] - anchor[rows].mean()
     sign = np.where((scores - scores.mean(axis=0)).T @ a < 0, -1.0, 1.0)
-    return SignedPCA(pca, sign)
+    return AlignedPCA(pca, np.diag(sign))
+
+
+def align_fold_models(scores: dict[int, np.ndarray], iterations: int = 10) -> dict[int, np.ndarray]:
+    """Orthogonal rotations that bring each fold model's PCA scores on common images into one frame.
+
+    scores[k]: (n, c) fold model k's (signed) PCA scores of the same n
+    unlabeled images, in the same row order. Generalized Procrustes: start
+    from the first fold model's frame, rotate every model onto the current
+    reference (scipy's orthogonal_procrustes, on centered scores), take the
+    mean of the rotated scores as the next reference, a few times over.
+    Rotations, not arbitrary linear maps: a model's components keep their
+    variances and stay uncorrelated, and the map cannot fit noise.
+    Returns {k: R_k}, to right-multiply onto fold model k's scores.
+    """
+    from scipy.linalg import orthogonal_procrustes
+
+    centered = {k: s - s.mean(axis=0) for k, s in scores.items()}
+    ref = next(iter(centered.values()))
+    rotations = {}
+    for _ in range(iterations):
+        rotations = {k: orthogonal_procrustes(s, ref)[0] for k, s in centered.items()}
+        new_ref = np.mean([s @ rotations[k] for k, s in centered.items()], axis=0)
+        if np.allclose(new_ref, ref, atol=1e-6 * (np.abs(ref).max() + 1e-12)):
+            break
+        ref = new_ref
+    return rotations
 
 
 def _test_fold_path(exp_dir: Path, k: int, emb: bool = False) -> Path:
@@ -144,7 +179,11 @@ def load_stage_one(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFrame,
     With pca_components, one PCA per (experiment, fold model k), fitted on
     that model's own OOF rows (fold k) and applied to them and to that
     model's test embeddings (`fit_signed_pca`); a single PCA of the OOF rows
-    of all fold models would mix K differently oriented spaces.
+    of all fold models would mix K differently oriented spaces. With test
+    slices, the K PCAs of an experiment are then rotated into one frame on
+    the test images, which every fold model has scored (unlabeled, so no
+    label reaches stage two through it): `align_fold_models`. Without test
+    slices (an OOF-only run) only the signs are fixed.
     Returns (train view, {k: test view of fold model k}) (None without test_slices).
     """
     folds = train_slices["fold"].to_numpy()
@@ -165,9 +204,29 @@ def load_stage_one(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFrame,
             pca = fit_signed_pca(emb, logit(train.probs[exp][held, ANY]), cfg.pca_components)
             train.pca_models[exp, k] = pca
             train.pcs[exp][held] = pca.transform(emb)
+        if test_slices is not None:
+            _align_on_test(exp, d, test_slices, fold_ids, folds, train)
     if test_slices is None:
         return train, None
     return train, {k: fold_model_view(cfg, model_dir, test_slices, k, train.pca_models) for k in fold_ids}
+
+
+def _align_on_test(exp: str, exp_dir: Path, test_slices: pd.DataFrame, fold_ids: list, folds: np.ndarray,
+                   train: StageOne, max_rows: int = COMMON_ROWS) -> None:
+    """Rotate experiment exp's K fold-model PCAs into one frame (`align_fold_models`), in place:
+    fitted on up to max_rows test images (a fixed random sample), applied to the saved PCAs and to the
+    OOF components already computed."""
+    rows = np.sort(np.random.default_rng(0).permutation(len(test_slices))[:max_rows])
+    common = test_slices.iloc[rows]
+    scores = {}
+    for k in fold_ids:
+        _, r, n = _aligned(_test_fold_path(exp_dir, k), common["image_id"], f"fold {k} test stage-one")
+        scores[k] = train.pca_models[exp, k].transform(_embeddings(_test_fold_path(exp_dir, k, emb=True), r, n))
+    for k, rotation in align_fold_models(scores).items():
+        model = train.pca_models[exp, k]
+        train.pca_models[exp, k] = AlignedPCA(model.pca, model.rotation @ rotation)
+        held = folds == k
+        train.pcs[exp][held] = train.pcs[exp][held] @ rotation.astype(np.float32)
 
 
 def fold_model_view(cfg: PredictCfg, model_dir: Path, slices: pd.DataFrame, k: int, pca_models: dict) -> StageOne:
@@ -191,7 +250,7 @@ class Features:
     base: np.ndarray | None                     # mean stage-one OOF probability (start_from_stage_one)
     X_test: dict[int, np.ndarray] | None = None  # k -> test features from fold model k
     base_test: dict[int, np.ndarray] | None = None  # k -> mean over experiments of fold model k's probabilities
-    pca_models: dict = field(default_factory=dict)  # (experiment, fold k) -> SignedPCA (saved with the boosters)
+    pca_models: dict = field(default_factory=dict)  # (experiment, fold k) -> AlignedPCA (saved with the boosters)
 
 
 def stage_two_features(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFrame,
