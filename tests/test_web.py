@@ -337,6 +337,7 @@ def test_5_no_identifier_reaches_the_log(served, prepared, study):
     members["MKfolder/MKnotes.txt"] = b"MKtext"
     import httpx
     with httpx.Client(base_url=url, timeout=120) as c:
+        assert c.get("/").status_code == 200 and c.get("/api/health").status_code == 200
         r = c.post("/api/studies", files={"files": ("MKupload.zip", zip_of(members))})
         assert r.status_code == 201, r.text
         sid = r.json()["id"]

@@ -37,9 +37,11 @@ import base64
 import hashlib
 import logging
 import re
+import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import cv2
@@ -74,11 +76,25 @@ class ApiError(Exception):
 _safe_name = safe_name  # the uploaded name, for reporting only (web.uploads)
 
 
-def read_study(listed: list, work: Path, series: int | None, *, max_unpacked: int, seconds: float):
+class _Until(Deadline):
+    """A Deadline that also ends when the server stops, so a worker never holds a shutdown up."""
+
+    def __init__(self, seconds: float, stopping: threading.Event):
+        super().__init__(seconds)
+        self.stopping = stopping
+
+    def check(self) -> None:
+        if self.stopping.is_set():
+            raise StudyError("the server is stopping")
+        super().check()
+
+
+def read_study(listed: list, work: Path, series: int | None, *, max_unpacked: int, seconds: float,
+               stopping: threading.Event | None = None):
     """The uploaded files -> ich.study.StudyFiles, in a triage worker: one zip is unpacked with its
     members sniffed first (a member that is no DICOM is never written), every header is read, and the
     whole takes at most `seconds`; StudyError says why a study cannot be used."""
-    deadline, skipped, what = Deadline(seconds), [], "the upload"
+    deadline, skipped, what = _Until(seconds, stopping or threading.Event()), [], "the upload"
     if len(listed) == 1 and zipfile.is_zipfile(listed[0][1]):
         name, path = listed[0]
         listed, skipped = unpack_zip(path, work, max_bytes=max_unpacked, deadline=deadline, name=name)
@@ -135,8 +151,16 @@ def create_app(engine: Engine, *, max_upload_mb: int = 1024, max_studies: int = 
     an upload may stall. triage_workers: uploads read at once (outside the model's lock)."""
     # no /api/docs: FastAPI's docs page loads its script from a public CDN, which an offline machine
     # cannot reach and the page's Content-Security-Policy does not allow; the schema stays
+    stopping = threading.Event()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        stopping.set()  # a triage worker stops at its next file
+        triage.shutdown(wait=False, cancel_futures=True)
+
     app = FastAPI(title="ICH study viewer (research use only)", docs_url=None, redoc_url=None,
-                  openapi_url="/api/openapi.json")
+                  openapi_url="/api/openapi.json", lifespan=lifespan)
     app.add_middleware(Guard, allowed_hosts=None if allowed_hosts is None else set(allowed_hosts))
     store = StudyStore(max_studies)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -201,7 +225,7 @@ def create_app(engine: Engine, *, max_upload_mb: int = 1024, max_studies: int = 
                 t = time.time()
                 files = await asyncio.wrap_future(triage.submit(
                     read_study, listed, folder / "unzipped", series, max_unpacked=max_unpacked_mb << 20,
-                    seconds=read_seconds))
+                    seconds=read_seconds, stopping=stopping))
                 triaged = time.time() - t
                 result = await run_in_threadpool(engine.run, files)
             except StudyError as exc:
