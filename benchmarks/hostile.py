@@ -22,6 +22,7 @@ target is <= 300 MB. The hostile files are generated (tests/hostile.py).
 from __future__ import annotations
 
 import argparse
+import select
 import socket
 import subprocess
 import sys
@@ -91,14 +92,18 @@ def chunked(port: int, gib: float, content_length: bool) -> tuple[int, str]:
                    + ("Content-Length: 10\r\n" if content_length else "")
                    + "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode())
         block = bytes(1 << 20)
+        reply = b""
         try:
             s.sendall(b"%x\r\n%s\r\n" % (len(prefix), prefix))
-            for _ in range(int(gib * 1024)):
+            for i in range(int(gib * 1024)):
+                if i % 16 == 0 and select.select([s], [], [], 0)[0]:
+                    reply = s.recv(65536)  # answered before the body ended: what it should do
+                    break
                 s.sendall(b"%x\r\n%s\r\n" % (len(block), block))
-            s.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(suffix), suffix))
+            else:
+                s.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(suffix), suffix))
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the server answered and closed before the body ended: what it should do
-        reply = b""
+            pass
         try:
             while chunk := s.recv(65536):
                 reply += chunk

@@ -103,9 +103,16 @@ def raw_request(host: str, port: int, data: bytes, *, wait: float = 10.0) -> tup
     """Send raw bytes, read until the server closes the connection or `wait` s pass: (reply, seconds)."""
     import time
     t0 = time.time()
+    import select
     with socket.create_connection((host, port), timeout=wait) as s:
-        s.sendall(data)
         reply = b""
+        try:
+            for i in range(0, len(data), 1 << 16):
+                if select.select([s], [], [], 0)[0]:
+                    break  # answered before the request ended: read the answer
+                s.sendall(data[i:i + (1 << 16)])
+        except (BrokenPipeError, ConnectionResetError):
+            pass
         try:
             while chunk := s.recv(65536):
                 reply += chunk

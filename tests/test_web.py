@@ -27,8 +27,9 @@ WORK = Path(tempfile.gettempdir()) / f"ich-serve-{os.getuid()}"  # the app's def
 
 
 def leftovers() -> set:
-    tmp = Path(tempfile.gettempdir())
-    return set(WORK.glob("req_*")) | set(WORK.glob("ich_study_*")) | set(tmp.glob("ich_upload_*"))
+    """What the server keeps of its uploads: everything goes under its own folder (not /tmp's top,
+    where other programs' and other test runs' files come and go)."""
+    return set(WORK.glob("*"))
 
 
 @pytest.fixture(scope="module")

@@ -227,7 +227,7 @@ def create_app(engine: Engine, *, max_upload_mb: int = 1024, max_studies: int = 
                     read_study, listed, folder / "unzipped", series, max_unpacked=max_unpacked_mb << 20,
                     seconds=read_seconds, stopping=stopping))
                 triaged = time.time() - t
-                result = await run_in_threadpool(engine.run, files)
+                result = await run_in_threadpool(engine.run, files, work_dir=folder)
             except StudyError as exc:
                 raise ApiError(400, " ".join(str(exc).replace(str(work.root), "(server folder)").split())) from None
             except Busy as exc:

@@ -60,9 +60,10 @@ class Engine:
         if self._waiting >= self.max_waiting:
             raise Busy(f"{self._waiting} studies are already waiting for the model: try again in a minute")
 
-    def run(self, study, series_index: int | None = None) -> dict:
+    def run(self, study, series_index: int | None = None, *, work_dir: Path | None = None) -> dict:
         """One study (ich.study.StudyFiles, or what predict_study takes) -> predict_study's result with the
-        slices' windows; raises Busy when the queue is full."""
+        slices' windows; raises Busy when the queue is full. work_dir: where its temporary folder goes (the
+        request's own folder, so that a crash leaves nothing the next start does not sweep)."""
         with self._count_lock:
             if self._waiting >= self.max_waiting:
                 raise Busy(f"{self._waiting} studies are already waiting for the model: try again in a minute")
@@ -74,7 +75,7 @@ class Engine:
                 result = predict_study(study, self.cfg, train_dir=self.settings.train_clean_dir,
                                        model_dir=self.settings.model_checkpoint_dir, runtime=self.runtime,
                                        series_index=series_index, keep_images=True, log=lambda *a: None,
-                                       work_dir=self.work_dir)
+                                       work_dir=work_dir or self.work_dir)
         finally:
             with self._count_lock:
                 self._waiting -= 1
