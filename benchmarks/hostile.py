@@ -149,19 +149,22 @@ def main():
         print(f"idle server after one study: {idle:.0f} MB RSS")
         with zipfile.ZipFile(__import__("io").BytesIO(study)) as z:
             members = {m: z.read(m) for m in z.namelist()}
-        cases = {
-            "zip bomb: 1,500 x 1 MiB of zeros": lambda: post(port_no, "bomb.zip", zip_bomb(1500)),
-            "zip bomb: 1,500 x (DICM + 1 MiB of zeros)": lambda: post(port_no, "bomb.zip",
-                                                                       zip_bomb(1500, dicom_like=True)),
-            "zip bomb: 60 x 1 MiB (the issue's repro)": lambda: post(port_no, "bomb.zip", zip_of(
+        deflated = zip_of({**members, "BOMB.dcm": deflate_bomb(int(args.deflate_gib * 1024))}, zipfile.ZIP_STORED)
+        payloads = {  # made before the clock starts
+            "zip bomb: 1,500 x 1 MiB of zeros": ("bomb.zip", zip_bomb(1500)),
+            "zip bomb: 1,500 x (DICM + 1 MiB of zeros)": ("bomb.zip", zip_bomb(1500, dicom_like=True)),
+            "zip bomb: 60 x 1 MiB (the issue's repro)": ("bomb.zip", zip_of(
                 {f"z/{i:03d}": bytes(1 << 20) for i in range(60)})),
-            f"deflate bomb: one file inflating to {args.deflate_gib:g} GiB in the study": lambda: post(
-                port_no, "study.zip", zip_of({**members, "BOMB.dcm": deflate_bomb(int(args.deflate_gib * 1024))},
-                                             zipfile.ZIP_STORED)),
+            "zip bomb: 4,000 x 1 MiB (4 GB written before)": ("bomb.zip", zip_bomb(4000)),
+            f"deflate bomb: one file inflating to {args.deflate_gib:g} GiB ({len(deflated) >> 20} MB zipped) "
+            "in the study": ("study.zip", deflated),
+        }
+        cases = {what: (lambda name=name, data=data: post(port_no, name, data)) for what, (name, data) in payloads.items()}
+        cases.update({
             f"chunked bypass: Content-Length 10 + chunked, {args.chunked_gib:g} GiB": lambda: chunked(
                 port_no, args.chunked_gib, True),
             f"chunked without a length, {args.chunked_gib:g} GiB": lambda: chunked(port_no, args.chunked_gib, False),
-        }
+        })
         for what, send in cases.items():
             before = rss_mb(proc.pid)
             t0 = time.time()
