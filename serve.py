@@ -50,6 +50,9 @@ def main(argv=None):
     if work.swept:
         logging.getLogger("ich.web").info("start-up: %d upload folder(s) of a stopped server deleted", work.swept)
     hosts = allowed_hosts_for(args.host, args.allow_host)
+    if hosts is not None and args.host in ("0.0.0.0", "::") and not args.allow_host:
+        print(f"note: bound to {args.host}, the server answers only to requests for that address: add "
+              "--allow-host NAME for each name or address clients use", flush=True)
     app = create_app(engine, max_upload_mb=args.max_upload_mb, max_studies=args.max_studies, allowed_hosts=hosts,
                      work=work, max_unpacked_mb=args.max_unpacked_mb, read_seconds=args.read_seconds,
                      body_timeout=args.body_timeout)
