@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -128,8 +129,8 @@ def main():
     port.bind(("127.0.0.1", 0))
     port_no = port.getsockname()[1]
     port.close()
-    work = tempfile.mkdtemp(prefix="ich_bench_work_")
-    log = open(Path(work).parent / f"ich_bench_{port_no}.log", "w")
+    work = tempfile.mkdtemp(prefix="ich_bench_hostile_")
+    log = open(Path(work) / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--settings", args.settings, "--config",
                              args.config, "--port", str(port_no), "--work-dir", work + "/w"], cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT)
@@ -141,7 +142,7 @@ def main():
                     break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    sys.exit("serve.py did not start; see " + log.name)
+                    sys.exit("serve.py did not start:\n" + Path(log.name).read_text()[-3000:])
                 time.sleep(0.5)
         status, _ = post(port_no, "study.zip", study)
         assert status == 201, status
@@ -181,6 +182,8 @@ def main():
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
