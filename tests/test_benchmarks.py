@@ -88,3 +88,15 @@ def test_study_benchmark(study_models):
     assert len(re.findall(r"^run \d\s+[\d.]+ s  upload", out, flags=re.M)) == 2
     assert re.search(r"8-slice study, upload to results: median [\d.]+ s over 2 runs", out)
     assert re.search(r"median per stage: upload .* stage one [\d.]+ s, stage two [\d.]+ s", out)
+
+
+def test_hostile_benchmark(study_models, prepared, tmp_path):
+    """benchmarks/hostile.py (issue 19) at a tiny size: every case answered, peak RSS printed for each."""
+    from conftest import study_zip
+    settings, cfg, _ = study_models
+    zpath, _ = study_zip(prepared, tmp_path / "study.zip")
+    out = bench("hostile.py", "--settings", str(settings), "--config", str(cfg), "--study", str(zpath),
+                "--deflate-gib", "0.05", "--chunked-gib", "0.02")
+    cases = re.findall(r"^(.+?): HTTP (\d+) in [\d.]+ s, peak RSS \d+ MB = [+-]\d+ MB above idle", out, flags=re.M)
+    assert [int(status) for _, status in cases] == [400, 400, 400, 400, 201, 400, 411], out
+    assert "a valid study afterwards: HTTP 201" in out
