@@ -42,6 +42,7 @@ class StudyFiles:
     series_id: str | None
     skipped: list[dict] = field(default_factory=list)  # {file, reason, detail} for every other file
     series: list[dict] = field(default_factory=list)   # {series_id, n_files, axial} of each CT series
+    samples: dict = field(default_factory=dict)         # series_id -> path of one of its files (a thumbnail's)
 
 
 def extract_zip(path: Path, target: Path, *, max_files: int | None = None, max_bytes: int | None = None) -> Path:
@@ -142,6 +143,10 @@ def choose_series(files: list[tuple[str, Path]], *, max_pixels: int = MAX_PIXELS
             why = "another series was chosen" if series_index is not None else (
                 "another axial series has more slices" if _is_axial(v[0][2].orientation) else "not axial")
             skipped += [{"file": n, "reason": OTHER_SERIES, "detail": why} for n, _, _ in v]
+    samples = {}
+    for s, v in by_series.items():  # the middle slice along z: what a series list shows of each series
+        ordered = sorted(v, key=lambda f: f[2].z)
+        samples[s] = ordered[len(ordered) // 2][1]
     chosen, seen = [], set()
     for name, path, header in by_series[best]:
         if header.image_id in seen:
@@ -149,4 +154,4 @@ def choose_series(files: list[tuple[str, Path]], *, max_pixels: int = MAX_PIXELS
             continue
         seen.add(header.image_id)
         chosen.append({"file": name, "path": path, "image_id": header.image_id})
-    return StudyFiles(chosen, best, skipped, series)
+    return StudyFiles(chosen, best, skipped, series, samples)

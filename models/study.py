@@ -77,6 +77,32 @@ def model_info(cfg, model_dir: Path, logs_dir: Path | None = None) -> dict:
     return info
 
 
+THUMBNAIL = 96  # px, the series list's picture of each series
+
+
+def series_view(path) -> dict:
+    """One series' picture for the series list (its middle slice, brain window, THUMBNAIL px, PNG bytes) and its
+    description; {} where the file cannot give them (the list then shows none)."""
+    import cv2
+
+    from pydicom.errors import InvalidDicomError
+
+    from ich.dicom import Rejected, read_hu
+    from ich.image import Window, window_linear
+
+    if path is None:
+        return {}
+    try:
+        _, hu = read_hu(path)
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesDescription"])
+    except (Rejected, OSError, ValueError, InvalidDicomError):
+        return {}
+    image = cv2.resize(window_linear(hu, Window("brain", 40, 80)), (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA)
+    ok, png = cv2.imencode(".png", image)
+    text = " ".join(str(header.get("SeriesDescription") or "").split())[:64]
+    return {"thumbnail": png.tobytes() if ok else None, "description": text or None}
+
+
 def predict_study(study, cfg, *, train_dir: Path, model_dir: Path, runtime, series_index: int | None = None,
                   keep_images: bool = False, log=print) -> dict:
     """-> {"slices": DataFrame (file, image_id, slice_index, z, six probabilities), "skipped", "series", ...}.
@@ -132,6 +158,7 @@ def predict_study(study, cfg, *, train_dir: Path, model_dir: Path, runtime, seri
             headers = [pydicom.dcmread(io.BytesIO(b), stop_before_pixels=True) for b in sources]
             windows = cache_settings(read_meta(clean))["windows"]
             extra = {"images": np.array(open_images(clean)[slices["cache_row"].to_numpy()]),
+                     "series_views": {s["index"]: series_view(files.samples.get(s["series_id"])) for s in files.series},
                      "windows": [w["name"] for w in windows], "window_levels": windows,
                      "sources": sources if sum(map(len, sources)) <= SOURCE_BYTES else None}
         else:

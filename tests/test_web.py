@@ -264,6 +264,11 @@ def test_viewer_endpoints_source_hu_header_patient_and_recent(client, study, pre
     assert hu.shape == want.shape == tuple(head["source_size"])
     np.testing.assert_allclose(hu, np.rint(want), atol=0.51)
     assert client.get(f"/api/studies/{sid}/slices/999/hu.png").status_code == 404
+    assert [s["thumbnail"] for s in doc["series"]] == [True, True]  # every series has its picture
+    for s in doc["series"]:
+        thumb = client.get(f"/api/studies/{sid}/series/{s['index']}/thumbnail.png")
+        assert cv2.imdecode(np.frombuffer(thumb.content, np.uint8), cv2.IMREAD_UNCHANGED).shape == (96, 96)
+    assert client.get(f"/api/studies/{sid}/series/9/thumbnail.png").status_code == 404
     who = client.get(f"/api/studies/{sid}/patient").json()
     assert set(who) == {"patient_name", "patient_id"} and who["patient_id"]
     listed = client.get("/api/studies").json()["studies"]

@@ -14,6 +14,8 @@ API (the page uses nothing else):
   (`ich_<id>_<date>...`), never by patient data.
 - `GET /api/studies/{id}/patient`: patient name and ID, for the page to show
   only when the user asks (never put in a URL, never logged).
+- `GET /api/studies/{id}/series/{index}/thumbnail.png`: the series list's
+  picture of a series (its middle slice, brain window).
 - `GET /api/studies/{id}/slices/{row}/image.png?window=brain`: one slice in
   one of the cache's windows, as the network saw it (8-bit).
 - `GET /api/studies/{id}/slices/{row}/hu.png`: the slice at its source
@@ -121,7 +123,10 @@ def public_result(study_id: str, result: dict, model: dict) -> dict:
         "source_images": bool(result.get("sources")),
         "notice": NOTICE, "labels": list(LABELS), "subtypes": list(SUBTYPES),
         "series": [{"index": s["index"], "n_files": s["n_files"], "axial": s["axial"],
-                    "chosen": s["series_id"] == chosen} for s in result["series"]],
+                    "chosen": s["series_id"] == chosen,
+                    "description": result.get("series_views", {}).get(s["index"], {}).get("description"),
+                    "thumbnail": bool(result.get("series_views", {}).get(s["index"], {}).get("thumbnail"))}
+                   for s in result["series"]],
         "slices": [{"row": i, "file": r["file"], "slice_index": int(r["slice_index"]), "z": float(r["z"]),
                     **{label: float(r[label]) for label in LABELS}} for i, r in enumerate(table.to_dict("records"))],
         "skipped": result["skipped"], "windows": result["windows"], "image_size": int(result["images"].shape[1]),
@@ -294,6 +299,13 @@ def create_app(engine: Engine, *, max_upload_mb: int = 1024, max_studies: int = 
             raise ApiError(404, f"no window {window!r}: one of {', '.join(windows)}")
         channel = windows.index(window) if window else 0
         return _png(np.ascontiguousarray(result["images"][slice_row(result, row), :, :, channel]))
+
+    @app.get("/api/studies/{study_id}/series/{index}/thumbnail.png")
+    async def thumbnail(study_id: str, index: int):
+        view = result_of(study_id).get("series_views", {}).get(index) or {}
+        if not view.get("thumbnail"):
+            raise ApiError(404, f"no picture of series {index}")
+        return Response(view["thumbnail"], media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/api/studies/{study_id}/slices/{row}/hu.png")
     async def hu(study_id: str, row: int):

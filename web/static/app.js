@@ -184,20 +184,19 @@ $("show-patient").addEventListener("click", async () => {
 function renderSeries() {
   const ul = $("series");
   ul.innerHTML = "";
-  const mid = Math.floor(state.study.slices.length / 2);
   for (const s of state.study.series) {
     const li = document.createElement("li");
-    const thumb = document.createElement(s.chosen ? "img" : "span");
+    const thumb = document.createElement(s.thumbnail ? "img" : "span");
     thumb.className = "thumb";
-    if (s.chosen) {
-      thumb.src = `/api/studies/${state.study.id}/slices/${mid}/image.png`;
+    if (s.thumbnail) {
+      thumb.src = `/api/studies/${state.study.id}/series/${s.index}/thumbnail.png`;
       thumb.alt = `series ${s.index + 1}, middle slice`;
     } else {
       thumb.textContent = "–";
-      thumb.title = "not analysed";
+      thumb.title = "no picture";
     }
     const text = document.createElement("span");
-    const desc = s.chosen && state.study.study && state.study.study.series_description;
+    const desc = s.description;
     text.textContent = `series ${s.index + 1}${desc ? ` (${desc})` : ""}: ${s.n_files} files, ${s.axial ? "axial" : "not axial"}`;
     li.append(thumb, text);
     if (s.chosen) { li.classList.add("chosen"); text.textContent += " (shown)"; }
