@@ -323,7 +323,7 @@ function renderDownloads() {
 
 // ---- chart ----------------------------------------------------------------------------------
 function chartBox(w, h, legend) {
-  return {left: 34, right: 10, top: legend ? 34 : 8, bottom: legend ? 54 : 32, w, h};
+  return {left: 34, right: 10, top: legend ? 34 : 8, bottom: legend ? 72 : 32, w, h};
 }
 function xOf(i, box) {
   const n = Math.max(state.study.slices.length - 1, 1);
@@ -366,7 +366,7 @@ function paintChart(g, w, h, {legend = false, scale = 1} = {}) {
   g.textAlign = "center";
   for (let i = 0; i < n; i++) {
     const number = i + 1;
-    if (number !== 1 && number % step !== 0) continue;
+    if (number !== 1 && (number % step !== 0 || number - 1 < step * 0.75)) continue;
     g.beginPath(); g.moveTo(xOf(i, box), box.top + plotH); g.lineTo(xOf(i, box), box.top + plotH + 4); g.stroke();
     g.fillText(`${number}`, xOf(i, box), box.top + plotH + 15);
   }
