@@ -231,6 +231,16 @@ def test_viewer_wheel_keys_window_level_presets_zoom_full_screen(browser, served
     page.wait_for_function("() => state.row === 1")
     wait_slice(page, 1)
 
+    # a swipe on a touch screen: up = next slices, 16 px a slice
+    swipe = """([x, y, dy]) => { const v = document.querySelector('#views .view');
+        const ev = (type, yy) => v.dispatchEvent(new PointerEvent(type, {pointerType: 'touch', pointerId: 7,
+            clientX: x, clientY: yy, bubbles: true, isPrimary: true}));
+        ev('pointerdown', y); ev('pointermove', y + dy / 2); ev('pointermove', y + dy); ev('pointerup', y + dy); }"""
+    page.evaluate(swipe, [cx, cy, -50])
+    assert row(page) == 4
+    page.evaluate(swipe, [cx, cy, 34])
+    assert row(page) == 2
+
     # keys: End, Home, PageUp/PageDown (a tenth of the series), arrows; each step fast
     page.keyboard.press("End")
     assert row(page) == n - 1
@@ -300,8 +310,16 @@ def test_viewer_wheel_keys_window_level_presets_zoom_full_screen(browser, served
     page.click("#next")  # a button is no key owner: the arrows step again
     page.keyboard.press("ArrowRight")
     assert row(page) == 8
+    page.focus("#opacity")
+    page.click("#views .view >> nth=0")  # a click on an image takes the keys back from the slider
+    page.keyboard.press("ArrowLeft")
+    assert row(page) == 7 and page.input_value("#opacity") == "51"
+    page.dblclick("#views .view >> nth=1")
+    assert page.locator("#views .view.full").count() == 1
+    page.keyboard.press("Escape")
 
     # a visible focus ring; labels for the controls; status and errors announced
+    page.focus("#prev")
     page.keyboard.press("Tab")
     ring = page.evaluate("() => getComputedStyle(document.activeElement).outlineStyle")
     assert ring != "none"

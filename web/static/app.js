@@ -139,6 +139,7 @@ async function loadRecent() {
 function show(study) {
   state.study = study;
   state.cache = new Map();
+  state.shown = null;
   state.row = maxRow("any");
   setStale("");
   $("results").hidden = false;
@@ -566,7 +567,8 @@ function attachView(view) {
   div.addEventListener("pointerdown", (e) => {
     if (e.target.closest(".fs")) return;
     setActive(view.index);
-    div.setPointerCapture(e.pointerId);
+    div.focus({preventScroll: true});  // the keys now step slices, even if a slider had the focus
+    try { div.setPointerCapture(e.pointerId); } catch (err) { /* a pointer the browser no longer tracks */ }
     const mode = e.pointerType === "touch" ? "swipe" : (e.shiftKey || e.button === 1 || e.button === 2) ? "pan" : "wl";
     drag = {mode, x: e.clientX, y: e.clientY, level: {...view.level}, panX: state.panX, panY: state.panY, row: state.row};
     e.preventDefault();
