@@ -273,6 +273,8 @@ def test_viewer_wheel_keys_window_level_presets_zoom_full_screen(browser, served
     page.click("#views .view >> nth=1")
     page.click("#presets button[data-preset=brain]")
     assert page.inner_text("#views .view >> nth=1 >> .cap") == "brain · C 40 W 80"
+    page.keyboard.press("3")  # the presets' keys, on the active view
+    assert page.inner_text("#views .view >> nth=1 >> .cap") == "bone · C 600 W 2800"
     page.click("#wl-reset")
     assert [page.inner_text(f"#views .view >> nth={i} >> .cap") for i in range(3)] == [
         "brain · C 40 W 80", "subdural · C 80 W 200", "bone · C 600 W 2800"]

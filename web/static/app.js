@@ -505,14 +505,16 @@ function renderPresets() {
     const b = document.createElement("button");
     b.type = "button"; b.dataset.preset = p.name;
     b.textContent = `${p.name} ${p.c}/${p.w}`;
-    b.title = `window centre ${p.c} HU, width ${p.w} HU, on the active view`;
-    b.addEventListener("click", () => {
-      const v = state.views[state.active];
-      v.level = {name: p.name, c: p.c, w: p.w};
-      updateCaption(v); paint(v);
-    });
+    b.title = `window centre ${p.c} HU, width ${p.w} HU, on the active view (key ${PRESETS.indexOf(p) + 1})`;
+    b.addEventListener("click", () => applyPreset(p));
     box.append(b);
   }
+}
+
+function applyPreset(p) {
+  const v = state.views[state.active];
+  v.level = {name: p.name, c: p.c, w: p.w};
+  updateCaption(v); paint(v);
 }
 
 function setActive(i) {
@@ -723,6 +725,10 @@ document.addEventListener("keydown", (e) => {
   if (e.key in moves) goTo(state.row + moves[e.key]);
   else if (e.key === "Home") goTo(0);
   else if (e.key === "End") goTo(n - 1);
+  else if (["1", "2", "3"].includes(e.key)) applyPreset(PRESETS[Number(e.key) - 1]);  // OHIF's preset keys
+  else if (e.key === "+" || e.key === "=") zoomBy(1.25);
+  else if (e.key === "-") zoomBy(0.8);
+  else if (e.key === "f") toggleFull(state.views[state.active]);
   else return;
   e.preventDefault();
 });
