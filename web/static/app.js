@@ -435,7 +435,7 @@ function readout(row, e) {
 const chart = $("chart");
 chart.addEventListener("pointerdown", (e) => {
   if (!state.study) return;
-  chart.setPointerCapture(e.pointerId);
+  try { chart.setPointerCapture(e.pointerId); } catch (err) { /* a pointer the browser no longer tracks */ }
   state.scrubbing = true;
   goTo(chartRow(e));
 });
