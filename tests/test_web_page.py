@@ -240,6 +240,14 @@ def test_viewer_wheel_keys_window_level_presets_zoom_full_screen(browser, served
     assert row(page) == 4
     page.evaluate(swipe, [cx, cy, 34])
     assert row(page) == 2
+    pinch = """([x, y]) => { const v = document.querySelector('#views .view');
+        const ev = (type, id, xx) => v.dispatchEvent(new PointerEvent(type, {pointerType: 'touch', pointerId: id,
+            clientX: xx, clientY: y, bubbles: true}));
+        ev('pointerdown', 11, x - 20); ev('pointerdown', 12, x + 20); ev('pointermove', 12, x + 60);
+        ev('pointerup', 12, x + 60); ev('pointerup', 11, x - 20); }"""
+    page.evaluate(pinch, [cx, cy])  # two fingers apart: 40 -> 80 px, twice the zoom
+    assert page.evaluate("() => state.zoom") == 2 and row(page) == 2
+    page.click("#zoom-reset")
 
     # keys: End, Home, PageUp/PageDown (a tenth of the series), arrows; each step fast
     page.keyboard.press("End")

@@ -566,17 +566,28 @@ function attachView(view) {
     if (Math.abs(state.wheel) >= 50) { goTo(state.row + Math.sign(state.wheel)); state.wheel = 0; }
   }, {passive: false});
   let drag = null;
+  const touches = new Map();  // two fingers: pinch to zoom
+  const spread = () => { const [a, b] = [...touches.values()]; return Math.hypot(a.x - b.x, a.y - b.y); };
   div.addEventListener("pointerdown", (e) => {
     if (e.target.closest(".fs")) return;
     setActive(view.index);
     div.focus({preventScroll: true});  // the keys now step slices, even if a slider had the focus
     try { div.setPointerCapture(e.pointerId); } catch (err) { /* a pointer the browser no longer tracks */ }
+    if (e.pointerType === "touch") {
+      touches.set(e.pointerId, {x: e.clientX, y: e.clientY});
+      if (touches.size === 2) { drag = {mode: "pinch", spread: spread(), zoom: state.zoom}; e.preventDefault(); return; }
+    }
     const mode = e.pointerType === "touch" ? "swipe" : (e.shiftKey || e.button === 1 || e.button === 2) ? "pan" : "wl";
     drag = {mode, x: e.clientX, y: e.clientY, level: {...view.level}, panX: state.panX, panY: state.panY, row: state.row};
     e.preventDefault();
   });
   div.addEventListener("pointermove", (e) => {
+    if (touches.has(e.pointerId)) touches.set(e.pointerId, {x: e.clientX, y: e.clientY});
     if (!drag) return;
+    if (drag.mode === "pinch") {
+      if (touches.size === 2 && drag.spread > 0) { state.zoom = drag.zoom; zoomBy(spread() / drag.spread); }
+      return;
+    }
     const dx = e.clientX - drag.x, dy = e.clientY - drag.y;
     if (drag.mode === "wl") {  // right: wider; down: higher centre (OHIF's direction)
       const k = Math.max(0.5, drag.level.w / 250);
@@ -588,7 +599,7 @@ function attachView(view) {
       goTo(drag.row - Math.trunc(dy / 16));
     }
   });
-  const end = () => { drag = null; };
+  const end = (e) => { touches.delete(e.pointerId); drag = null; };
   div.addEventListener("pointerup", end);
   div.addEventListener("pointercancel", end);
   div.addEventListener("contextmenu", (e) => e.preventDefault());
