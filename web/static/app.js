@@ -479,7 +479,7 @@ function renderViews() {
     div.tabIndex = 0;
     div.setAttribute("role", "img");
     div.innerHTML = `<div class="stage"><canvas class="base"></canvas><img class="cam" alt="" hidden></div>` +
-      `<span class="cap"></span><button class="fs" type="button" aria-label="full screen" title="full screen (double-click; Esc leaves)">` +
+      `<span class="cap"></span><span class="pos"></span><button class="fs" type="button" aria-label="full screen" title="full screen (double-click; Esc leaves)">` +
       `<svg width="14" height="14" viewBox="0 0 14 14" aria-hidden="true"><path d="M1 5V1h4M9 1h4v4M13 9v4H9M5 13H1V9" ` +
       `fill="none" stroke="currentColor" stroke-width="2"/></svg></button>`;
     div.dataset.window = level.name;
@@ -525,6 +525,7 @@ function setActive(i) {
 function updateCaption(v) {
   const text = `${v.level.name} · C ${Math.round(v.level.c)} W ${Math.round(v.level.w)}`;
   v.div.querySelector(".cap").textContent = text;
+  v.div.querySelector(".pos").textContent = `${state.row + 1} / ${state.study.slices.length}`;
   v.div.setAttribute("aria-label", `slice ${state.row + 1}, ${text}`);
 }
 
