@@ -477,7 +477,7 @@ function renderViews() {
     const div = document.createElement("div");
     div.className = "view";
     div.tabIndex = 0;
-    div.setAttribute("role", "img");
+    div.setAttribute("role", "group");  // a labelled group: it holds the full-screen button
     div.innerHTML = `<div class="stage"><canvas class="base"></canvas><img class="cam" alt="" hidden></div>` +
       `<span class="cap"></span><span class="pos"></span><button class="fs" type="button" aria-label="full screen" title="full screen (double-click; Esc leaves)">` +
       `<svg width="14" height="14" viewBox="0 0 14 14" aria-hidden="true"><path d="M1 5V1h4M9 1h4v4M13 9v4H9M5 13H1V9" ` +
