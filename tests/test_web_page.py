@@ -203,6 +203,12 @@ def drive_page(browser, url: str, zpath: Path, *, n_slices: int, n_skipped: int,
     assert f"threshold={cut:g}".encode() in data
     name, data = download(page, "#chart-png")
     assert name == f"{tag}_chart.png" and data[:4] == b"\x89PNG"
+    import cv2
+    import numpy as np
+    png = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:28]  # the legend's strip, above the plot
+    for hex_colour in ("d62728", "1f77b4", "2ca02c", "9467bd", "ff7f0e"):  # every subtype's swatch
+        b, g, r = (int(hex_colour[i:i + 2], 16) for i in (4, 2, 0))
+        assert (np.abs(png.astype(int) - [b, g, r]).sum(axis=2) < 40).sum() >= 10, hex_colour
     assert not page.errors, page.errors
     page.close()
 
