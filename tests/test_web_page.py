@@ -450,6 +450,8 @@ if __name__ == "__main__":  # the README's screenshots: these steps on a running
         page = open_page(b, args.url, viewport=PHONE, is_mobile=True, has_touch=True, device_scale_factor=2)
         upload(page, Path(args.study))
         page.check("#overlay-toggle")
+        page.evaluate("() => window.scrollTo(0, document.querySelector('.viewer-card').getBoundingClientRect().top"
+                      " + window.scrollY - document.querySelector('.chart-card').offsetHeight - 4)")  # chart stuck on top
         page.wait_for_timeout(500)
         page.screenshot(path=args.phone)
         b.close()
