@@ -61,7 +61,7 @@ def main():
 
     t = time.perf_counter()
     engine = load_engine(args.settings, args.config)
-    client = TestClient(create_app(engine))
+    client = TestClient(create_app(engine), base_url="http://127.0.0.1")  # a Host the server answers to
     startup = time.perf_counter() - t
     data = study_bytes(load_settings(args.settings), args.slices)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
