@@ -56,6 +56,8 @@ def open_page(browser, url, viewport=WIDE, **kwargs):
     page.set_default_timeout(20_000)
     page.errors = []
     page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+    page.on("console", lambda m: page.errors.append(m.text) if m.type == "error"  # a CSP violation too
+            and not m.text.startswith("Failed to load resource") else None)  # the 4xx the tests ask for
     page.goto(url + "/")
     return page
 
