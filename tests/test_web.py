@@ -563,7 +563,7 @@ def test_every_download_takes_the_threshold_and_a_result_tag(client, study):
     assert not any(i in v for i in ids for v in names.values())
 
 
-def test_viewer_endpoints_source_hu_header_patient_and_recent(client, study, prepared):
+def test_viewer_endpoints_source_hu_header_thumbnails_patient(client, study, prepared):
     from ich.dicom import read_hu
     zpath, ids = study
     doc = post(client, ("study.zip", zpath.read_bytes())).json()
@@ -587,6 +587,5 @@ def test_viewer_endpoints_source_hu_header_patient_and_recent(client, study, pre
     assert client.get(f"/api/studies/{sid}/series/9/thumbnail.png").status_code == 404
     who = client.get(f"/api/studies/{sid}/patient").json()
     assert set(who) == {"patient_name", "patient_id"} and who["patient_id"]
-    listed = client.get("/api/studies").json()["studies"]
-    assert listed[0]["id"] == sid and listed[0]["n_slices"] == len(ids) and listed[0]["tag"] == doc["tag"]
-    assert who["patient_id"] not in json.dumps(listed) + json.dumps(doc)
+    assert who["patient_id"] not in json.dumps(doc)
+    assert client.get("/api/studies").status_code in (404, 405)  # no list of the results' ids: each id is a key

@@ -400,7 +400,8 @@ def test_drop_bad_upload_reset_and_link_reload(browser, served, study):
     page.wait_for_selector("#results:not([hidden])")
     wait_slice(page)
     assert page.evaluate("() => state.study.id") == second
-    assert page.locator("#recent a").count() >= 2
+    recent = page.locator("#recent a").all_text_contents()  # this browser's results, newest first
+    assert len(recent) == 2 and recent[0].startswith(page.evaluate("() => state.study.tag")), recent
     assert page.is_hidden("#patient")
     patient = page.evaluate("() => fetch(`/api/studies/${state.study.id}/patient`).then(r => r.json())")
     assert patient["patient_id"] not in page.content()
@@ -410,6 +411,7 @@ def test_drop_bad_upload_reset_and_link_reload(browser, served, study):
     page.goto(url + "/?result=nosuchresult")
     page.wait_for_selector("#error:not([hidden])")
     assert "not on the server" in page.inner_text("#error") and "result=" not in page.url
+    assert page.locator("#recent a").count() == 2
     assert not page.errors, page.errors
     page.close()
 

@@ -5,8 +5,6 @@ API (the page uses nothing else):
   several DICOM files of one study. -> 201 and the result (below). `series`
   picks another CT series of the same files by its index in `series`.
 - `GET /api/studies/{id}`: the result again.
-- `GET /api/studies`: the results this server keeps (id, tag, when, slice
-  count; nothing of the patient), the most recent first.
 - `GET /api/studies/{id}/download/{csv|kaggle_csv|json|sr}[?threshold=T]`:
   the outputs of `predict.py --study`, from the same code
   (models.study.output_bytes), at the page's threshold T in (0, 1) (default
@@ -314,11 +312,6 @@ def create_app(engine: Engine, *, max_upload_mb: int = 1024, max_studies: int = 
         log.info("study: %d slices, %d files skipped, %.2f s", len(result["slices"]), len(result["skipped"]),
                  result["timings"]["total"])
         return public_result(study_id, result, engine.model)
-
-    @app.get("/api/studies")
-    async def recent():
-        return {"studies": [{"id": sid, "tag": result_tag(sid, r), "created": r.get("created"),
-                             "n_slices": len(r["slices"])} for sid, r in store.recent()]}
 
     @app.get("/api/studies/{study_id}/patient")
     async def patient(study_id: str):

@@ -39,10 +39,5 @@ class StudyStore:
         with self._lock:
             return self._items.pop(study_id, None) is not None
 
-    def recent(self) -> list[tuple[str, dict]]:
-        """(id, result) of the results kept, the most recently used first."""
-        with self._lock:
-            return list(reversed(self._items.items()))
-
     def __len__(self) -> int:
         return len(self._items)

@@ -88,7 +88,6 @@ function analyze(seriesIndex) {
       bar.value = 100;
       $("status").textContent = "done";
       show(xhr.response);
-      loadRecent();
     } else {
       failed(plainError(xhr.status, xhr.response));
     }
@@ -111,33 +110,49 @@ async function openLinked() {
   } catch (err) {
     $("status").textContent = "";
     showError(`This link's result is not on the server any more: ${err.message}`);
+    forgetRecent(id);
+    loadRecent();
     history.replaceState(null, "", location.pathname);
   }
 }
 
-async function loadRecent() {
-  try {
-    const r = await fetch("/api/studies");
-    if (!r.ok) return;
-    const list = (await r.json()).studies || [];
-    const ul = $("recent");
-    ul.innerHTML = "";
-    for (const s of list) {
-      const li = document.createElement("li");
-      const a = document.createElement("a");
-      a.href = `?result=${encodeURIComponent(s.id)}`;
-      const when = s.created ? new Date(s.created * 1000).toLocaleString() : "";
-      a.textContent = `${s.tag} · ${s.n_slices} slices · ${when}`;
-      if (state.study && s.id === state.study.id) a.setAttribute("aria-current", "page");
-      li.append(a); ul.append(li);
-    }
-    $("recent-box").hidden = list.length === 0;
-  } catch (err) { /* the list is a convenience */ }
+// The recent results are this browser's own (localStorage: id, tag, slice count, time; no patient data),
+// not a server-wide list: a result's random id is what lets one read it, so the server lists none.
+const RECENT = "ich.recent";
+function recentList() {
+  try { return JSON.parse(localStorage.getItem(RECENT) || "[]").filter((s) => s && typeof s.id === "string"); }
+  catch (err) { return []; }
+}
+function saveRecent(list) {
+  try { localStorage.setItem(RECENT, JSON.stringify(list.slice(0, 8))); } catch (err) { /* private mode */ }
+}
+function remember(study) {
+  saveRecent([{id: study.id, tag: study.tag, n_slices: study.slices.length, created: study.created},
+              ...recentList().filter((s) => s.id !== study.id)]);
+}
+function forgetRecent(id) { saveRecent(recentList().filter((s) => s.id !== id)); }
+
+function loadRecent() {
+  const list = recentList();
+  const ul = $("recent");
+  ul.innerHTML = "";
+  for (const s of list) {
+    const li = document.createElement("li");
+    const a = document.createElement("a");
+    a.href = `?result=${encodeURIComponent(s.id)}`;
+    const when = s.created ? new Date(s.created * 1000).toLocaleString() : "";
+    a.textContent = `${s.tag} · ${s.n_slices} slices · ${when}`;
+    if (state.study && s.id === state.study.id) a.setAttribute("aria-current", "page");
+    li.append(a); ul.append(li);
+  }
+  $("recent-box").hidden = list.length === 0;
 }
 
 // ---- results ------------------------------------------------------------------------------
 function show(study) {
   state.study = study;
+  remember(study);
+  loadRecent();
   state.cache = new Map();
   state.shown = null;
   state.row = maxRow("any");
