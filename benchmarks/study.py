@@ -61,7 +61,7 @@ def main():
 
     t = time.perf_counter()
     engine = load_engine(args.settings, args.config)
-    client = TestClient(create_app(engine))
+    client = TestClient(create_app(engine), base_url="http://127.0.0.1")  # a Host the server answers to
     startup = time.perf_counter() - t
     data = study_bytes(load_settings(args.settings), args.slices)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
@@ -86,6 +86,19 @@ def main():
     print(f"\n{args.slices}-slice study, upload to results: median {median:.2f} s over {args.repeats} runs "
           f"(target <= 5 s on 2 CPU cores with the demo model, <= 2 s on a GPU)")
     print("median per stage: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()))
+
+    # the viewer's slice step (issue 20: < 100 ms): one slice at its source resolution in HU (hu.png)
+    doc = client.post("/api/studies", files={"files": ("study.zip", data, "application/zip")}).json()
+    steps = []
+    for row in range(len(doc["slices"])):
+        t = time.perf_counter()
+        r = client.get(f"/api/studies/{doc['id']}/slices/{row}/hu.png")
+        steps.append(time.perf_counter() - t)
+        if r.status_code != 200:
+            sys.exit(f"hu.png failed: {r.status_code} {r.text[:300]}")
+    size = doc["study"]["source_size"]
+    print(f"viewer slice step (hu.png, {size[0]}x{size[1]} HU): median {1000 * statistics.median(steps):.0f} ms, "
+          f"max {1000 * max(steps):.0f} ms over {len(steps)} slices (target < 100 ms)")
     engine.close()
 
 

@@ -83,6 +83,7 @@ class StudyFiles:
     series_id: str | None
     skipped: list[dict] = field(default_factory=list)  # {file, reason, detail} for every other file
     series: list[dict] = field(default_factory=list)   # {series_id, n_files, axial} of each CT series
+    samples: dict = field(default_factory=dict)         # series_id -> path of one of its files (a thumbnail's)
 
 
 def _zip_problem(exc: BaseException) -> str:
@@ -268,6 +269,10 @@ def choose_series(files: list[tuple[str, Path]], *, max_pixels: int = MAX_PIXELS
             skipped += [{"file": n, "reason": OTHER_SERIES, "detail": why} for n, _, _ in v + off_plane[s]]
     skipped += [{"file": n, "reason": OTHER_PLANE, "detail": "its plane differs from the rest of its series"}
                 for n, _, _ in off_plane[best]]
+    samples = {}
+    for s, v in by_series.items():  # the middle slice along z: what a series list shows of each series
+        ordered = sorted(v, key=lambda f: f[2].z)
+        samples[s] = ordered[len(ordered) // 2][1]
     chosen, seen = [], set()
     for name, path, header in by_series[best]:
         if header.image_id in seen:
@@ -275,4 +280,4 @@ def choose_series(files: list[tuple[str, Path]], *, max_pixels: int = MAX_PIXELS
             continue
         seen.add(header.image_id)
         chosen.append({"file": name, "path": path, "image_id": header.image_id})
-    return StudyFiles(chosen, best, skipped, series)
+    return StudyFiles(chosen, best, skipped, series, samples)

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import io
 import math
+import re
+import uuid
 from pathlib import Path
 
 import highdicom as hd
@@ -71,10 +73,33 @@ _TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "Accessi
           "StudyDate", "StudyTime", "ReferringPhysicianName")
 
 
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+_UID_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+def is_uid(value) -> bool:
+    """A valid DICOM UID: dot-separated numbers without leading zeros, at most 64 characters."""
+    return isinstance(value, str) and len(value) <= 64 and _UID.fullmatch(value) is not None
+
+
+def valid_uid(value: str) -> str:
+    """value if it is a valid UID, else a deterministic one: "2.25." + the integer of the UUID5 of value.
+
+    Kaggle's RSNA files carry `ID_<hex>` where DICOM expects UIDs; an SR that
+    copies them is refused by DICOM readers (dcmtk's dsrdump, dciodvfy). The
+    same ID always maps to the same UID (the SR's references stay
+    consistent across SRs of one study); the original ID is kept in the
+    SR's content (each slice group's tracking identifier, a summary comment).
+    """
+    value = str(value)
+    return value if is_uid(value) else f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, value).int}"
+
+
 def _evidence(headers: list) -> list[pydicom.Dataset]:
     """What highdicom needs of the headers, in new datasets (the headers stay untouched); ValueError if a UID lacks.
 
     All of the first header (highdicom copies its patient and study modules), only the UIDs of the others.
+    UIDs that are not valid DICOM UIDs (Kaggle's `ID_<hex>`) are mapped by valid_uid.
     """
     out = []
     for i, h in enumerate(headers):
@@ -84,11 +109,14 @@ def _evidence(headers: list) -> list[pydicom.Dataset]:
         e = pydicom.Dataset()
         if i == 0:
             e.update(h)  # Dataset(h) and copy.copy(h) would share h's element dict, and change h
+            for key in (*_UID_KEYS, "SOPClassUID"):  # update shares h's elements: new ones, h stays as it is
+                if key in e:
+                    del e[key]
             for key in _TYPE2:
                 if key not in e:
                     setattr(e, key, None)
         e.StudyInstanceUID, e.SeriesInstanceUID, e.SOPInstanceUID = (
-            h.StudyInstanceUID, h.SeriesInstanceUID, h.SOPInstanceUID)
+            valid_uid(h.StudyInstanceUID), valid_uid(h.SeriesInstanceUID), valid_uid(h.SOPInstanceUID))
         # RSNA's files have it only in the file meta
         meta = getattr(h, "file_meta", None) or pydicom.Dataset()
         e.SOPClassUID = h.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID") or CTImageStorage
@@ -125,10 +153,11 @@ def build_sr(headers: list[pydicom.Dataset], table: pd.DataFrame, *, model: dict
     evidence = _evidence(headers)
 
     groups = []
-    for e, index, z, p in zip(evidence, table["slice_index"], table["z"], probs):
+    for h, e, index, z, p in zip(headers, evidence, table["slice_index"], table["z"], probs):
         z = f"{float(z):g} mm" if z is not None and math.isfinite(float(z)) else "unknown z"
+        source = "" if is_uid(str(h.SOPInstanceUID)) else f" source ID {h.SOPInstanceUID}"  # the original, kept
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"slice {int(index)} ({z})"),
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"slice {int(index)} ({z}){source}"),
             measurements=[hd.sr.Measurement(name=PROBABILITY[lab], value=float(v), unit=UNIT)
                           for lab, v in zip(LABELS, p)],
             source_images=[hd.sr.SourceImageForMeasurementGroup(e.SOPClassUID, e.SOPInstanceUID)]))
@@ -141,6 +170,13 @@ def build_sr(headers: list[pydicom.Dataset], table: pd.DataFrame, *, model: dict
         + [hd.sr.Measurement(name=COUNT[lab], value=int(n), unit=SLICES) for lab, n in zip(LABELS, above)])
     summary[0].ContentSequence.append(hd.sr.TextContentItem(
         name=codes.DCM.Comment, value=NOTICE, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    mapped = [f"{k} {headers[0].get(k)}" for k in _UID_KEYS[:2] if not is_uid(str(headers[0].get(k)))]
+    if mapped or any(not is_uid(str(h.SOPInstanceUID)) for h in headers):
+        summary[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=codes.DCM.Comment, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            value="The source files' identifiers are not DICOM UIDs; this report references them by "
+                  "2.25 UIDs made from each identifier (UUID5). Source: " + ", ".join(mapped or ["-"])
+                  + "; each slice's source ID is in its group's tracking identifier."))
 
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(

@@ -16,6 +16,7 @@ a first `#` comment line (pandas: `read_csv(path, comment="#")`).
 """
 from __future__ import annotations
 
+import io
 import json
 import tempfile
 import time
@@ -37,6 +38,7 @@ from .predict_split import fold_checkpoints, predict_test
 
 NOTICE = "Research use only - not for clinical use."
 MIN_SLICES = 3  # one or two slices are no series: stage two reads each slice's neighbors along z
+SOURCE_BYTES = 256 << 20  # keep_images: the series' files kept in memory for the viewer up to this size
 
 
 def prepare_config_like(train_dir: Path) -> PrepareConfig:
@@ -112,6 +114,32 @@ def _prepare_failed(clean: Path, files: StudyFiles) -> str:
             + (f": {reason_summary(listed)}" if listed else ""))
 
 
+THUMBNAIL = 96  # px, the series list's picture of each series
+
+
+def series_view(path) -> dict:
+    """One series' picture for the series list (its middle slice, brain window, THUMBNAIL px, PNG bytes) and its
+    description; {} where the file cannot give them (the list then shows none)."""
+    import cv2
+
+    from pydicom.errors import InvalidDicomError
+
+    from ich.dicom import Rejected, read_hu
+    from ich.image import Window, window_linear
+
+    if path is None:
+        return {}
+    try:
+        _, hu = read_hu(path)
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesDescription"])
+    except (Rejected, OSError, ValueError, InvalidDicomError):
+        return {}
+    image = cv2.resize(window_linear(hu, Window("brain", 40, 80)), (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA)
+    ok, png = cv2.imencode(".png", image)
+    text = " ".join(str(header.get("SeriesDescription") or "").split())[:64]
+    return {"thumbnail": png.tobytes() if ok else None, "description": text or None}
+
+
 def predict_study(study, cfg, *, train_dir: Path, model_dir: Path, runtime, series_index: int | None = None,
                   keep_images: bool = False, log=print, work_dir: Path | None = None) -> dict:
     """-> {"slices": DataFrame (file, image_id, slice_index, z, six probabilities), "skipped", "series", ...}.
@@ -154,11 +182,20 @@ def predict_study(study, cfg, *, train_dir: Path, model_dir: Path, runtime, seri
         timings["stage two"] = time.time() - t - sum(timings.values())
         slices = slices.sort_values("slice_index", kind="mergesort").reset_index(drop=True)
         paths = {s["image_id"]: Path(s["path"]) for s in files.chosen}
-        headers = [pydicom.dcmread(paths[i], stop_before_pixels=True) for i in slices["image_id"]]
         extra = {}
         if keep_images:
+            # The viewer's source-resolution images: the chosen slices' files, kept as bytes in memory (read
+            # once here, headers parsed from them: no extra disk pass) and decoded to HU per request; none
+            # when the series is larger than SOURCE_BYTES (the viewer then shows the cached windows).
+            sources = [paths[i].read_bytes() for i in slices["image_id"]]
+            headers = [pydicom.dcmread(io.BytesIO(b), stop_before_pixels=True) for b in sources]
+            windows = cache_settings(read_meta(clean))["windows"]
             extra = {"images": np.array(open_images(clean)[slices["cache_row"].to_numpy()]),
-                     "windows": [w["name"] for w in cache_settings(read_meta(clean))["windows"]]}
+                     "series_views": {s["index"]: series_view(files.samples.get(s["series_id"])) for s in files.series},
+                     "windows": [w["name"] for w in windows], "window_levels": windows,
+                     "sources": sources if sum(map(len, sources)) <= SOURCE_BYTES else None}
+        else:
+            headers = [pydicom.dcmread(paths[i], stop_before_pixels=True) for i in slices["image_id"]]
     names = {s["image_id"]: s["file"] for s in files.chosen}
     table = slices[["image_id", "slice_index", "z"]].merge(probs, on="image_id", how="left", validate="1:1")
     table.insert(0, "file", table["image_id"].map(names))
@@ -172,37 +209,72 @@ def predict_study(study, cfg, *, train_dir: Path, model_dir: Path, runtime, seri
             "headers": headers, **extra}
 
 
-def _csv(frame: pd.DataFrame) -> bytes:
-    """A CSV whose first line is the notice as a comment (read it with pandas' `comment="#"`)."""
-    return (f"# {NOTICE}\n" + frame.to_csv(index=False, float_format="%.6g")).encode()
+def _csv(frame: pd.DataFrame, *comments: str) -> bytes:
+    """A CSV whose first lines are the notice and `comments` as comments (read it with pandas' `comment="#"`)."""
+    head = "".join(f"# {c}\n" for c in (NOTICE, *comments))
+    return (head + frame.to_csv(index=False, float_format="%.6g")).encode()
 
 
-def study_document(result: dict, model: dict | None = None) -> dict:
-    """The JSON output: notice, series, model, timings, per-slice probabilities and every skipped file."""
+def runs(values, threshold: float) -> list[list[int]]:
+    """[first, last] row ranges (0-based, inclusive) where values >= threshold."""
+    out, start = [], None
+    for i, v in enumerate(values):
+        if v >= threshold and start is None:
+            start = i
+        if v < threshold and start is not None:
+            out.append([start, i - 1])
+            start = None
+    if start is not None:
+        out.append([start, len(values) - 1])
+    return out
+
+
+def above_threshold(table: pd.DataFrame, threshold: float) -> dict:
+    """Per label: how many slices are at or above the threshold, and their runs (0-based table rows)."""
+    return {lab: {"slices": int((table[lab] >= threshold).sum()), "runs": runs(table[lab].tolist(), threshold)}
+            for lab in LABELS}
+
+
+def _threshold_line(table: pd.DataFrame, threshold: float) -> str:
+    counts = above_threshold(table, threshold)
+    return (f"threshold {threshold:g}: slices at or above it: "
+            + ", ".join(f"{lab} {c['slices']}" for lab, c in counts.items()))
+
+
+def study_document(result: dict, model: dict | None = None, threshold: float = 0.5) -> dict:
+    """The JSON output: notice, series, model, timings, threshold and the slices at or above it per label,
+    per-slice probabilities and every skipped file."""
     return {"notice": NOTICE, "series_id": result["series_id"], "series": result["series"],
             "experiments": result["experiments"], "stage_two": result["stage_two"], "model": model,
             "timings_s": {k: round(v, 3) for k, v in result["timings"].items()},
+            "threshold": threshold, "above_threshold": above_threshold(result["slices"], threshold),
             "slices": result["slices"].to_dict(orient="records"), "skipped": result["skipped"]}
 
 
 OUTPUTS = {"csv": "study.csv", "kaggle_csv": "study_kaggle.csv", "json": "study.json", "sr": "study_sr.dcm"}
 
 
-def output_bytes(result: dict, kind: str, model: dict | None = None) -> bytes:
-    """One output of a study, as bytes: the CLI writes them, the web app serves them (one place for both)."""
+def output_bytes(result: dict, kind: str, model: dict | None = None, threshold: float = 0.5) -> bytes:
+    """One output of a study, as bytes: the CLI writes them, the web app serves them (one place for both).
+
+    threshold (in (0, 1)): the CSVs say it and the slices at or above it in a second comment line, the JSON
+    has it with the runs of slices above it, the SR counts the slices at or above it."""
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
     table = result["slices"]
     if kind == "csv":
-        return _csv(table)
+        return _csv(table, _threshold_line(table, threshold))
     if kind == "kaggle_csv":
         long = table.melt(id_vars=["image_id"], value_vars=list(LABELS), var_name="label", value_name="Label")
-        return _csv(long.assign(ID=long["image_id"] + "_" + long["label"])[["ID", "Label"]])
+        return _csv(long.assign(ID=long["image_id"] + "_" + long["label"])[["ID", "Label"]],
+                    _threshold_line(table, threshold))
     if kind == "json":
-        return json.dumps(study_document(result, model), indent=1, default=str).encode()
+        return json.dumps(study_document(result, model, threshold), indent=1, default=str).encode()
     if kind == "sr":
         from .sr import build_sr, sr_bytes
         model = model or {"experiments": result["experiments"], "folds": None, "stage_two": result["stage_two"],
                           "oof_score": None}
-        return sr_bytes(build_sr(result["headers"], table, model=model))
+        return sr_bytes(build_sr(result["headers"], table, model=model, threshold=threshold))
     raise ValueError(f"unknown study output {kind!r}: one of {', '.join(OUTPUTS)}")
 
 

@@ -251,3 +251,36 @@ def served(study_models, tmp_path_factory):
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+# --- DICOM SR validity: dcmtk's dsrdump and dicom3tools' dciodvfy (scripts/install_dicom_tools.sh) ------
+SR_TOOLS = ("dsrdump", "dciodvfy")
+# dciodvfy knows only registered coding schemes; the SR declares its private one (99RSNAICH) in the
+# Coding Scheme Identification Sequence, which dciodvfy does not read. CT_small's zero weight is its own;
+# anonymised sources (RSNA's) have empty Study Date / Study ID, which only a DICOMDIR would need.
+SR_TOLERATED = ("Unrecognized defined term <99RSNAICH>", "Value is zero for value 1 of attribute <Patient's Weight>",
+                "that would be needed to build DICOMDIR")
+
+
+def sr_tools_missing() -> list[str]:
+    import shutil
+    return [t for t in SR_TOOLS if shutil.which(t) is None]
+
+
+def sr_problems(data: bytes) -> list[str]:
+    """What dsrdump (errors, warnings) and dciodvfy (errors, warnings beyond SR_TOLERATED) say of an SR file;
+    [] when it is valid or when the tools are missing (test_sr.py has a test that skips then, with a message)."""
+    import tempfile
+    if sr_tools_missing():
+        return []
+    with tempfile.TemporaryDirectory(prefix="ich_srcheck_") as tmp:
+        path = Path(tmp) / "sr.dcm"
+        path.write_bytes(data)
+        dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60)
+        vfy = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    out = [f"dsrdump: {line}" for line in dump.stderr.splitlines() if line.strip()]
+    if dump.returncode:
+        out.append(f"dsrdump: exit status {dump.returncode}")
+    out += [f"dciodvfy: {line}" for line in (vfy.stdout + vfy.stderr).splitlines()
+            if line.startswith(("Error", "Warning")) and not any(t in line for t in SR_TOLERATED)]
+    return out

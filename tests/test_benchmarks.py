@@ -87,6 +87,7 @@ def test_study_benchmark(study_models):
     assert re.search(r"server start-up \(load \+ warm the models, not counted below\): [\d.]+ s", out)
     assert len(re.findall(r"^run \d\s+[\d.]+ s  upload", out, flags=re.M)) == 2
     assert re.search(r"8-slice study, upload to results: median [\d.]+ s over 2 runs", out)
+    assert re.search(r"viewer slice step \(hu.png, \d+x\d+ HU\): median \d+ ms, max \d+ ms over 8 slices", out)
     assert re.search(r"median per stage: upload .* stage one [\d.]+ s, stage two [\d.]+ s", out)
 
 

@@ -12,8 +12,9 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from conftest import sr_problems, sr_tools_missing
 from ich.labels import LABELS
-from models.sr import NOTICE, PROBABILITY, build_sr, sr_bytes, write_sr
+from models.sr import NOTICE, PROBABILITY, build_sr, is_uid, sr_bytes, valid_uid, write_sr
 
 N = 5
 MODEL = {"experiments": ["exp_a", "exp_b"], "folds": 5, "stage_two": "stack_v1", "oof_score": 0.0612}
@@ -51,6 +52,7 @@ def table(headers) -> pd.DataFrame:
 def _read_back(ds) -> tuple[pydicom.Dataset, hd.sr.ComprehensiveSR]:
     data = sr_bytes(ds)
     assert data[128:132] == b"DICM"  # preamble and file meta: a real DICOM file
+    assert sr_problems(data) == []  # dsrdump and dciodvfy accept it (when installed)
     return pydicom.dcmread(io.BytesIO(data)), hd.sr.srread(io.BytesIO(data))
 
 
@@ -185,3 +187,40 @@ def test_write_sr(tmp_path, headers, table):
     assert path == tmp_path / "study_sr.dcm" and path.read_bytes() == sr_bytes(ds)
     assert hd.sr.srread(path).SOPInstanceUID == ds.SOPInstanceUID
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_the_dicom_validators_are_installed():
+    """The SR checks above run dcmtk's dsrdump and dicom3tools' dciodvfy; say so when they cannot."""
+    missing = sr_tools_missing()
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed: the SRs were not validated "
+                    "(bash scripts/install_dicom_tools.sh, or apt-get install dcmtk dicom3tools)")
+    # the checker itself sees a broken SR
+    assert sr_problems(b"\0" * 200)
+
+
+def test_kaggle_style_ids_give_a_valid_sr_that_keeps_them(headers, table):
+    """RSNA's files carry ID_<hex> where DICOM wants UIDs: the SR maps them to 2.25 UIDs, keeps the IDs."""
+    for i, h in enumerate(headers):
+        h.SOPInstanceUID, h.StudyInstanceUID, h.SeriesInstanceUID = f"ID_{i:03d}ab9f", "ID_st0c1", "ID_se0c1"
+    kept = [copy.deepcopy(h) for h in headers]
+    raw, sr = _read_back(build_sr(headers, table, model=MODEL))  # dsrdump and dciodvfy run on it here
+    assert [h.SOPInstanceUID for h in headers] == [h.SOPInstanceUID for h in kept]  # the caller's untouched
+    assert raw.StudyInstanceUID == valid_uid("ID_st0c1") and raw.StudyInstanceUID.startswith("2.25.")
+    assert is_uid(raw.StudyInstanceUID) and not is_uid("ID_st0c1") and valid_uid("1.2.3") == "1.2.3"
+    refs = [source.referenced_sop_instance_uid for g in _groups(sr)[1] for source in g.source_images]
+    assert refs == [valid_uid(h.SOPInstanceUID) for h in headers] and all(is_uid(r) for r in refs)
+    assert {e[2] for e in sr.get_evidence()} == set(refs)
+    again, _ = _read_back(build_sr(headers, table, model=MODEL))
+    assert again.StudyInstanceUID == raw.StudyInstanceUID  # deterministic: the same ID, the same UID
+    texts = " ".join(str(i.TextValue) for i in _items(raw) if i.get("ValueType") == "TEXT")
+    assert all(f"source ID {h.SOPInstanceUID}" in texts for h in headers)  # the original IDs are kept
+    assert "StudyInstanceUID ID_st0c1" in texts and "SeriesInstanceUID ID_se0c1" in texts
+    assert [s.CodingSchemeDesignator for s in raw.CodingSchemeIdentificationSequence] == ["99RSNAICH"]
+
+
+def test_threshold_counts(headers, table):
+    _, sr = _read_back(build_sr(headers, table, model=MODEL, threshold=0.3))
+    summary, _ = _groups(sr)
+    counts = {m.name.value: m.value for m in summary.get_measurements() if m.name.value.endswith("N")}
+    assert counts == {PROBABILITY[lab].value + "N": float((table[lab] >= 0.3).sum()) for lab in LABELS}

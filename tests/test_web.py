@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -15,7 +16,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from conftest import study_zip
+from conftest import sr_problems, study_zip
 from ich.labels import LABELS
 from ich.study import STUDY_REASONS
 
@@ -81,7 +82,7 @@ def test_upload_gives_the_batch_paths_probabilities_and_every_output(client, stu
     assert client.get(f"/api/studies/{sid}").json()["slices"] == doc["slices"]
     csv = client.get(f"/api/studies/{sid}/download/csv")
     assert csv.status_code == 200 and csv.text.startswith("# Research use only")
-    assert 'filename="study.csv"' in csv.headers["content-disposition"]
+    assert re.search(r'filename="ich_[A-Za-z0-9]{8}_\d{8}\.csv"', csv.headers["content-disposition"])
     table = pd.read_csv(io.StringIO(csv.text), comment="#")
     np.testing.assert_allclose(table[list(LABELS)].to_numpy(), got[list(LABELS)].to_numpy(), atol=1e-5)
     kaggle = pd.read_csv(io.StringIO(client.get(f"/api/studies/{sid}/download/kaggle_csv").text), comment="#")
@@ -513,3 +514,78 @@ def test_10_other_origins_and_host_names_are_refused(client, study):
     same = client.post("/api/studies", files=[("files", ("s.zip", data))], headers={"Origin": "http://127.0.0.1:8000"})
     assert same.status_code == 201, same.text
     assert client.get("/api/health", headers={"Host": "localhost:8000"}).status_code == 200
+
+
+def _sr_counts(data: bytes) -> dict:
+    """The SR's summary counts of slices at or above its threshold, by concept code (ICHN, SDHN, ...)."""
+    import highdicom as hd
+    sr = hd.sr.srread(io.BytesIO(data))
+    [summary] = [g for g in sr.content.get_image_measurement_groups() if g.tracking_identifier == "study summary"]
+    return {m.name.value: int(m.value) for m in summary.get_measurements() if m.name.value.endswith("N")}
+
+
+def test_every_download_takes_the_threshold_and_a_result_tag(client, study):
+    """Issue 20, items 1, 9, 10: ?threshold= into every output (else a 400), a valid SR from Kaggle-style
+    IDs, names by the result's tag, never by patient data."""
+    zpath, ids = study
+    doc = post(client, ("study.zip", zpath.read_bytes())).json()
+    sid, table = doc["id"], pd.DataFrame(doc["slices"])
+    cut = float(np.round(table["any"].median(), 3))  # some slices above, some below
+    if not 0 < cut < 1:
+        cut = 0.3
+    base = f"/api/studies/{sid}/download"
+    sr = client.get(f"{base}/sr", params={"threshold": cut})
+    assert sr.status_code == 200
+    raw = pydicom.dcmread(io.BytesIO(sr.content))
+    assert _sr_counts(sr.content)["ICHN"] == int((table["any"] >= cut).sum())
+    assert f"threshold={cut:g}".encode() in sr.content  # the algorithm's parameters
+    assert sr_problems(sr.content) == []  # dsrdump and dciodvfy read it (the study's IDs are ID_<hex>)
+    assert raw.StudyInstanceUID.startswith("2.25.") and ids[0].encode() in sr.content  # mapped, the original kept
+    assert _sr_counts(client.get(f"{base}/sr").content)["ICHN"] == int((table["any"] >= 0.5).sum())
+
+    js = client.get(f"{base}/json", params={"threshold": cut}).json()
+    assert js["threshold"] == cut
+    assert js["above_threshold"]["any"]["slices"] == int((table["any"] >= cut).sum())
+    assert client.get(f"{base}/json").json()["threshold"] == 0.5
+    csv = client.get(f"{base}/csv", params={"threshold": cut}).text
+    assert csv.splitlines()[1].startswith(f"# threshold {cut:g}:")
+    assert f"# threshold {cut:g}:" in client.get(f"{base}/kaggle_csv", params={"threshold": cut}).text
+
+    for bad in ("0", "1", "1.5", "-0.1", "abc", "nan", "inf", ""):
+        r = client.get(f"{base}/json", params={"threshold": bad})
+        assert r.status_code == 400 and "between 0 and 1" in r.json()["error"], bad
+
+    tag = doc["tag"]
+    assert re.fullmatch(r"ich_[A-Za-z0-9]{1,8}_\d{8}", tag) and tag[4:].split("_")[0] in sid.replace("-", "").replace("_", "")
+    names = {kind: client.get(f"{base}/{kind}").headers["content-disposition"] for kind in ("csv", "kaggle_csv", "json", "sr")}
+    assert names == {"csv": f'attachment; filename="{tag}.csv"', "kaggle_csv": f'attachment; filename="{tag}_kaggle.csv"',
+                     "json": f'attachment; filename="{tag}.json"', "sr": f'attachment; filename="{tag}_sr.dcm"'}
+    assert not any(i in v for i in ids for v in names.values())
+
+
+def test_viewer_endpoints_source_hu_header_thumbnails_patient(client, study, prepared):
+    from ich.dicom import read_hu
+    zpath, ids = study
+    doc = post(client, ("study.zip", zpath.read_bytes())).json()
+    sid = doc["id"]
+    head = doc["study"]
+    assert head["n_slices"] == len(ids) and head["source_size"] and "patient" not in json.dumps(head).lower()
+    assert [w["name"] for w in doc["window_levels"]] == doc["windows"] and doc["source_images"]
+    row = len(ids) // 2
+    png = client.get(f"/api/studies/{sid}/slices/{row}/hu.png")
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    bgr = cv2.imdecode(np.frombuffer(png.content, np.uint8), cv2.IMREAD_UNCHANGED)
+    hu = bgr[..., 2].astype(np.int32) * 256 + bgr[..., 1] - 32768
+    _, want = read_hu(prepared / "raw" / "stage_2_test" / f"{ids[row]}.dcm")
+    assert hu.shape == want.shape == tuple(head["source_size"])
+    np.testing.assert_allclose(hu, np.rint(want), atol=0.51)
+    assert client.get(f"/api/studies/{sid}/slices/999/hu.png").status_code == 404
+    assert [s["thumbnail"] for s in doc["series"]] == [True, True]  # every series has its picture
+    for s in doc["series"]:
+        thumb = client.get(f"/api/studies/{sid}/series/{s['index']}/thumbnail.png")
+        assert cv2.imdecode(np.frombuffer(thumb.content, np.uint8), cv2.IMREAD_UNCHANGED).shape == (96, 96)
+    assert client.get(f"/api/studies/{sid}/series/9/thumbnail.png").status_code == 404
+    who = client.get(f"/api/studies/{sid}/patient").json()
+    assert set(who) == {"patient_name", "patient_id"} and who["patient_id"]
+    assert who["patient_id"] not in json.dumps(doc)
+    assert client.get("/api/studies").status_code in (404, 405)  # no list of the results' ids: each id is a key

@@ -5,10 +5,21 @@ API (the page uses nothing else):
   several DICOM files of one study. -> 201 and the result (below). `series`
   picks another CT series of the same files by its index in `series`.
 - `GET /api/studies/{id}`: the result again.
-- `GET /api/studies/{id}/download/{csv|kaggle_csv|json|sr}`: the outputs of
-  `predict.py --study`, from the same code (models.study.output_bytes).
+- `GET /api/studies/{id}/download/{csv|kaggle_csv|json|sr}[?threshold=T]`:
+  the outputs of `predict.py --study`, from the same code
+  (models.study.output_bytes), at the page's threshold T in (0, 1) (default
+  0.5; anything else is a 400), named by the result's tag
+  (`ich_<id>_<date>...`), never by patient data.
+- `GET /api/studies/{id}/patient`: patient name and ID, for the page to show
+  only when the user asks (never put in a URL, never logged).
+- `GET /api/studies/{id}/series/{index}/thumbnail.png`: the series list's
+  picture of a series (its middle slice, brain window).
 - `GET /api/studies/{id}/slices/{row}/image.png?window=brain`: one slice in
   one of the cache's windows, as the network saw it (8-bit).
+- `GET /api/studies/{id}/slices/{row}/hu.png`: the slice at its source
+  resolution in HU, for the viewer's own window/level: an RGB PNG whose red
+  and green bytes are HU + 32768 (high, low). 404 when the server did not
+  keep the series' files (larger than models.study.SOURCE_BYTES).
 - `GET /api/studies/{id}/slices/{row}/cam.png?label=subdural`: its Grad-CAM
   as an RGBA heat map (alpha = attention), to lay over the image.
 - `DELETE /api/studies/{id}`: forget a result now. `GET /api/health`.
@@ -35,7 +46,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import io
 import logging
+import math
 import re
 import threading
 import time
@@ -46,6 +59,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pydicom
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -65,6 +79,7 @@ from .uploads import ClientGone, UploadError, WorkDir, receive_files, safe_name
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("ich.web")
 MEDIA = {"csv": "text/csv", "kaggle_csv": "text/csv", "json": "application/json", "sr": "application/dicom"}
+SUFFIX = {"csv": ".csv", "kaggle_csv": "_kaggle.csv", "json": ".json", "sr": "_sr.dcm"}  # after the result tag
 
 
 class ApiError(Exception):
@@ -112,14 +127,51 @@ def _inline_script_hashes(html: bytes) -> list[str]:
             for m in re.finditer(rb"<script>(.*?)</script>", html, re.S)]
 
 
+def result_tag(study_id: str, result: dict) -> str:
+    """A short name for a result's downloads: part of its random id and the day it was made; no patient data."""
+    day = time.strftime("%Y%m%d", time.localtime(result.get("created", time.time())))
+    return f"ich_{re.sub(r'[^A-Za-z0-9]', '', study_id)[:8]}_{day}"
+
+
+def _text(header, key: str) -> str | None:
+    value = header.get(key) if header is not None else None
+    return " ".join(str(value).split())[:120] or None if value not in (None, "") else None
+
+
+def study_header(result: dict) -> dict:
+    """The viewer's study header, from the chosen series' DICOM headers: no patient name or ID here."""
+    headers = result.get("headers") or []
+    first = headers[0] if headers else None
+    date = _text(first, "StudyDate")
+    if date and re.fullmatch(r"\d{8}", date):
+        date = f"{date[:4]}-{date[4:6]}-{date[6:]}"
+    try:
+        thickness = float(first.get("SliceThickness")) if first is not None and first.get("SliceThickness") else None
+    except (TypeError, ValueError):
+        thickness = None
+    z = result["slices"]["z"].to_numpy(dtype=float)
+    spacing = float(np.median(np.abs(np.diff(z)))) if len(z) > 1 else None
+    return {"study_date": date, "series_description": _text(first, "SeriesDescription"),
+            "modality": _text(first, "Modality"), "slice_thickness_mm": thickness,
+            "slice_spacing_mm": round(spacing, 3) if spacing is not None and math.isfinite(spacing) else None,
+            "n_slices": len(result["slices"]),
+            "source_size": [int(first.Rows), int(first.Columns)] if first is not None and "Rows" in first else None}
+
+
 def public_result(study_id: str, result: dict, model: dict) -> dict:
     """What the page needs: the probabilities per slice, series, skipped files, timings, model, notice."""
     table = result["slices"]
     chosen = result["series_id"]
     return {
-        "id": study_id, "notice": NOTICE, "labels": list(LABELS), "subtypes": list(SUBTYPES),
+        "id": study_id, "tag": result_tag(study_id, result), "created": result.get("created"),
+        "study": study_header(result), "window_levels": result.get("window_levels"),
+        "source_images": bool(result.get("sources")),
+        "notice": NOTICE, "labels": list(LABELS), "subtypes": list(SUBTYPES),
         "series": [{"index": s["index"], "n_files": s["n_files"], "axial": s["axial"],
-                    "chosen": s["series_id"] == chosen} for s in result["series"]],
+                    "chosen": s["series_id"] == chosen,
+                    "description": result.get("series_views", {}).get(s["index"], {}).get("description"),
+                    "thumbnail": bool(result.get("series_views", {}).get(s["index"], {}).get("thumbnail"))}
+                   for s in result["series"]],
         "slices": [{"row": i, "file": r["file"], "slice_index": int(r["slice_index"]), "z": float(r["z"]),
                     **{label: float(r[label]) for label in LABELS}} for i, r in enumerate(table.to_dict("records"))],
         "skipped": result["skipped"], "windows": result["windows"], "image_size": int(result["images"].shape[1]),
@@ -127,11 +179,29 @@ def public_result(study_id: str, result: dict, model: dict) -> dict:
     }
 
 
-def _png(image: np.ndarray) -> Response:
-    ok, data = cv2.imencode(".png", image)
+def _png(image: np.ndarray, level: int = 3) -> Response:
+    ok, data = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, level])
     if not ok:
         raise ApiError(500, "could not encode the image")
     return Response(data.tobytes(), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def hu_png(data: bytes) -> np.ndarray:
+    """One source DICOM file (bytes, already read once by the study path) -> H x W x 3 uint8 (BGR) whose
+    red and green bytes are HU + 32768 (high, low byte), at the file's own resolution.
+
+    Why this and not windowed PNGs: the viewer's window/level then runs in the browser on every drag
+    without a request, for any centre/width (bone's 2800 HU too), at source resolution; a slice step is
+    one request of ~5 ms decoding here. The cached 8-bit windows (image.png) are the network's input
+    size and clip to their own ranges; the viewer falls back to them when the files were not kept.
+    """
+    from ich.dicom import _fill_transfer_syntax, header_from_dataset, to_hu
+
+    ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    _fill_transfer_syntax(ds)
+    hu = to_hu(ds.pixel_array, header_from_dataset(ds))
+    v = (np.rint(hu).astype(np.int32) + 32768).clip(0, 65535)
+    return np.dstack([np.zeros_like(v, np.uint8), (v & 255).astype(np.uint8), (v >> 8).astype(np.uint8)])
 
 
 def heat_map(cam: np.ndarray) -> np.ndarray:
@@ -237,10 +307,16 @@ def create_app(engine: Engine, *, max_upload_mb: int = 1024, max_studies: int = 
                 raise ApiError(500, "the model could not run on this study") from None
         result["timings"]["read"] = triaged + result["timings"].get("read", 0)
         result["timings"] = {"upload": received, **result["timings"], "total": time.time() - t0}
+        result["created"] = time.time()
         study_id = store.add(result)
         log.info("study: %d slices, %d files skipped, %.2f s", len(result["slices"]), len(result["skipped"]),
                  result["timings"]["total"])
         return public_result(study_id, result, engine.model)
+
+    @app.get("/api/studies/{study_id}/patient")
+    async def patient(study_id: str):
+        headers = result_of(study_id).get("headers") or [None]
+        return {"patient_name": _text(headers[0], "PatientName"), "patient_id": _text(headers[0], "PatientID")}
 
     @app.get("/api/studies/{study_id}")
     async def get_study(study_id: str):
@@ -253,12 +329,23 @@ def create_app(engine: Engine, *, max_upload_mb: int = 1024, max_studies: int = 
         return {"forgotten": True}
 
     @app.get("/api/studies/{study_id}/download/{kind}")
-    async def download(study_id: str, kind: str):
+    async def download(study_id: str, kind: str, threshold: str | None = None):
         if kind not in OUTPUTS:
             raise ApiError(404, f"no output {kind!r}: one of {', '.join(OUTPUTS)}")
-        data = await run_in_threadpool(output_bytes, result_of(study_id), kind, engine.model)
+        cut = 0.5
+        if threshold is not None:
+            try:
+                cut = float(threshold)
+            except ValueError:
+                cut = math.nan
+            if not 0 < cut < 1:  # NaN too
+                raise ApiError(400, f"the threshold must be a number between 0 and 1 (both excluded), "
+                                    f"got {threshold[:20]!r}")
+        result = result_of(study_id)
+        data = await run_in_threadpool(output_bytes, result, kind, engine.model, cut)
+        name = result_tag(study_id, result) + SUFFIX[kind]
         return Response(data, media_type=MEDIA[kind],
-                        headers={"Content-Disposition": f'attachment; filename="{OUTPUTS[kind]}"'})
+                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
     def slice_row(result: dict, row: int) -> int:
         if not 0 <= row < len(result["slices"]):
@@ -273,6 +360,27 @@ def create_app(engine: Engine, *, max_upload_mb: int = 1024, max_studies: int = 
             raise ApiError(404, f"no window {window!r}: one of {', '.join(windows)}")
         channel = windows.index(window) if window else 0
         return _png(np.ascontiguousarray(result["images"][slice_row(result, row), :, :, channel]))
+
+    @app.get("/api/studies/{study_id}/series/{index}/thumbnail.png")
+    async def thumbnail(study_id: str, index: int):
+        view = result_of(study_id).get("series_views", {}).get(index) or {}
+        if not view.get("thumbnail"):
+            raise ApiError(404, f"no picture of series {index}")
+        return Response(view["thumbnail"], media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/api/studies/{study_id}/slices/{row}/hu.png")
+    async def hu(study_id: str, row: int):
+        result = result_of(study_id)
+        sources = result.get("sources")
+        row = slice_row(result, row)
+        if not sources:
+            raise ApiError(404, "the series' files were not kept (too large): the viewer shows the cached windows")
+        try:
+            image = await run_in_threadpool(hu_png, sources[row])
+        except Exception as exc:  # noqa: BLE001 - the file was read once by the study path; say so plainly
+            log.info("hu.png: slice could not be decoded (%s)", type(exc).__name__)
+            raise ApiError(404, "this slice could not be decoded at its source resolution") from None
+        return _png(image, level=1)  # a 512-px slice: ~20 ms here instead of ~30, 10 % larger
 
     @app.get("/api/studies/{study_id}/slices/{row}/cam.png")
     async def cam(study_id: str, row: int, label: str = "any"):
