@@ -35,6 +35,7 @@ from .model import fit_predict, logit
 
 ANY = LABELS.index("any")
 COMMON_ROWS = 20_000  # test images on which the fold models' PCAs are aligned
+ALIGN_WIDTH = 4       # each fold model's own PCA keeps 4 x pca_components dimensions to align (common_components)
 SAVED = "stage_two.joblib"  # what stacking.apply needs besides the boosters: per-fold-model PCAs, feature names
 SAVED_VERSION = 2            # 2: aligned PCAs, members and blend weights
 SEQUENCE_SAVED = "sequence.pt"  # the sequence members (torch), beside SAVED
@@ -87,18 +88,20 @@ class StageOne:
 
 @dataclass
 class AlignedPCA:
-    """A PCA of one stage-one fold model's embeddings, then a rotation into the experiment's common frame.
+    """One stage-one fold model's embeddings -> the experiment's common components.
 
-    transform(emb) = pca.transform(emb) @ rotation. The rotation is
-    orthogonal (c x c): a sign flip per component when no common images were
-    available (`fit_signed_pca`), else the Procrustes alignment of
-    `align_fold_models`.
+    transform(emb) = pca.transform(emb) @ rotation - offset: the fold
+    model's own PCA, then a linear map into components shared by every fold
+    model of the experiment (`common_components`), or, without common
+    images, a sign flip per component (`fit_signed_pca`: rotation diagonal,
+    offset 0).
     """
     pca: PCA
-    rotation: np.ndarray
+    rotation: np.ndarray  # (own components, common components)
+    offset: np.ndarray | float = 0.0
 
     def transform(self, emb: np.ndarray) -> np.ndarray:
-        return (self.pca.transform(emb) @ self.rotation).astype(np.float32)
+        return (self.pca.transform(emb) @ self.rotation - self.offset).astype(np.float32)
 
 
 def fit_signed_pca(emb: np.ndarray, anchor: np.ndarray, n_components: int, max_rows: int = 100_000) -> AlignedPCA:
@@ -149,6 +152,37 @@ def align_fold_models(scores: dict[int, np.ndarray], iterations: int = 10) -> di
     return rotations
 
 
+def common_components(wide: np.ndarray, folds: np.ndarray, models: dict, common: dict[int, np.ndarray],
+                      anchor: np.ndarray, n_components: int) -> tuple[dict, np.ndarray]:
+    """The experiment's components, the same function for every fold model (issue 16).
+
+    wide: (n, m) the OOF rows, each through its own fold model's PCA of m >
+    n_components components (`models[k]`); common[k]: (n_common, m) fold
+    model k's scores of the common (test) images. Each fold model's m-d
+    space is rotated onto the others' (`align_fold_models`), then one PCA of
+    the aligned OOF rows of all fold models picks n_components components,
+    their signs fixed by `anchor` (the `any` logit). Aligning m = 4 x
+    n_components dimensions rather than the n_components themselves matters:
+    the fold models' top components span slightly different subspaces, and
+    on the demo the 4th component of two fold models correlated at 0.47
+    after aligning 4 dimensions.
+    Returns ({k: AlignedPCA}, the OOF rows' components (n, n_components)).
+    """
+    rotations = align_fold_models(common)
+    aligned = np.empty_like(wide)
+    for k, r in rotations.items():
+        aligned[folds == k] = wide[folds == k] @ r
+    rows = np.random.default_rng(0).permutation(len(aligned))[:100_000]
+    shared = PCA(n_components, random_state=0).fit(aligned[rows])
+    scores = shared.transform(aligned[rows])
+    a = anchor[rows] - anchor[rows].mean()
+    sign = np.where((scores - scores.mean(axis=0)).T @ a < 0, -1.0, 1.0)
+    projection = shared.components_.T * sign
+    offset = shared.mean_ @ projection
+    out = {k: AlignedPCA(models[k].pca, models[k].rotation @ rotations[k] @ projection, offset) for k in rotations}
+    return out, (aligned @ projection - offset).astype(np.float32)
+
+
 def _test_fold_path(exp_dir: Path, k: int, emb: bool = False) -> Path:
     path = exp_dir / (f"test_fold{k}_emb.npy" if emb else f"test_fold{k}.parquet")
     if not path.is_file():
@@ -184,10 +218,12 @@ def load_stage_one(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFrame,
     that model's own OOF rows (fold k) and applied to them and to that
     model's test embeddings (`fit_signed_pca`); a single PCA of the OOF rows
     of all fold models would mix K differently oriented spaces. With test
-    slices, the K PCAs of an experiment are then rotated into one frame on
-    the test images, which every fold model has scored (unlabeled, so no
-    label reaches stage two through it): `align_fold_models`. Without test
-    slices (an OOF-only run) only the signs are fixed.
+    slices, the K PCAs (of ALIGN_WIDTH x pca_components dimensions) of an
+    experiment are then rotated into one frame on the test images, which
+    every fold model has scored (unlabeled, so no label reaches stage two
+    through it), and one PCA of the aligned OOF rows picks the components
+    every fold model shares (`common_components`). Without test slices (an
+    OOF-only run) each fold model keeps its own components, signs fixed.
     Returns (train view, {k: test view of fold model k}) (None without test_slices).
     """
     folds = train_slices["fold"].to_numpy()
@@ -201,36 +237,36 @@ def load_stage_one(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFrame,
         train.probs[exp], rows, n_oof = _aligned(d / "oof.parquet", train_slices["image_id"], "train stage-one")
         if not cfg.pca_components:
             continue
-        train.pcs[exp] = np.empty((len(train_slices), cfg.pca_components), dtype=np.float32)
+        c = cfg.pca_components
+        width = None  # each fold model's own components: ALIGN_WIDTH x c when they are aligned on test images
+        pcs, models = None, {}
         for k in fold_ids:
             held = np.flatnonzero(folds == k)
             emb = _embeddings(d / "oof_emb.npy", rows[held], n_oof)
-            pca = fit_signed_pca(emb, logit(train.probs[exp][held, ANY]), cfg.pca_components)
-            train.pca_models[exp, k] = pca
-            train.pcs[exp][held] = pca.transform(emb)
+            if width is None:
+                width = min(ALIGN_WIDTH * c, emb.shape[1], len(held)) if test_slices is not None else c
+                pcs = np.empty((len(train_slices), width), dtype=np.float32)
+            models[k] = fit_signed_pca(emb, logit(train.probs[exp][held, ANY]), width)
+            pcs[held] = models[k].transform(emb)
         if test_slices is not None:
-            _align_on_test(exp, d, test_slices, fold_ids, folds, train)
+            common = _common_scores(d, test_slices, models)
+            models, pcs = common_components(pcs, folds, models, common, logit(train.probs[exp][:, ANY]), c)
+        train.pcs[exp] = pcs
+        train.pca_models.update({(exp, k): m for k, m in models.items()})
     if test_slices is None:
         return train, None
     return train, {k: fold_model_view(cfg, model_dir, test_slices, k, train.pca_models) for k in fold_ids}
 
 
-def _align_on_test(exp: str, exp_dir: Path, test_slices: pd.DataFrame, fold_ids: list, folds: np.ndarray,
-                   train: StageOne, max_rows: int = COMMON_ROWS) -> None:
-    """Rotate experiment exp's K fold-model PCAs into one frame (`align_fold_models`), in place:
-    fitted on up to max_rows test images (a fixed random sample), applied to the saved PCAs and to the
-    OOF components already computed."""
+def _common_scores(exp_dir: Path, test_slices: pd.DataFrame, models: dict, max_rows: int = COMMON_ROWS) -> dict:
+    """Each fold model's scores (its own PCA) of the same up to max_rows test images (a fixed sample)."""
     rows = np.sort(np.random.default_rng(0).permutation(len(test_slices))[:max_rows])
-    common = test_slices.iloc[rows]
+    ids = test_slices["image_id"].iloc[rows]
     scores = {}
-    for k in fold_ids:
-        _, r, n = _aligned(_test_fold_path(exp_dir, k), common["image_id"], f"fold {k} test stage-one")
-        scores[k] = train.pca_models[exp, k].transform(_embeddings(_test_fold_path(exp_dir, k, emb=True), r, n))
-    for k, rotation in align_fold_models(scores).items():
-        model = train.pca_models[exp, k]
-        train.pca_models[exp, k] = AlignedPCA(model.pca, model.rotation @ rotation)
-        held = folds == k
-        train.pcs[exp][held] = train.pcs[exp][held] @ rotation.astype(np.float32)
+    for k, model in models.items():
+        _, r, n = _aligned(_test_fold_path(exp_dir, k), ids, f"fold {k} test stage-one")
+        scores[k] = model.transform(_embeddings(_test_fold_path(exp_dir, k, emb=True), r, n))
+    return scores
 
 
 def fold_model_view(cfg: PredictCfg, model_dir: Path, slices: pd.DataFrame, k: int, pca_models: dict) -> StageOne:
