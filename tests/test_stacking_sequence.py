@@ -53,7 +53,7 @@ def test_member_trains_on_other_folds_only_and_beats_stage_one(monkeypatch):
     def spy_logits(self, net, series, which):
         out = logits(self, net, series, which)
         k = made.index(self) if self in made else -1
-        rows = out[1].reshape(-1).numpy()
+        rows = out[1][out[2]].numpy()
         (trained_rows if net.training else scored_rows).setdefault(k, set()).update(rows.tolist())
         return out
 
@@ -179,3 +179,19 @@ def test_shipped_configs_turn_the_member_on():
     for name in ("default", "demo"):
         cfg = load_predict_config(REPO / "configs" / "predict" / f"{name}.yaml")
         assert cfg.members == ["lightgbm", "sequence"], name
+
+
+def test_padding_never_reaches_a_real_slice():
+    """A series' outputs are the same alone and in a batch padded to a longer series (both directions)."""
+    torch.manual_seed(0)
+    net = sequence.SeriesNet(5, hidden=8, layers=2, dropout=0.0).eval()
+    torch.nn.init.normal_(net.head.weight)  # not the zero start: the test must see the GRUs
+    short, long = torch.randn(1, 7, 5), torch.randn(1, 12, 5)
+    alone = net(short, torch.tensor([7]))
+    padded = torch.cat([torch.cat([short, torch.full((1, 5, 5), 1e3)], 1), long])  # wild padding values
+    together = net(padded, torch.tensor([7, 12]))
+    torch.testing.assert_close(together[0, :7], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(together[1:], net(long, torch.tensor([12])), rtol=1e-5, atol=1e-5)
+    # and reversal in place keeps the padding at the end
+    x = torch.arange(8.0).reshape(2, 4, 1)
+    assert sequence.reverse_padded(x, torch.tensor([3, 4]))[..., 0].tolist() == [[2, 1, 0, 3], [7, 6, 5, 4]]
