@@ -20,6 +20,13 @@ One training DataLoader serves all epochs of a fold, its workers persistent
 (`train_loader`): the epoch and its progressive size travel with the indices
 and each worker reseeds its augmentations per epoch, so the batches are those
 a new loader per epoch gave, without restarting the workers every epoch.
+
+Speed of the real run: every epoch logs (and writes into the history) its
+steady-state training rate (`img_per_s`: images per second after the first
+steps, over all processes) and `compile_s`, the seconds of the steps that
+built a compiled graph (the first training step and the first validation
+batch at a new size; with `train.compile` each size compiles once, see
+models.net.SliceNet.compile_backbone).
 """
 from __future__ import annotations
 
@@ -98,7 +105,8 @@ def save_atomic(obj, path: Path) -> None:
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
-def train_loader(dataset, sampler: EpochSampler, cfg: ExperimentCfg, runtime: Runtime) -> DataLoader:
+def train_loader(dataset, sampler: EpochSampler, cfg: ExperimentCfg, runtime: Runtime, *,
+                 drop_last: bool = False) -> DataLoader:
     """One training DataLoader for a whole fold, its workers started once (persistent).
 
     Everything an epoch changes reaches the workers with the indices: the
@@ -107,19 +115,35 @@ def train_loader(dataset, sampler: EpochSampler, cfg: ExperimentCfg, runtime: Ru
     (EpochSeeder) reseeds each worker's augmentations for the new epoch, as
     per-epoch loaders with a worker_init_fn did (the same batches; see
     models.data and models.augment). A resumed fold builds a new one.
+    `drop_last`: for a compiled model, whose static graphs would compile
+    again for the short last batch of every size (a few images of a shuffled
+    epoch left out instead).
     """
     if not sampler.tagged:
         raise ValueError("persistent workers need a tagged EpochSampler: they would not see the epoch otherwise")
     workers = cfg.train.num_workers
     return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=runtime.device.type == "cuda", drop_last=False,
+                      pin_memory=runtime.device.type == "cuda", drop_last=drop_last,
                       prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
 
 
-def validate(model, dataset, runtime: Runtime, cfg: ExperimentCfg, progress: bool):
+def graphs_built() -> int:
+    """Graphs torch.compile has built in this process so far (dynamo's own counter)."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def validate(model, dataset, runtime: Runtime, cfg: ExperimentCfg, progress: bool, timing: dict | None = None):
+    """Held-out probabilities; `timing["first_batch_s"]`: seconds to the first batch done (compile included)."""
     loader = make_loader(dataset, runtime, cfg.train.batch_size * 2, cfg.train.num_workers)
+    t0 = runtime.now()
+
+    def first(i):
+        if i == 0 and timing is not None:
+            timing["first_batch_s"] = runtime.now() - t0
+
     probs, _ = predict(model, loader, runtime, tta_hflip=False, embeddings=False, desc="validate",
-                       progress=progress)
+                       progress=progress, on_batch=first)
     return probs
 
 
@@ -133,7 +157,8 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
     torch.manual_seed(cfg.train.seed + fold)
     model = build_model(cfg, runtime, cache_channels(cfg, data.clean_dir))
     raw_model = model
-    if runtime.wants_compile(cfg.train.compile):
+    compiled = runtime.wants_compile(cfg.train.compile)
+    if compiled:
         raw_model.compile_backbone()  # state_dict() stays the plain module's
     if runtime.distributed:
         model = DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
@@ -149,7 +174,9 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
                            seed=cfg.train.seed + 1000 * fold, rank=runtime.rank, world_size=runtime.world_size,
                            tagged=True)
     raw_model.set_sampling(sampler.neg_keep)  # its probabilities() then undo the sampler's prior shift
-    steps_per_epoch = math.ceil(len(sampler) / cfg.train.batch_size / cfg.train.accumulate)
+    drop_last = compiled and len(sampler) >= cfg.train.batch_size  # static graphs: full batches only
+    batches = len(sampler) // cfg.train.batch_size if drop_last else math.ceil(len(sampler) / cfg.train.batch_size)
+    steps_per_epoch = math.ceil(batches / cfg.train.accumulate)
     optimizer = torch.optim.AdamW(
         [{"params": list(raw_model.backbone_parameters())}, {"params": list(raw_model.head_parameters())}],
         lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
@@ -180,20 +207,26 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
     trained_on = image_settings(read_meta(data.clean_dir))  # stored with the kept weights
     train_set = make_dataset(cfg, data.train, data.clean_dir, cfg.size_at(start_epoch), train=True)
     train_set.on_epoch = EpochSeeder(cfg.train.seed, fold, runtime.rank)
-    loader = train_loader(train_set, sampler, cfg, runtime)
+    loader = train_loader(train_set, sampler, cfg, runtime, drop_last=drop_last)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.time()
         size = cfg.size_at(epoch)
         sampler.set_epoch(epoch, size)  # the workers learn both from the indices
         compiling = raw_model.__dict__.get("_compiled") is not None and epoch == start_epoch
+        graphs, timing = graphs_built(), {}
         train_loss = run_epoch(model, loader, criterion, optimizer, scheduler, scaler, runtime, cfg,
-                               desc=f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs}", progress=progress)
+                               desc=f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs}", progress=progress,
+                               timing=timing)
+        compile_s = timing.get("first_step_s", 0.0) if graphs_built() > graphs else 0.0
         if compiling and runtime.is_main:
-            log(raw_model.compile_note or f"fold {fold}: backbone compiled with torch.compile (the first steps "
-                                          "of this epoch include compiling)")
+            log(raw_model.compile_note or f"fold {fold}: backbone compiled with torch.compile, one static graph "
+                                          "per input size (the first step at each size includes compiling)")
         valid_set.size = cfg.size_at(epoch)
-        probs = validate(raw_model, valid_set, runtime, cfg, progress)
+        graphs, valid_timing = graphs_built(), {}
+        probs = validate(raw_model, valid_set, runtime, cfg, progress, timing=valid_timing)
+        if graphs_built() > graphs:
+            compile_s += valid_timing.get("first_batch_s", 0.0)
         score = weighted_log_loss(y_valid, probs)
         per_label = per_label_log_loss(y_valid, probs)
         at_final_size = size == cfg.final_size
@@ -203,7 +236,8 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
         keep = improved if cfg.train.checkpoint == "best" else epoch == cfg.train.epochs - 1
         row = {"fold": fold, "epoch": epoch + 1, "size": size, "kept": keep, "train_loss": train_loss,
                "val_wlogloss": score, "val_prior": prior, "lr": optimizer.param_groups[1]["lr"],
-               "seconds": time.time() - t0, **{f"val_{k}": float(v) for k, v in zip(LABELS, per_label)}}
+               "seconds": time.time() - t0, "img_per_s": timing.get("img_per_s", math.nan),
+               "compile_s": compile_s, **{f"val_{k}": float(v) for k, v in zip(LABELS, per_label)}}
         history.append(row)
         if runtime.is_main:
             if keep:
@@ -216,23 +250,36 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
                          "best": best, "history": history}, last_path)
             labels = " ".join(f"{k[:4]} {v:.3f}" for k, v in zip(LABELS, per_label))
             log(f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs} size {size} | train {train_loss:.4f} | "
-                f"val {score:.4f} (prior {prior:.4f}) | {labels} | {row['seconds']:.0f} s"
+                f"val {score:.4f} (prior {prior:.4f}) | {labels} | {row['seconds']:.0f} s | "
+                f"{row['img_per_s']:,.0f} img/s" + (f" | compile {compile_s:.0f} s" if compile_s else "")
                 + (" | best" if improved else "") + (" | kept" if keep else ""))
         runtime.barrier()
     return raw_model, pd.DataFrame(history)
 
 
 def run_epoch(model, loader, criterion, optimizer, scheduler, scaler, runtime: Runtime, cfg: ExperimentCfg,
-              *, desc: str, progress: bool, on_batch=None) -> float:
+              *, desc: str, progress: bool, on_batch=None, timing: dict | None = None) -> float:
     """One pass over the loader; the mean training loss. on_batch(i), if given, runs after batch i
-    (benchmarks/train_step.py times the steady state with it)."""
+    (benchmarks/train_step.py times the steady state with it).
+
+    `timing`, if given, gets `first_step_s` (the first batch's arrival to its step done: compiling
+    when the epoch starts a new size), `loader_start_s` (the wait for the first batch) and
+    `img_per_s`: the steady-state rate over the batches after the first `warm` ones (NaN when
+    the epoch has no more), times the number of processes. The device is synchronised at those
+    three points only, so timing costs nothing measurable.
+    """
     model.train()
+    n_batches = len(loader)
+    warm = max(1, min(20, n_batches // 10))  # compile, cuDNN autotuning and the pipeline filling up
+    t_start = runtime.now()
+    marks = {}
     total, count = 0.0, 0
     accumulate = cfg.train.accumulate
     optimizer.zero_grad(set_to_none=True)
     bar = one_pass(loader, desc=desc, show=progress and runtime.is_main)
-    n_batches = len(loader)
     for i, (x, y, _) in enumerate(bar):
+        if i == 0:
+            marks["arrived"] = time.perf_counter()
         x = x.to(runtime.device, non_blocking=True)
         y = y.to(runtime.device, non_blocking=True)
         if runtime.channels_last:
@@ -252,7 +299,16 @@ def run_epoch(model, loader, criterion, optimizer, scheduler, scaler, runtime: R
         count += len(x)
         if i % 10 == 0:
             bar.set_postfix(loss=f"{total / count:.4f}")
+        if i == 0 or i + 1 == warm:
+            marks[i + 1] = (runtime.now(), count)
         if on_batch is not None:
             on_batch(i)
+    if timing is not None and marks:
+        t_end = runtime.now()
+        timing["loader_start_s"] = marks["arrived"] - t_start
+        timing["first_step_s"] = marks[1][0] - marks["arrived"]
+        t_warm, n_warm = marks[warm]
+        steady = count - n_warm
+        timing["img_per_s"] = steady / (t_end - t_warm) * runtime.world_size if steady else math.nan
     sums = runtime.gather((total, count))
     return sum(t for t, _ in sums) / max(sum(c for _, c in sums), 1)
