@@ -13,6 +13,10 @@ settings) for the epoch the config keeps (`train.checkpoint`):
   out-of-fold and test predictions run at the final size). Its OOF score is
   selected on the fold it scores; models.experiment reports it as such,
   beside the last epoch's.
+With `train.average_last: N` > 1, `fold{k}.pt` holds the mean of the last N
+epochs' weights instead (see `average_weights`), and the model train_fold
+returns, which the OOF predictions use, is that average: OOF, test and a
+study all load or use the same averaged model.
 Every file is written atomically (temporary file + rename): a kill mid-save
 leaves the previous good file. All load with torch.load(weights_only=True).
 
@@ -147,6 +151,64 @@ def validate(model, dataset, runtime: Runtime, cfg: ExperimentCfg, progress: boo
     return probs
 
 
+BN_BATCHES = 100  # batches of training images that recompute BatchNorm statistics after averaging
+
+
+def is_averaged(key: str, value: torch.Tensor) -> bool:
+    """State-dict entries that average_last averages: the floating-point ones (weights, BatchNorm statistics
+    until they are recomputed); integer counters (num_batches_tracked) keep the last epoch's value."""
+    return value.is_floating_point()
+
+
+def average_weights(states: list[dict]) -> dict:
+    """The element-wise mean of state dicts (floating entries; the others from the last one)."""
+    return {k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if is_averaged(k, v) else v
+            for k, v in states[-1].items()}
+
+
+def recompute_batchnorm(model: SliceNet, table: pd.DataFrame, cfg: ExperimentCfg, clean_dir, runtime: Runtime,
+                        size: int, batches: int = BN_BATCHES) -> int:
+    """Reset every BatchNorm's running statistics and measure them again on training images; -> images used.
+
+    The mean of several epochs' weights is a network none of those epochs
+    was: its layers' activations do not have the statistics any epoch's
+    running averages describe (averaging the running averages is no
+    substitute: the SWA paper's finding, and torch.optim.swa_utils.update_bn's
+    reason to be). So, as update_bn does, each running mean and variance is
+    the plain average over one pass of `batches` training batches (the whole
+    training part when it is smaller, in table order; else a fixed random
+    subset): cumulative averaging (momentum None), train mode, no gradients.
+    The images are not augmented: they are the images OOF and test
+    predictions see. It runs the eager backbone (a compiled one would build
+    a third graph per size for this one pass), on every process alike, so
+    all ranks hold one model.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    n = min(len(table), batches * cfg.train.batch_size)
+    subset = table if n == len(table) else table.sample(n, random_state=cfg.train.seed)
+    loader = DataLoader(make_dataset(cfg, subset, clean_dir, size, train=False), batch_size=cfg.train.batch_size,
+                        shuffle=False, num_workers=cfg.train.num_workers)
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        for x, _, _ in loader:
+            x = x.to(runtime.device, non_blocking=True)
+            if runtime.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with runtime.autocast():
+                model.backbone((x.float() - model.mean) / model.std)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+    return n
+
+
 def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, runtime: Runtime, *,
                resume: bool, progress: bool = True, log=print) -> tuple[SliceNet, pd.DataFrame]:
     """Train one fold; returns the model as it is after the last epoch, and the epoch history.
@@ -187,6 +249,9 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
 
     best_path, last_path = out_dir / f"fold{fold}.pt", out_dir / f"fold{fold}.last.pt"
     start_epoch, best, history = 0, math.inf, []
+    averaging = cfg.train.average_last > 1
+    first_averaged = cfg.train.epochs - cfg.train.average_last  # 0-based epoch where averaging starts
+    avg_sum = None  # the running sum of the averaged epochs' weights (on the CPU), kept in the resume state
     if resume and last_path.is_file():
         try:
             state = torch.load(last_path, map_location=runtime.device, weights_only=True)
@@ -199,6 +264,7 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, best, history = state["epoch"] + 1, state["best"], list(state["history"])
+        avg_sum = state.get("avg_sum")
         log(f"fold {fold}: resuming after epoch {start_epoch} of {cfg.train.epochs} (best {best:.4f})")
 
     y_valid = data.valid[list(LABELS)].to_numpy(np.float32)
@@ -234,6 +300,22 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
         if improved:
             best = score
         keep = improved if cfg.train.checkpoint == "best" else epoch == cfg.train.epochs - 1
+        averaged = ""
+        if averaging and epoch >= first_averaged:
+            weights = {k: v.detach().to("cpu", torch.float32, copy=True)  # a copy: on the CPU .float() aliases
+                       for k, v in raw_model.state_dict().items() if is_averaged(k, v)}
+            avg_sum = weights if avg_sum is None else {k: avg_sum[k] + weights[k] for k in avg_sum}
+            if epoch == cfg.train.epochs - 1:
+                last_score = score
+                state = raw_model.state_dict()
+                raw_model.load_state_dict({k: (avg_sum[k] / cfg.train.average_last).to(v.dtype)
+                                           if k in avg_sum else v for k, v in state.items()})
+                n_bn = recompute_batchnorm(raw_model, data.train, cfg, data.clean_dir, runtime, size)
+                probs = validate(raw_model, valid_set, runtime, cfg, progress)
+                score = weighted_log_loss(y_valid, probs)
+                per_label = per_label_log_loss(y_valid, probs)
+                averaged = (f" | weights of epochs {first_averaged + 1}-{cfg.train.epochs} averaged, BatchNorm "
+                            f"recomputed on {n_bn} images: val {score:.4f} (last epoch alone {last_score:.4f})")
         row = {"fold": fold, "epoch": epoch + 1, "size": size, "kept": keep, "train_loss": train_loss,
                "val_wlogloss": score, "val_prior": prior, "lr": optimizer.param_groups[1]["lr"],
                "seconds": time.time() - t0, "img_per_s": timing.get("img_per_s", math.nan),
@@ -243,16 +325,16 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
             if keep:
                 save_atomic({"state_dict": raw_model.state_dict(), "config": cfg.to_dict(), "fold": fold,
                              "epoch": epoch + 1, "val_wlogloss": score, "selected": cfg.train.checkpoint,
-                             "in_chans": raw_model.in_chans,
+                             "in_chans": raw_model.in_chans, "average_last": cfg.train.average_last,
                              "image_settings": trained_on}, best_path)
             save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                         "best": best, "history": history}, last_path)
+                         "best": best, "history": history, "avg_sum": avg_sum}, last_path)
             labels = " ".join(f"{k[:4]} {v:.3f}" for k, v in zip(LABELS, per_label))
             log(f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs} size {size} | train {train_loss:.4f} | "
                 f"val {score:.4f} (prior {prior:.4f}) | {labels} | {row['seconds']:.0f} s | "
                 f"{row['img_per_s']:,.0f} img/s" + (f" | compile {compile_s:.0f} s" if compile_s else "")
-                + (" | best" if improved else "") + (" | kept" if keep else ""))
+                + (" | best" if improved else "") + (" | kept" if keep else "") + averaged)
         runtime.barrier()
     return raw_model, pd.DataFrame(history)
 
