@@ -88,6 +88,9 @@ def run_experiment(cfg: ExperimentCfg, *, clean_dir: Path, model_dir: Path, logs
     bad = sorted(set(folds) - set(all_folds))
     if bad:
         raise TrainError(f"fold(s) {bad} do not exist; slices.parquet has folds {all_folds}")
+    if cfg.sampler.min_brain_fraction > 0 and "brain_fraction" not in slices:
+        raise TrainError(f"sampler.min_brain_fraction needs the brain_fraction column, which {clean_dir} / "
+                         "slices.parquet lacks: rerun prepare_data.py --force, or set it to 0")
     if cfg.model.pretrained:  # before any output is written, not when the first fold builds its network
         weights_file(cfg.model.pretrained)
     warning = upsampling_warning(cfg, clean_dir)

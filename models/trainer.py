@@ -209,6 +209,20 @@ def recompute_batchnorm(model: SliceNet, table: pd.DataFrame, cfg: ExperimentCfg
     return n
 
 
+def trainable(cfg: ExperimentCfg, table: pd.DataFrame) -> np.ndarray | None:
+    """The training slices the sampler may draw: brain_fraction >= sampler.min_brain_fraction (None: all)."""
+    threshold = cfg.sampler.min_brain_fraction
+    if threshold <= 0:
+        return None
+    if "brain_fraction" not in table:
+        raise ValueError("sampler.min_brain_fraction needs the brain_fraction column of slices.parquet, which "
+                         "this cache lacks: rerun prepare_data.py --force, or set it to 0")
+    keep = table["brain_fraction"].to_numpy() >= threshold
+    if not keep.any():
+        raise ValueError(f"no training slice has brain_fraction >= {threshold} (sampler.min_brain_fraction)")
+    return keep
+
+
 def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, runtime: Runtime, *,
                resume: bool, progress: bool = True, log=print) -> tuple[SliceNet, pd.DataFrame]:
     """Train one fold; returns the model as it is after the last epoch, and the epoch history.
@@ -234,7 +248,10 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
 
     sampler = EpochSampler(y_train[:, -1], kind=cfg.sampler.kind, neg_ratio=cfg.sampler.neg_ratio,
                            seed=cfg.train.seed + 1000 * fold, rank=runtime.rank, world_size=runtime.world_size,
-                           tagged=True)
+                           tagged=True, eligible=trainable(cfg, data.train))
+    if sampler.n_all < len(data.train) and runtime.is_main:
+        log(f"fold {fold}: training on {sampler.n_all} of {len(data.train)} slices (brain_fraction >= "
+            f"{cfg.sampler.min_brain_fraction}); validation and OOF cover all")
     raw_model.set_sampling(sampler.neg_keep)  # its probabilities() then undo the sampler's prior shift
     drop_last = compiled and len(sampler) >= cfg.train.batch_size  # static graphs: full batches only
     batches = len(sampler) // cfg.train.batch_size if drop_last else math.ceil(len(sampler) / cfg.train.batch_size)
