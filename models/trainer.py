@@ -47,6 +47,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from ich import provenance
 from ich.cache import image_settings, read_meta, write_atomic
 from ich.labels import LABELS
 from ich.metric import per_label_log_loss, prior_baseline, weighted_log_loss
@@ -288,6 +289,7 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
     prior = weighted_log_loss(y_valid, prior_baseline(y_train, len(y_valid)))
     valid_set = make_dataset(cfg, data.valid, data.clean_dir, cfg.final_size, train=False)
     trained_on = image_settings(read_meta(data.clean_dir))  # stored with the kept weights
+    made_by = provenance.record(cfg.to_dict(), runtime.describe(), data.clean_dir) if runtime.is_main else None
     train_set = make_dataset(cfg, data.train, data.clean_dir, cfg.size_at(start_epoch), train=True)
     train_set.on_epoch = EpochSeeder(cfg.train.seed, fold, runtime.rank)
     loader = train_loader(train_set, sampler, cfg, runtime, drop_last=drop_last)
@@ -343,7 +345,7 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
                 save_atomic({"state_dict": raw_model.state_dict(), "config": cfg.to_dict(), "fold": fold,
                              "epoch": epoch + 1, "val_wlogloss": score, "selected": cfg.train.checkpoint,
                              "in_chans": raw_model.in_chans, "average_last": cfg.train.average_last,
-                             "image_settings": trained_on}, best_path)
+                             "image_settings": trained_on, "provenance": made_by}, best_path)
             save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                          "best": best, "history": history, "avg_sum": avg_sum}, last_path)
