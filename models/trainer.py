@@ -282,7 +282,8 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, best, history = state["epoch"] + 1, state["best"], list(state["history"])
-        avg_sum = state.get("avg_sum")
+        avg_sum = state.get("avg_sum")  # kept on the CPU, where the epochs' weights are added to it
+        avg_sum = None if avg_sum is None else {k: v.cpu() for k, v in avg_sum.items()}
         log(f"fold {fold}: resuming after epoch {start_epoch} of {cfg.train.epochs} (best {best:.4f})")
 
     y_valid = data.valid[list(LABELS)].to_numpy(np.float32)
