@@ -76,3 +76,33 @@ def test_average_last_equals_a_hand_made_average_with_batchnorm_recomputed(prepa
 def test_average_last_config_errors(data, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(data)
+
+
+def test_average_last_resumed_inside_the_window_matches_uninterrupted(prepared, tmp_path, monkeypatch):
+    """The running sum of the averaged epochs is part of the resume state."""
+    from models import experiment, trainer
+    from models.runtime import setup
+    cfg = load_experiment(write_config(tmp_path, "avgres", augment={"hflip": 0.0},
+                                       train={"epochs": 3, "average_last": 2}))
+    kw = dict(clean_dir=prepared / "clean" / "train", logs_dir=tmp_path / "logs", runtime=setup("none", False),
+              folds=[0], progress=False, log=lambda *a: None)
+    experiment.run_experiment(cfg, model_dir=tmp_path / "straight", **kw)
+    real, calls = trainer.run_epoch, {"n": 0}
+
+    def dies_in_third_epoch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "run_epoch", dies_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run_experiment(cfg, model_dir=tmp_path / "killed", **kw)
+    monkeypatch.setattr(trainer, "run_epoch", real)
+    state = torch.load(tmp_path / "killed" / "avgres" / "fold0.last.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["avg_sum"] is not None  # epoch 2 (0-based 1) is in the sum
+    experiment.run_experiment(cfg, model_dir=tmp_path / "killed", resume=True, **kw)
+    a = torch.load(tmp_path / "straight" / "avgres" / "fold0.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "killed" / "avgres" / "fold0.pt", weights_only=True)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
