@@ -89,7 +89,7 @@ class TrainCfg:
     #                                  among epochs at the final size; its OOF is then optimistic, and logged so)
     n_folds: int | None = None       # None: every fold in slices.parquet
     average_last: int = 1            # fold{k}.pt = the mean of the last N epochs' weights, BatchNorm statistics
-    #                                  recomputed (models.trainer.average_weights); 1: the last epoch's weights
+    #                                  recomputed (models.trainer.recompute_batchnorm); 1: the last epoch's weights
 
 
 @dataclass

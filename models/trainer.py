@@ -14,9 +14,10 @@ settings) for the epoch the config keeps (`train.checkpoint`):
   selected on the fold it scores; models.experiment reports it as such,
   beside the last epoch's.
 With `train.average_last: N` > 1, `fold{k}.pt` holds the mean of the last N
-epochs' weights instead (see `average_weights`), and the model train_fold
-returns, which the OOF predictions use, is that average: OOF, test and a
-study all load or use the same averaged model.
+epochs' weights instead (a running sum on the CPU, kept in the resume
+state; BatchNorm statistics measured again, `recompute_batchnorm`), and the
+model train_fold returns, which the OOF predictions use, is that average:
+OOF, test and a study all load or use the same averaged model.
 Every file is written atomically (temporary file + rename): a kill mid-save
 leaves the previous good file. All load with torch.load(weights_only=True).
 
@@ -159,12 +160,6 @@ def is_averaged(key: str, value: torch.Tensor) -> bool:
     """State-dict entries that average_last averages: the floating-point ones (weights, BatchNorm statistics
     until they are recomputed); integer counters (num_batches_tracked) keep the last epoch's value."""
     return value.is_floating_point()
-
-
-def average_weights(states: list[dict]) -> dict:
-    """The element-wise mean of state dicts (floating entries; the others from the last one)."""
-    return {k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if is_averaged(k, v) else v
-            for k, v in states[-1].items()}
 
 
 def recompute_batchnorm(model: SliceNet, table: pd.DataFrame, cfg: ExperimentCfg, clean_dir, runtime: Runtime,
