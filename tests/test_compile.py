@@ -39,7 +39,10 @@ def recompile_log():
 
 def test_each_progressive_size_compiles_once_for_training_and_once_for_evaluation(prepared, tmp_path, monkeypatch,
                                                                                 recompile_log):
-    from models import experiment
+    """train_fold on a small part of two folds, then each fold's OOF pass (flip TTA), as run_experiment does."""
+    from models import trainer
+    from models.data import with_neighbors
+    from models.inference import make_loader, predict
     from models.runtime import setup
     monkeypatch.setattr(net, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
@@ -48,13 +51,22 @@ def test_each_progressive_size_compiles_once_for_training_and_once_for_evaluatio
     cfg = load_experiment(write_config(
         tmp_path, "prog", input={"size": 48, "progressive": [[s, 1] for s in sizes]},
         augment={"hflip": 0.0}, train={"epochs": 3, "compile": True, "batch_size": 32, "tta_hflip": True}))
-    built = []
+    clean = prepared / "clean" / "train"
+    slices = with_neighbors(pd.read_parquet(clean / "slices.parquet"))
+    runtime, built, histories = setup("none", False), [], []
+    (tmp_path / "m").mkdir()
 
     def fold(k):
-        experiment.run_experiment(cfg, clean_dir=prepared / "clean" / "train", model_dir=tmp_path / "m",
-                                  logs_dir=tmp_path / "l", runtime=setup("none", False), folds=[k],
-                                  progress=False, log=lambda *a: None)
+        # 100 training images: 3 full batches and a short one, which a compiled run drops
+        data = trainer.FoldData(train=slices[slices["fold"] != k].iloc[:100],
+                                valid=slices[slices["fold"] == k].iloc[:40], clean_dir=clean)
+        model, history = trainer.train_fold(cfg, k, data, tmp_path / "m", runtime, resume=False, progress=False,
+                                            log=lambda *a: None)
+        valid = trainer.make_dataset(cfg, data.valid, clean, cfg.final_size, train=False)
+        predict(model, make_loader(valid, runtime, cfg.train.batch_size * 2, 0), runtime, tta_hflip=True,
+                progress=False)
         built.append(counters["stats"]["unique_graphs"])
+        histories.append(history)
 
     fold(0)
     # three sizes x (training, evaluation); the OOF pass with flip TTA reuses the final size's eval graph.
@@ -63,7 +75,5 @@ def test_each_progressive_size_compiles_once_for_training_and_once_for_evaluatio
     assert not any("grad_mode" in m for m in recompile_log), recompile_log  # eval is no recompile of train
     fold(1)
     assert built[1] == built[0], recompile_log  # the next fold's new model reuses every graph
-    history = pd.read_csv(tmp_path / "l" / "prog" / "fold0_history.csv")
-    assert (history["compile_s"] > 0).all() and (history["img_per_s"] > 0).all()
-    again = pd.read_csv(tmp_path / "l" / "prog" / "fold1_history.csv")
-    assert (again["compile_s"] == 0).all()
+    assert (histories[0]["compile_s"] > 0).all() and (histories[0]["img_per_s"] > 0).all()
+    assert (histories[1]["compile_s"] == 0).all()
