@@ -79,14 +79,22 @@ def test_average_last_config_errors(data, message):
 
 
 def test_average_last_resumed_inside_the_window_matches_uninterrupted(prepared, tmp_path, monkeypatch):
-    """The running sum of the averaged epochs is part of the resume state."""
-    from models import experiment, trainer
+    """The running sum of the averaged epochs is part of the resume state (train_fold on a part of fold 0)."""
+    from models import trainer
     from models.runtime import setup
     cfg = load_experiment(write_config(tmp_path, "avgres", augment={"hflip": 0.0},
                                        train={"epochs": 3, "average_last": 2}))
-    kw = dict(clean_dir=prepared / "clean" / "train", logs_dir=tmp_path / "logs", runtime=setup("none", False),
-              folds=[0], progress=False, log=lambda *a: None)
-    experiment.run_experiment(cfg, model_dir=tmp_path / "straight", **kw)
+    clean = prepared / "clean" / "train"
+    slices = with_neighbors(pd.read_parquet(clean / "slices.parquet"))
+    data = trainer.FoldData(train=slices[slices["fold"] != 0].iloc[:64], valid=slices[slices["fold"] == 0].iloc[:32],
+                            clean_dir=clean)
+    runtime = setup("none", False)
+
+    def train(out, resume=False):
+        out.mkdir(exist_ok=True)
+        trainer.train_fold(cfg, 0, data, out, runtime, resume=resume, progress=False, log=lambda *a: None)
+
+    train(tmp_path / "straight")
     real, calls = trainer.run_epoch, {"n": 0}
 
     def dies_in_third_epoch(*a, **k):
@@ -97,12 +105,12 @@ def test_average_last_resumed_inside_the_window_matches_uninterrupted(prepared, 
 
     monkeypatch.setattr(trainer, "run_epoch", dies_in_third_epoch)
     with pytest.raises(KeyboardInterrupt):
-        experiment.run_experiment(cfg, model_dir=tmp_path / "killed", **kw)
+        train(tmp_path / "killed")
     monkeypatch.setattr(trainer, "run_epoch", real)
-    state = torch.load(tmp_path / "killed" / "avgres" / "fold0.last.pt", weights_only=True)
+    state = torch.load(tmp_path / "killed" / "fold0.last.pt", weights_only=True)
     assert state["epoch"] == 1 and state["avg_sum"] is not None  # epoch 2 (0-based 1) is in the sum
-    experiment.run_experiment(cfg, model_dir=tmp_path / "killed", resume=True, **kw)
-    a = torch.load(tmp_path / "straight" / "avgres" / "fold0.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "killed" / "avgres" / "fold0.pt", weights_only=True)["state_dict"]
+    train(tmp_path / "killed", resume=True)
+    a = torch.load(tmp_path / "straight" / "fold0.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "killed" / "fold0.pt", weights_only=True)["state_dict"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
