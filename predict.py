@@ -71,8 +71,10 @@ def main(argv=None):
             result = run_stacking(cfg, train_slices=train_slices, test_slices=test_slices,
                                   model_dir=settings.model_checkpoint_dir, logs_dir=settings.logs_dir,
                                   progress=not args.no_progress)
-            subs["stage two"] = build_submission(sample, result["test"], prior=prior, test_slices=test_slices,
-                                                 rejected=rejected, clip=cfg.clip)
+            members = result["member_tests"] if len(result["member_tests"]) > 1 else {}
+            for name, preds in [*((f"stage two: {m}", t) for m, t in members.items()), ("stage two", result["test"])]:
+                subs[name] = build_submission(sample, preds, prior=prior, test_slices=test_slices,
+                                              rejected=rejected, clip=cfg.clip)
         final = "stage one" if args.stage1_only else "stage two"
         name = "submission_stage1.csv" if args.stage1_only else "submission.csv"
         sub, stats = subs[final]

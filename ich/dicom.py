@@ -57,6 +57,7 @@ REASONS = (
     "no_pixel_data",    # no PixelData: a DICOM object that is no image (DICOMDIR, report), or a CT without pixels
     "pixel_decode_failed",  # whole PixelData that cannot be decoded (corrupt stream, fewer bytes than the shape)
     "bad_shape",        # not one 2-D grayscale image within max_pixels: checked on the header, before decoding
+    "unsupported_syntax",  # Deflated Explicit VR Little Endian: inflating is not bounded by the file's size
     "no_labels",        # train image absent from the label csv
 )
 
@@ -234,12 +235,82 @@ class _BoundedFile(io.BufferedReader):
         return super().read(size)
 
 
+SNIFF_BYTES = 4096  # the preamble, DICM and a file meta group fit in this, in any file seen so far
+DEFLATED = "1.2.840.10008.1.2.1.99"
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_FIRST_GROUPS = {0x0002, 0x0004, 0x0008}  # a data set's first group: file meta, DICOMDIR or identification
+
+
+def _group(b: bytes, little: bool = True) -> int:
+    return int.from_bytes(b[:2], "little" if little else "big")
+
+
+def _meta_syntax(head: bytes) -> tuple[str | None, int | None]:
+    """(TransferSyntaxUID, offset of the data set) from the file meta after 'DICM' in head; None where
+    head ends first or the meta is odd (pydicom then reads the file and says what is wrong)."""
+    pos, syntax = 132, None
+    for _ in range(64):
+        if pos + 8 > len(head):
+            return syntax, None
+        tag_group, element = _group(head[pos:]), int.from_bytes(head[pos + 2:pos + 4], "little")
+        if tag_group != 0x0002:
+            return syntax, pos
+        vr = head[pos + 4:pos + 6]
+        if vr in _LONG_VRS:
+            if pos + 12 > len(head):
+                return syntax, None
+            length, start = int.from_bytes(head[pos + 8:pos + 12], "little"), pos + 12
+        else:
+            length, start = int.from_bytes(head[pos + 6:pos + 8], "little"), pos + 8
+        if start + length > len(head):
+            return syntax, None
+        if element == 0x0010:
+            syntax = head[start:start + length].decode("latin-1").strip(" \x00")
+        pos = start + length
+    return syntax, None
+
+
+def sniff(head: bytes) -> None:
+    """Refuse from a file's first bytes (up to SNIFF_BYTES) what needs no parse; silent when in doubt.
+
+    - No 'DICM' at byte 128 and a first tag outside the groups a data set starts
+      with (0002, 0004, 0008): `not_dicom`, without a forced parse. pydicom's
+      force=True reads anything, 1 MiB of zeros as 131,072 empty elements (0.6 s).
+    - The Deflated Explicit VR transfer syntax: `unsupported_syntax`. pydicom
+      inflates the whole data set in memory, so a 1.5 MB file can hold a 1.5 GiB
+      element; no CT scanner writes it.
+    - A file meta followed by zeros: `unreadable`, for the same reason as the first.
+    A head that ends before a decision (a file cut short) is left to pydicom, which says `truncated`.
+    """
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        syntax, data_at = _meta_syntax(head)
+        if syntax == DEFLATED:
+            raise Rejected("unsupported_syntax", f"Deflated Explicit VR Little Endian ({DEFLATED}): its inflated "
+                                                 "size is not bounded by the file's; not read")
+        if data_at is not None and data_at + 4 <= len(head) and head[data_at:data_at + 4] == b"\0\0\0\0":
+            raise Rejected("unreadable", "the data set after the file meta starts with zeros")
+        return
+    if len(head) >= 4 and _group(head) not in _FIRST_GROUPS and _group(head, little=False) not in _FIRST_GROUPS:
+        if len(head) < 132 and not head.strip(b"\0"):
+            return  # a file cut inside its preamble: pydicom says truncated (or not_dicom)
+        raise Rejected("not_dicom", "neither a DICOM preamble nor a data set at the start of the file")
+
+
+def _sniff_file(path) -> None:
+    with open(path, "rb") as f:
+        sniff(f.read(SNIFF_BYTES))
+
+
 def _dcmread(path, stop_before_pixels: bool, force: bool = False):
     with _BoundedFile(path) as fp:
         return pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, force=force)
 
 
 def _open(path, stop_before_pixels: bool, size: int | None = None):
+    try:
+        _sniff_file(path)
+    except OSError as exc:
+        raise Rejected("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from None
     try:
         ds = _dcmread(path, stop_before_pixels)
     except InvalidDicomError:
@@ -353,6 +424,14 @@ def _explain_no_pixels(ds, v: dict) -> None:
         raise Rejected("no_pixel_data", f"a DICOM object without an image ({name})")
 
 
+def spans_a_plane(orientation) -> bool:
+    """Row and column direction cosines that are not zero and at least 30 degrees apart."""
+    o = np.asarray(orientation, dtype=float)
+    r, c = o[:3], o[3:]
+    rn, cn = np.linalg.norm(r), np.linalg.norm(c)
+    return bool(rn > 1e-3 and cn > 1e-3 and np.linalg.norm(np.cross(r, c)) / (rn * cn) >= 0.5)
+
+
 def header_from_dataset(ds, v: dict | None = None) -> SliceHeader:
     """Validate the tags prepare_data needs; raise Rejected naming the first problem."""
     try:
@@ -375,6 +454,9 @@ def header_from_dataset(ds, v: dict | None = None) -> SliceHeader:
     orientation = _floats(v.get("ImageOrientationPatient"), 6)
     if position is None or orientation is None:
         raise Rejected("missing_position", "ImagePositionPatient/ImageOrientationPatient absent or malformed")
+    if not spans_a_plane(orientation):
+        raise Rejected("missing_position", "ImageOrientationPatient spans no plane (zero or parallel direction "
+                                           "cosines): the slice has no place along its series")
     slope, intercept = _first(v.get("RescaleSlope")), _first(v.get("RescaleIntercept"))
     if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
         raise Rejected("missing_rescale", "RescaleSlope/RescaleIntercept absent or malformed")

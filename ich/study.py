@@ -13,20 +13,31 @@ that was not chosen. Headers are read with the same ich.dicom code as
 prepare_data, with its caps.
 
 A zip is extracted with caps on entries and bytes and no path outside the
-target folder (no zip-slip): StudyError names what was refused.
+target folder (no zip-slip): StudyError names what was refused. Members
+that are no DICOM by their first bytes (ich.dicom.sniff) are listed as
+`not_dicom` without being written, so a zip of zeros costs no disk and no
+parse; a damaged zip (bad signature or CRC, an entry longer than its header
+says, encryption, deflate64) is a one-line StudyError that names the
+problem, never a member. A `Deadline` bounds the time one study may take to
+be read.
 """
 from __future__ import annotations
 
+import time
 import zipfile
+import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .dicom import MAX_PIXELS, REASONS, Rejected, read_header
+from .dicom import MAX_PIXELS, REASONS, SNIFF_BYTES, Rejected, read_header, sniff, spans_a_plane
 
 OTHER_SERIES = "other_series"  # a readable slice of a series that was not chosen (prepare_data never uses it)
-STUDY_REASONS = (*REASONS, OTHER_SERIES)
+OTHER_PLANE = "other_plane"    # a slice of the chosen series in another plane than the rest of it
+STUDY_REASONS = (*REASONS, OTHER_SERIES, OTHER_PLANE)
+SAME_PLANE_COS = 0.99  # |normal . series normal|: within about 8 degrees
 AXIAL_MIN_COS = 0.85   # |normal . head-foot axis|: up to about 32 degrees of gantry tilt
 MAX_FILES = 5000       # a head CT study holds a few hundred slices per series
 MAX_BYTES = 4 << 30    # uncompressed
@@ -34,6 +45,36 @@ MAX_BYTES = 4 << 30    # uncompressed
 
 class StudyError(ValueError):
     """The study cannot be read at all; the message says why."""
+
+
+class Deadline:
+    """The time one study may take to be read; `check` raises StudyError once it has passed."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def check(self) -> None:
+        if self.end is not None and time.monotonic() > self.end:
+            raise StudyError(f"reading the study took more than {self.seconds:g} s: refused (a study of a few "
+                             "hundred slices takes seconds)")
+
+
+NO_DEADLINE = Deadline(None)
+
+
+def reason_summary(skipped: list[dict], examples: int = 3) -> str:
+    """'3 not_dicom (a.txt, b.jpg, c.pdf, ...), 39 other_series (...)': counts per reason, most first, with
+    a few file names as given; '' when nothing was skipped."""
+    by_reason: dict[str, list[str]] = {}
+    for s in skipped:
+        by_reason.setdefault(s["reason"], []).append(str(s["file"]))
+    parts = []
+    for reason, n in Counter(s["reason"] for s in skipped).most_common():
+        names = by_reason[reason][:examples]
+        more = ", ..." if n > len(names) else ""
+        parts.append(f"{n} {reason} ({', '.join(names)}{more})")
+    return ", ".join(parts)
 
 
 @dataclass
@@ -44,44 +85,105 @@ class StudyFiles:
     series: list[dict] = field(default_factory=list)   # {series_id, n_files, axial} of each CT series
 
 
-def extract_zip(path: Path, target: Path, *, max_files: int | None = None, max_bytes: int | None = None) -> Path:
-    """Extract a study zip into target with caps (default MAX_FILES, MAX_BYTES); refuse climbing member names."""
+def _zip_problem(exc: BaseException) -> str:
+    """What is wrong with a damaged zip, in words, without a member name."""
+    text = str(exc).lower()
+    if isinstance(exc, NotImplementedError) or "compression method" in text:
+        return "an entry uses a compression method that is not supported (deflate64?): zip it again with deflate"
+    if "encrypted" in text or "password" in text:
+        return "an entry is encrypted"
+    if "crc" in text:
+        return "an entry's data does not match its CRC (damaged)"
+    if "magic number" in text or "signature" in text:
+        return "an entry's header signature is damaged"
+    if "overlapped" in text:
+        return "entries overlap (a crafted zip)"
+    if isinstance(exc, (EOFError, zlib.error)):
+        return "an entry's compressed data is damaged or cut short"
+    return "it is damaged"
+
+
+def unpack_zip(path: Path, target: Path, *, max_files: int | None = None, max_bytes: int | None = None,
+               deadline: Deadline = NO_DEADLINE, name: str | None = None) -> tuple[list, list]:
+    """Extract a study zip into target, numbered: ([(member name, path)], [skipped: {file, reason, detail}]).
+
+    Caps (default MAX_FILES, MAX_BYTES): entries, bytes declared, and bytes
+    actually written (a header may lie); climbing member names are refused.
+    Members that are no DICOM by their first bytes are skipped with their
+    reason, never written. name: the zip's name in messages.
+    """
     max_files = MAX_FILES if max_files is None else max_files
     max_bytes = MAX_BYTES if max_bytes is None else max_bytes
+    name = name or Path(path).name
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise StudyError(f"{path.name} is not a readable zip file ({exc})") from None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
+        raise StudyError(f"{name} is not a readable zip file ({_zip_problem(exc)})") from None
+    files, skipped, written = [], [], 0
     with archive:
         members = [m for m in archive.infolist() if not m.is_dir()]
+        if not members:
+            raise StudyError(f"{name} holds no files")
         if len(members) > max_files:
-            raise StudyError(f"{path.name} holds {len(members)} files; at most {max_files} are read")
+            raise StudyError(f"{name} holds {len(members)} files; at most {max_files} are read")
         if sum(m.file_size for m in members) > max_bytes:
-            raise StudyError(f"{path.name} unpacks to more than {max_bytes >> 20} MB: refused")
+            raise StudyError(f"{name} unpacks to more than {max_bytes >> 20} MB: refused")
         for m in members:
-            name = PurePosixPath(m.filename.replace("\\", "/"))
-            if name.is_absolute() or ".." in name.parts:
-                raise StudyError(f"{path.name} holds an unsafe path {m.filename!r}: refused")
+            parts = PurePosixPath(m.filename.replace("\\", "/"))
+            if parts.is_absolute() or ".." in parts.parts:
+                raise StudyError(f"{name} holds an unsafe path {m.filename!r}: refused")
+            if m.flag_bits & 0x1:
+                raise StudyError(f"{name} cannot be read: {_zip_problem(RuntimeError('encrypted'))}")
         target.mkdir(parents=True, exist_ok=True)
-        for i, m in enumerate(members):  # numbered: names may repeat across folders, or be odd
-            with archive.open(m) as src, open(target / f"{i:05d}", "wb") as dst:
-                left = m.file_size + 1
-                while chunk := src.read(1 << 20):  # the header's size may lie: count what comes out
-                    left -= len(chunk)
-                    if left < 0:
-                        raise StudyError(f"{path.name}: {m.filename} is larger than its header says: refused")
-                    dst.write(chunk)
+        try:
+            for i, m in enumerate(members):  # numbered: names may repeat across folders, or be odd
+                deadline.check()
+                with archive.open(m) as src:
+                    head = src.read(SNIFF_BYTES)
+                    try:
+                        sniff(head)
+                    except Rejected as rej:
+                        skipped.append({"file": m.filename, "reason": rej.reason, "detail": rej.detail})
+                        continue
+                    out = target / f"{i:05d}"
+                    with open(out, "wb") as dst:
+                        left = m.file_size + 1
+                        chunk = head
+                        while chunk:  # the header's size may lie: count what comes out
+                            left -= len(chunk)
+                            written += len(chunk)
+                            if left < 0:
+                                raise StudyError(f"{name}: an entry is larger than its header says: refused")
+                            if written > max_bytes:
+                                raise StudyError(f"{name} unpacks to more than {max_bytes >> 20} MB: refused")
+                            dst.write(chunk)
+                            deadline.check()
+                            chunk = src.read(1 << 20)
+                files.append((m.filename, out))
+        except StudyError:
+            raise
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError,
+                ValueError) as exc:
+            raise StudyError(f"{name} cannot be read: {_zip_problem(exc)}") from None
+    return files, skipped
+
+
+def extract_zip(path: Path, target: Path, *, max_files: int | None = None, max_bytes: int | None = None) -> Path:
+    """unpack_zip, for callers that want the folder only (the files that are no DICOM are not in it)."""
+    unpack_zip(path, target, max_files=max_files, max_bytes=max_bytes)
     return target
 
 
-def study_files(path: Path, work: Path) -> list[tuple[str, Path]]:
-    """(name to report, path to read) of every file of a study folder or zip."""
+def study_files(path: Path, work: Path, skipped: list | None = None, *,
+                deadline: Deadline = NO_DEADLINE) -> list[tuple[str, Path]]:
+    """(name to report, path to read) of every file of a study folder or zip; a zip's members that are no
+    DICOM by their first bytes go to `skipped` instead, with their reason."""
     path = Path(path)
     if path.is_file() and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            names = [m.filename for m in archive.infolist() if not m.is_dir()]
-        folder = extract_zip(path, work / "unzipped")
-        return [(name, folder / f"{i:05d}") for i, name in enumerate(names)]
+        files, rejected = unpack_zip(path, work / "unzipped", deadline=deadline)
+        if skipped is not None:
+            skipped.extend(rejected)
+        return files
     if path.is_file() and path.suffix.lower() == ".zip":
         raise StudyError(f"{path.name} is not a readable zip file")
     if path.is_dir():
@@ -94,15 +196,30 @@ def study_files(path: Path, work: Path) -> list[tuple[str, Path]]:
     raise StudyError(f"{path} not found: give a folder or a .zip of one study's DICOM files")
 
 
-def _is_axial(orientation) -> bool:
+def _normal(orientation) -> np.ndarray:
     o = np.asarray(orientation, dtype=float)
     normal = np.cross(o[:3], o[3:])
-    norm = np.linalg.norm(normal)
-    return bool(norm > 0 and abs(normal[2]) / norm >= AXIAL_MIN_COS)
+    return normal / max(np.linalg.norm(normal), 1e-12)
+
+
+def _is_axial(orientation) -> bool:
+    return bool(spans_a_plane(orientation) and abs(_normal(orientation)[2]) >= AXIAL_MIN_COS)
+
+
+def _split_planes(slices: list) -> tuple[list, list]:
+    """A series' slices -> (those in its main plane, those in another): one odd slice (a sagittal
+    orientation in an axial series) must not make the whole series unusable."""
+    normals = np.array([_normal(h.orientation) for _, _, h in slices])
+    signed = normals * np.where(normals[np.arange(len(normals)), np.abs(normals).argmax(1)] < 0, -1, 1)[:, None]
+    keys = [tuple(k) for k in np.round(signed, 1)]
+    main = signed[keys.index(Counter(keys).most_common(1)[0][0])]
+    keep = np.abs(normals @ main) >= SAME_PLANE_COS
+    return [s for s, k in zip(slices, keep) if k], [s for s, k in zip(slices, keep) if not k]
 
 
 def choose_series(files: list[tuple[str, Path]], *, max_pixels: int = MAX_PIXELS,
-                  series_index: int | None = None) -> StudyFiles:
+                  series_index: int | None = None, skipped: list | None = None,
+                  deadline: Deadline = NO_DEADLINE) -> StudyFiles:
     """Read every header; keep one CT series, give every other file a reason.
 
     The series list is ordered axial first, then by slice count (most
@@ -111,17 +228,24 @@ def choose_series(files: list[tuple[str, Path]], *, max_pixels: int = MAX_PIXELS
     files without a UID travelling through a URL. By default the axial series
     with the most slices is kept; a user may pick another CT series by its
     index (a non-axial one is out of what the networks saw, and
-    `StudyFiles.series[i]["axial"]` says so).
+    `StudyFiles.series[i]["axial"]` says so). A series is judged by the plane
+    most of its slices share; a slice of the chosen series in another plane
+    is skipped as `other_plane` (one with no plane at all is `missing_position`,
+    as in prepare_data). skipped: files already set aside (a zip's non-DICOM
+    members), listed first.
     """
-    by_series, skipped = {}, []
+    by_series, skipped, off_plane = {}, list(skipped or []), {}
     for name, path in files:
+        deadline.check()
         try:
             header = read_header(path, max_pixels=max_pixels)
         except Rejected as exc:
             skipped.append({"file": name, "reason": exc.reason, "detail": exc.detail})
             continue
         by_series.setdefault(header.series_id, []).append((name, path, header))
-    series = [{"series_id": s, "n_files": len(v), "axial": all(_is_axial(h.orientation) for _, _, h in v)}
+    for s in list(by_series):
+        by_series[s], off_plane[s] = _split_planes(by_series[s])
+    series = [{"series_id": s, "n_files": len(v), "axial": _is_axial(v[0][2].orientation)}
               for s, v in by_series.items()]
     series.sort(key=lambda s: (not s["axial"], -s["n_files"], s["series_id"]))
     for i, s in enumerate(series):
@@ -136,12 +260,14 @@ def choose_series(files: list[tuple[str, Path]], *, max_pixels: int = MAX_PIXELS
     else:
         return StudyFiles([], None, skipped + [
             {"file": n, "reason": OTHER_SERIES, "detail": "not an axial series"}
-            for v in by_series.values() for n, _, _ in v], series)
+            for s in by_series for n, _, _ in by_series[s] + off_plane[s]], series)
     for s, v in by_series.items():
         if s != best:
             why = "another series was chosen" if series_index is not None else (
                 "another axial series has more slices" if _is_axial(v[0][2].orientation) else "not axial")
-            skipped += [{"file": n, "reason": OTHER_SERIES, "detail": why} for n, _, _ in v]
+            skipped += [{"file": n, "reason": OTHER_SERIES, "detail": why} for n, _, _ in v + off_plane[s]]
+    skipped += [{"file": n, "reason": OTHER_PLANE, "detail": "its plane differs from the rest of its series"}
+                for n, _, _ in off_plane[best]]
     chosen, seen = [], set()
     for name, path, header in by_series[best]:
         if header.image_id in seen:

@@ -29,7 +29,7 @@ from ich.cache import open_images, read_meta, write_atomic
 from ich.config import PrepareConfig, cache_settings, prepare_config_from
 from ich.labels import LABELS
 from ich.prepare import PrepareError, prepare_split
-from ich.study import StudyError, choose_series, study_files
+from ich.study import NO_DEADLINE, Deadline, StudyError, StudyFiles, choose_series, reason_summary, study_files
 from stacking.apply import apply_stage_two
 from stacking.run import STAGE_TWO
 
@@ -75,31 +75,64 @@ def model_info(cfg, model_dir: Path, logs_dir: Path | None = None) -> dict:
     return info
 
 
+def check_chosen(files: StudyFiles, what: str = "the upload") -> None:
+    """StudyError, in plain words, when the files hold no series the models can read: how many files,
+    the reasons with counts and a few names as given; never a server path."""
+    if not files.chosen:
+        n = len(files.skipped)
+        if n == 0:
+            raise StudyError(f"{what} holds no files")
+        raise StudyError(f"no axial CT series found in {what}: {n} file{'s' * (n != 1)} not used: "
+                         + reason_summary(files.skipped))
+    if len(files.chosen) < MIN_SLICES:
+        raise StudyError(f"the chosen CT series has {len(files.chosen)} slice(s): the models read a series "
+                         f"along z (at least {MIN_SLICES} slices; a head CT has dozens); upload the whole series")
+
+
+def select_study(study, work: Path, *, series_index: int | None = None,
+                 deadline: Deadline = NO_DEADLINE) -> StudyFiles:
+    """A folder, a zip or a list of (name, path) -> its files sorted out (ich.study.choose_series); checked."""
+    skipped: list = []
+    listed = study if isinstance(study, list) else study_files(study, work, skipped, deadline=deadline)
+    files = choose_series(listed, series_index=series_index, skipped=skipped, deadline=deadline)
+    check_chosen(files, "the upload" if isinstance(study, list) else Path(study).name)
+    return files
+
+
+def _prepare_failed(clean: Path, files: StudyFiles) -> str:
+    """prepare_data found no usable slice: its reasons per file, with the names as given."""
+    names = {s["image_id"]: s["file"] for s in files.chosen}  # the split's files are <image_id>.dcm
+    try:
+        rejected = pd.read_csv(clean / "rejected.csv", keep_default_na=False)
+        listed = [{"file": names.get(Path(str(r.file)).stem, "a slice"), "reason": r.reason}
+                  for r in rejected.itertuples()]
+    except (OSError, ValueError, AttributeError):
+        listed = []
+    return (f"none of the {len(files.chosen)} slices of the chosen series could be read"
+            + (f": {reason_summary(listed)}" if listed else ""))
+
+
 def predict_study(study, cfg, *, train_dir: Path, model_dir: Path, runtime, series_index: int | None = None,
-                  keep_images: bool = False, log=print) -> dict:
+                  keep_images: bool = False, log=print, work_dir: Path | None = None) -> dict:
     """-> {"slices": DataFrame (file, image_id, slice_index, z, six probabilities), "skipped", "series", ...}.
 
-    study: a folder or zip path, or a list of (name to report, path) pairs (the
-    web app's uploaded files). series_index: a CT series other than the
-    automatic choice (ich.study.choose_series). keep_images: also return the
+    study: a folder or zip path, a list of (name to report, path) pairs, or
+    the StudyFiles that `select_study` made of them already (the web app
+    reads and sorts the files before it waits for the model). series_index:
+    a CT series other than the automatic choice (ich.study.choose_series).
+    keep_images: also return the
     cached windows of every slice in table order ("images", n x H x W x
     windows uint8, "windows" their names), for display and Grad-CAM; they are
     copied to memory before the temporary folder goes. "headers" (the
     slices' DICOM headers, no pixels, table order) feed the DICOM SR.
+    work_dir: where the temporary folder goes (default: the system's).
     """
     timings, t = {}, time.time()
-    with tempfile.TemporaryDirectory(prefix="ich_study_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ich_study_", dir=work_dir) as tmp:
         tmp = Path(tmp)
-        listed = study if isinstance(study, list) else study_files(study, tmp)
-        files = choose_series(listed, series_index=series_index)
+        files = study if isinstance(study, StudyFiles) else select_study(study, tmp, series_index=series_index)
+        check_chosen(files)
         timings["read"] = time.time() - t
-        if not files.chosen:
-            raise StudyError(f"{'the upload' if isinstance(study, list) else study}: no axial CT series found "
-                             f"({len(files.skipped)} files, reasons: "
-                             + ", ".join(sorted({s['reason'] for s in files.skipped})) + ")")
-        if len(files.chosen) < MIN_SLICES:
-            raise StudyError(f"the chosen CT series has {len(files.chosen)} slice(s): the models read a series "
-                             f"along z (at least {MIN_SLICES} slices; a head CT has dozens); upload the whole series")
         split = tmp / "raw" / "stage_2_test"
         split.mkdir(parents=True)
         for s in files.chosen:  # named by SOPInstanceUID, like Kaggle's files
@@ -107,8 +140,8 @@ def predict_study(study, cfg, *, train_dir: Path, model_dir: Path, runtime, seri
         clean = tmp / "clean"
         try:
             prepare_split(tmp / "raw", clean, "test", prepare_config_like(train_dir), progress=False)
-        except PrepareError as exc:  # no slice could be read: the reasons, without the temporary path
-            raise StudyError(str(exc).replace(str(split), "the chosen series")) from None
+        except PrepareError:  # no slice could be read: the reasons, without the temporary path
+            raise StudyError(_prepare_failed(clean, files)) from None
         slices = pd.read_parquet(clean / "slices.parquet")
         rejected = pd.read_csv(clean / "rejected.csv") if (clean / "rejected.csv").is_file() else None
         timings["prepare"] = time.time() - t - timings["read"]

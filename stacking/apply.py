@@ -7,9 +7,10 @@ as it is: per stage-one fold model k, its outputs on the new slices
 models.predict_split), the PCA fitted on that model's OOF embeddings
 (saved in `stage_two.joblib`), the same neighbor features, booster k of
 each label (`boosters/<label>_fold<k>.txt`, n_k rounds), started from
-logit(mean stage-one probability of fold model k); the mean over k. That is
-stacking.model.fit_predict's test path step by step, and a test holds the
-two equal.
+logit(mean stage-one probability of fold model k), and sequence member k
+(`sequence.pt`) on the same view; each member's mean over k; then the
+per-label blend saved with them. That is stacking.run's test path step by
+step, and a test holds the two equal.
 """
 from __future__ import annotations
 
@@ -22,27 +23,46 @@ import pandas as pd
 
 from ich.labels import LABELS
 
+from . import blend
 from .config import PredictCfg
-from .features import build_features
+from .features import build_features, series_inputs
 from .model import logit, predict_booster
-from .run import SAVED, StackingError, fold_model_view
+from .run import SAVED, SAVED_VERSION, SEQUENCE_SAVED, StackingError, fold_model_view, mean_probs
 
 
-def load_saved(cfg: PredictCfg, model_dir: Path) -> tuple[dict, dict]:
-    """(saved feature names / folds / PCAs, {(label, k): booster}) of a stage two that predict.py trained."""
+def load_saved(cfg: PredictCfg, model_dir: Path) -> tuple[dict, dict, dict]:
+    """What predict.py saved of a trained stage two: (feature names / folds / PCAs / members / blend
+    weights, {(label, k): booster} (LightGBM member), {k: sequence member} (sequence member))."""
     out_dir = model_dir / "stacking" / cfg.name
     if not (out_dir / SAVED).is_file():
         raise StackingError(f"{out_dir / SAVED} not found: run predict.py with this config first (it trains "
                             "stage two and saves it there)")
     saved = joblib.load(out_dir / SAVED)
-    boosters = {}
-    for label in LABELS:
-        for k in saved["folds"]:
-            path = out_dir / "boosters" / f"{label}_fold{k}.txt"
-            if not path.is_file():
-                raise StackingError(f"{path} not found: rerun predict.py with this config")
-            boosters[label, k] = lgb.Booster(model_file=str(path))
-    return saved, boosters
+    if saved.get("version") != SAVED_VERSION:
+        raise StackingError(f"{out_dir / SAVED} was saved by an older version of stage two: rerun predict.py "
+                            "with this config")
+    if saved["members"] != list(cfg.members):
+        raise StackingError(f"{out_dir / SAVED} holds the members {saved['members']}, the config lists "
+                            f"{cfg.members}: rerun predict.py with this config")
+    boosters, members = {}, {}
+    if "lightgbm" in saved["members"]:
+        for label in LABELS:
+            for k in saved["folds"]:
+                path = out_dir / "boosters" / f"{label}_fold{k}.txt"
+                if not path.is_file():
+                    raise StackingError(f"{path} not found: rerun predict.py with this config")
+                boosters[label, k] = lgb.Booster(model_file=str(path))
+    if "sequence" in saved["members"]:
+        import torch
+
+        from .sequence import Member
+        path = out_dir / SEQUENCE_SAVED
+        if not path.is_file():
+            raise StackingError(f"{path} not found: rerun predict.py with this config")
+        stored = torch.load(path, map_location="cpu", weights_only=False)
+        members = {int(k): Member(**m) for k, m in stored["members"].items()}
+        saved["sequence_params"] = stored["params"]
+    return saved, boosters, members
 
 
 def apply_stage_two(cfg: PredictCfg, model_dir: Path, slices: pd.DataFrame) -> pd.DataFrame:
@@ -50,21 +70,30 @@ def apply_stage_two(cfg: PredictCfg, model_dir: Path, slices: pd.DataFrame) -> p
 
     Reads each experiment's per-fold-model outputs on these slices from
     MODEL_CHECKPOINT_DIR/<experiment>/test_fold{k}.* (models.predict_split
-    writes them for any test clean dir).
+    writes them for any test clean dir); each member's mean over fold-model
+    pairings, then the saved per-label blend.
     """
-    saved, boosters = load_saved(cfg, model_dir)
-    total = np.zeros((len(slices), len(LABELS)))
-    for k in saved["folds"]:
+    saved, boosters, members = load_saved(cfg, model_dir)
+    folds = saved["folds"]
+    total = {name: np.zeros((len(slices), len(LABELS))) for name in saved["members"]}
+    for k in folds:
         view = fold_model_view(cfg, model_dir, slices, k, saved["pca"])
-        X, names = build_features(slices, view.probs, k=cfg.k_neighbors, embeddings=view.pcs or None,
-                                  neighbors=cfg.neighbors)
-        if names != saved["feature_names"]:
-            raise StackingError("these slices give other stage-two features than training did ("
-                                + ", ".join(sorted(set(names) ^ set(saved["feature_names"]))[:5])
-                                + "): prepare them with the same prepare_data.py")
-        init = logit(np.mean(list(view.probs.values()), axis=0)) if cfg.start_from_stage_one else None
-        for j, label in enumerate(LABELS):
-            total[:, j] += predict_booster(boosters[label, k], X, None, None if init is None else init[:, j])
-    out = pd.DataFrame(total / len(saved["folds"]), columns=list(LABELS))
+        base = mean_probs(view) if cfg.start_from_stage_one else None
+        if boosters:
+            X, names = build_features(slices, view.probs, k=cfg.k_neighbors, embeddings=view.pcs or None,
+                                      neighbors=cfg.neighbors)
+            if names != saved["feature_names"]:
+                raise StackingError("these slices give other stage-two features than training did ("
+                                    + ", ".join(sorted(set(names) ^ set(saved["feature_names"]))[:5])
+                                    + "): prepare them with the same prepare_data.py")
+            init = None if base is None else logit(base)
+            for j, label in enumerate(LABELS):
+                total["lightgbm"][:, j] += predict_booster(boosters[label, k], X, None,
+                                                           None if init is None else init[:, j]) / len(folds)
+        if members:
+            from .sequence import apply_member
+            total["sequence"] += apply_member(members[k], saved["sequence_params"], slices,
+                                              series_inputs(slices, view.probs, view.pcs), base) / len(folds)
+    out = pd.DataFrame(blend.apply(saved["blend_weights"], total), columns=list(LABELS))
     out.insert(0, "image_id", slices["image_id"].to_numpy())
     return out

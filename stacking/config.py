@@ -26,6 +26,23 @@ DEFAULT_LGB = {
     "seed": 0,
 }
 
+MEMBERS = ("lightgbm", "sequence")  # stage two's members (stacking.model, stacking.sequence), blended per label
+
+# The sequence member (stacking.sequence): sizes and training; `sequence:` in the config overrides these.
+DEFAULT_SEQUENCE = {
+    "hidden": 64,          # projection width and GRU state per direction
+    "layers": 1,           # GRU layers
+    "dropout": 0.1,
+    "epochs": 40,          # at most; each member stops at its honest epoch (stacking.sequence)
+    "patience": 5,         # epochs without improvement of the other folds' mean validation loss
+    "lr": 0.002,
+    "weight_decay": 0.0001,
+    "batch_size": 32,      # series per step
+    "device": "auto",      # auto (CUDA when torch sees one) | cpu | cuda
+    "num_threads": 0,      # torch CPU threads (0: torch's default)
+    "seed": 0,
+}
+
 
 @dataclass
 class PredictCfg:
@@ -39,6 +56,8 @@ class PredictCfg:
     num_boost_round: int = 2000
     early_stopping_rounds: int = 50  # patience on the mean validation curve of the other folds (stacking.model)
     clip: list = field(default_factory=lambda: [1e-6, 1 - 1e-6])  # submission probabilities
+    members: list = field(default_factory=lambda: ["lightgbm"])  # stage two's members, blended per label
+    sequence: dict = field(default_factory=dict)  # overrides of DEFAULT_SEQUENCE (with the sequence member)
     amp: str = "auto"                # stage-one test inference on CUDA: auto | bf16 | fp16 | none
     batch_size: int = 64
     num_workers: int = 2
@@ -46,6 +65,10 @@ class PredictCfg:
     @property
     def lgb_params(self) -> dict:
         return {**DEFAULT_LGB, **self.lgb}
+
+    @property
+    def sequence_params(self) -> dict:
+        return {**DEFAULT_SEQUENCE, **self.sequence}
 
 
 def load_predict_config(path: str | Path) -> PredictCfg:
@@ -80,4 +103,33 @@ def load_predict_config(path: str | Path) -> PredictCfg:
     need(cfg.batch_size >= 1, where, f"batch_size must be >= 1, got {cfg.batch_size}")
     need(cfg.num_workers >= 0, where, f"num_workers must be >= 0, got {cfg.num_workers}")
     need("metric" not in cfg.lgb, where, "lgb.metric is fixed to binary_logloss (the competition's)")
+    check_members(cfg, where)
     return cfg
+
+
+def check_members(cfg: PredictCfg, where: str) -> None:
+    """members and the sequence settings: one-line errors for unknown names, bad sizes, zero epochs."""
+    need(isinstance(cfg.members, list) and cfg.members and len(set(cfg.members)) == len(cfg.members)
+         and all(m in MEMBERS for m in cfg.members), where,
+         f"members must list one or both of {', '.join(MEMBERS)} (each once), got {cfg.members!r}")
+    need(isinstance(cfg.sequence, dict), where, f"sequence must be a mapping of settings, got {cfg.sequence!r}")
+    unknown = sorted(set(cfg.sequence) - set(DEFAULT_SEQUENCE))
+    need(not unknown, where, f"unknown sequence setting(s) {', '.join(map(str, unknown))}; known: "
+         + ", ".join(DEFAULT_SEQUENCE))
+    sp = cfg.sequence_params
+    for key in ("hidden", "layers", "epochs", "patience", "batch_size"):
+        v = sp[key]
+        need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, where,
+             f"sequence.{key} must be a whole number >= 1, got {v!r}")
+    for key in ("num_threads", "seed"):
+        v = sp[key]
+        need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, where,
+             f"sequence.{key} must be a whole number >= 0, got {v!r}")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    need(number(sp["lr"]) and sp["lr"] > 0, where, f"sequence.lr must be a number > 0, got {sp['lr']!r}")
+    need(number(sp["weight_decay"]) and sp["weight_decay"] >= 0, where,
+         f"sequence.weight_decay must be a number >= 0, got {sp['weight_decay']!r}")
+    need(number(sp["dropout"]) and 0 <= sp["dropout"] < 1, where,
+         f"sequence.dropout must be a number in [0, 1), got {sp['dropout']!r}")
+    need(sp["device"] in ("auto", "cpu", "cuda"), where,
+         f"sequence.device must be auto, cpu or cuda, got {sp['device']!r}")

@@ -145,3 +145,25 @@ def build_features(slices: pd.DataFrame, probs: dict[str, np.ndarray], *, k: int
     out = np.empty_like(features)
     out[order] = features  # back to slices row order
     return out, names
+
+
+def series_inputs(slices: pd.DataFrame, probs: dict[str, np.ndarray], pcs: dict[str, np.ndarray]) -> np.ndarray:
+    """The sequence member's (stacking.sequence) per-slice inputs, (n, d) in `slices` row order.
+
+    Every experiment's stage-one logits and aligned PCA components (in
+    config order), the relative position, the z spacing, and the brain
+    fraction when slices.parquet has it. No neighbour features: the member
+    reads the series itself. Not the LightGBM member's OOF output either:
+    OOF row j of it came from boosters that saw fold k's labels, so a
+    sequence member k trained on it would see the labels it is scored on.
+    """
+    n_slices = slices["n_slices"].to_numpy(np.float32)
+    index = slices["slice_index"].to_numpy(np.float32)
+    clip = lambda p: np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)  # noqa: E731
+    cols = [np.log(clip(p) / (1 - clip(p))).astype(np.float32) for p in probs.values()]
+    cols += [np.asarray(e, dtype=np.float32) for e in pcs.values()]
+    cols.append(np.where(n_slices > 1, index / np.maximum(n_slices - 1, 1), 0.5)[:, None])
+    cols.append(slices["z_spacing"].to_numpy(np.float32)[:, None])
+    if "brain_fraction" in slices:
+        cols.append(slices["brain_fraction"].to_numpy(np.float32)[:, None])
+    return np.nan_to_num(np.concatenate(cols, axis=1), nan=0.0, posinf=0.0, neginf=0.0)

@@ -29,16 +29,21 @@ from ich.labels import LABELS
 from ich.metric import log_loss_table
 
 from .config import PredictCfg
-from .features import build_features
+from .features import build_features, series_inputs
+from . import blend
 from .model import fit_predict, logit
 
 ANY = LABELS.index("any")
+COMMON_ROWS = 20_000  # test images on which the fold models' PCAs are aligned
 SAVED = "stage_two.joblib"  # what stacking.apply needs besides the boosters: per-fold-model PCAs, feature names
+SAVED_VERSION = 2            # 2: aligned PCAs, members and blend weights
+SEQUENCE_SAVED = "sequence.pt"  # the sequence members (torch), beside SAVED
 STAGE_TWO = "stage two"
 STAGE_TWO_OPTIMISTIC = "stage two (rounds picked on the scored fold, optimistic)"
-TABLE_NOTE = (f"'{STAGE_TWO}': each fold scored by boosters whose number of rounds was picked on the other folds "
-              f"(honest OOF); '{STAGE_TWO_OPTIMISTIC}': the same boosters stopped where the scored fold itself is "
-              "best, for comparison only.")
+TABLE_NOTE = ("Stage-two rows are honest out-of-fold scores: each fold scored by models whose number of rounds "
+              "(LightGBM) or epochs (sequence) was picked on the other folds, and, with two members, "
+              f"'{STAGE_TWO}' is their per-label blend with weights fitted on the other folds too. Rows marked "
+              "'optimistic' are the same models stopped where the scored fold itself is best, for comparison only.")
 
 
 class StackingError(RuntimeError):
@@ -77,20 +82,26 @@ class StageOne:
     """What stage one hands stage two for one set of rows, per experiment (rows aligned with slices)."""
     probs: dict[str, np.ndarray]                            # (n, 6) probabilities
     pcs: dict[str, np.ndarray] = field(default_factory=dict)  # (n, pca_components); empty without PCA
-    pca_models: dict = field(default_factory=dict)  # (experiment, fold k) -> SignedPCA of fold model k (train view)
+    pca_models: dict = field(default_factory=dict)  # (experiment, fold k) -> AlignedPCA of fold model k (train view)
 
 
 @dataclass
-class SignedPCA:
-    """A PCA of one stage-one model's embeddings, each component's sign fixed by that model's `any` logit."""
+class AlignedPCA:
+    """A PCA of one stage-one fold model's embeddings, then a rotation into the experiment's common frame.
+
+    transform(emb) = pca.transform(emb) @ rotation. The rotation is
+    orthogonal (c x c): a sign flip per component when no common images were
+    available (`fit_signed_pca`), else the Procrustes alignment of
+    `align_fold_models`.
+    """
     pca: PCA
-    sign: np.ndarray
+    rotation: np.ndarray
 
     def transform(self, emb: np.ndarray) -> np.ndarray:
-        return (self.pca.transform(emb) * self.sign).astype(np.float32)
+        return (self.pca.transform(emb) @ self.rotation).astype(np.float32)
 
 
-def fit_signed_pca(emb: np.ndarray, anchor: np.ndarray, n_components: int, max_rows: int = 100_000) -> SignedPCA:
+def fit_signed_pca(emb: np.ndarray, anchor: np.ndarray, n_components: int, max_rows: int = 100_000) -> AlignedPCA:
     """PCA of one model's embeddings (at most max_rows of them), each component made to correlate
     positively with `anchor` (the model's logit of `any` on the same rows).
 
@@ -98,16 +109,44 @@ def fit_signed_pca(emb: np.ndarray, anchor: np.ndarray, n_components: int, max_r
     oriented embedding spaces (another seed and other data give another
     basis: emb_j = z R_j for some rotation R_j, at best). The principal
     components of each model's own embeddings are invariant to its rotation
-    up to their signs, which the anchor then fixes, so PC i means the same
-    for every fold model and for train and test. A component all but
-    uncorrelated with `any` keeps an arbitrary sign; it says little.
+    up to their signs (and, for components of close variance, up to a
+    rotation among them). The anchor fixes the sign of the components that
+    correlate with `any`; the others keep a coin-flip sign (measured on the
+    demo: PC1 of two fold models at -0.97), which `align_fold_models` then
+    fixes on images every fold model has scored.
     """
     rows = np.random.default_rng(0).permutation(len(emb))[:max_rows]
     pca = PCA(n_components, random_state=0).fit(emb[rows])
     scores = pca.transform(emb[rows])
     a = anchor[rows] - anchor[rows].mean()
     sign = np.where((scores - scores.mean(axis=0)).T @ a < 0, -1.0, 1.0)
-    return SignedPCA(pca, sign)
+    return AlignedPCA(pca, np.diag(sign))
+
+
+def align_fold_models(scores: dict[int, np.ndarray], iterations: int = 10) -> dict[int, np.ndarray]:
+    """Orthogonal rotations that bring each fold model's PCA scores on common images into one frame.
+
+    scores[k]: (n, c) fold model k's (signed) PCA scores of the same n
+    unlabeled images, in the same row order. Generalized Procrustes: start
+    from the first fold model's frame, rotate every model onto the current
+    reference (scipy's orthogonal_procrustes, on centered scores), take the
+    mean of the rotated scores as the next reference, a few times over.
+    Rotations, not arbitrary linear maps: a model's components keep their
+    variances and stay uncorrelated, and the map cannot fit noise.
+    Returns {k: R_k}, to right-multiply onto fold model k's scores.
+    """
+    from scipy.linalg import orthogonal_procrustes
+
+    centered = {k: s - s.mean(axis=0) for k, s in scores.items()}
+    ref = next(iter(centered.values()))
+    rotations = {}
+    for _ in range(iterations):
+        rotations = {k: orthogonal_procrustes(s, ref)[0] for k, s in centered.items()}
+        new_ref = np.mean([s @ rotations[k] for k, s in centered.items()], axis=0)
+        if np.allclose(new_ref, ref, atol=1e-6 * (np.abs(ref).max() + 1e-12)):
+            break
+        ref = new_ref
+    return rotations
 
 
 def _test_fold_path(exp_dir: Path, k: int, emb: bool = False) -> Path:
@@ -144,7 +183,11 @@ def load_stage_one(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFrame,
     With pca_components, one PCA per (experiment, fold model k), fitted on
     that model's own OOF rows (fold k) and applied to them and to that
     model's test embeddings (`fit_signed_pca`); a single PCA of the OOF rows
-    of all fold models would mix K differently oriented spaces.
+    of all fold models would mix K differently oriented spaces. With test
+    slices, the K PCAs of an experiment are then rotated into one frame on
+    the test images, which every fold model has scored (unlabeled, so no
+    label reaches stage two through it): `align_fold_models`. Without test
+    slices (an OOF-only run) only the signs are fixed.
     Returns (train view, {k: test view of fold model k}) (None without test_slices).
     """
     folds = train_slices["fold"].to_numpy()
@@ -165,9 +208,29 @@ def load_stage_one(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFrame,
             pca = fit_signed_pca(emb, logit(train.probs[exp][held, ANY]), cfg.pca_components)
             train.pca_models[exp, k] = pca
             train.pcs[exp][held] = pca.transform(emb)
+        if test_slices is not None:
+            _align_on_test(exp, d, test_slices, fold_ids, folds, train)
     if test_slices is None:
         return train, None
     return train, {k: fold_model_view(cfg, model_dir, test_slices, k, train.pca_models) for k in fold_ids}
+
+
+def _align_on_test(exp: str, exp_dir: Path, test_slices: pd.DataFrame, fold_ids: list, folds: np.ndarray,
+                   train: StageOne, max_rows: int = COMMON_ROWS) -> None:
+    """Rotate experiment exp's K fold-model PCAs into one frame (`align_fold_models`), in place:
+    fitted on up to max_rows test images (a fixed random sample), applied to the saved PCAs and to the
+    OOF components already computed."""
+    rows = np.sort(np.random.default_rng(0).permutation(len(test_slices))[:max_rows])
+    common = test_slices.iloc[rows]
+    scores = {}
+    for k in fold_ids:
+        _, r, n = _aligned(_test_fold_path(exp_dir, k), common["image_id"], f"fold {k} test stage-one")
+        scores[k] = train.pca_models[exp, k].transform(_embeddings(_test_fold_path(exp_dir, k, emb=True), r, n))
+    for k, rotation in align_fold_models(scores).items():
+        model = train.pca_models[exp, k]
+        train.pca_models[exp, k] = AlignedPCA(model.pca, model.rotation @ rotation)
+        held = folds == k
+        train.pcs[exp][held] = train.pcs[exp][held] @ rotation.astype(np.float32)
 
 
 def fold_model_view(cfg: PredictCfg, model_dir: Path, slices: pd.DataFrame, k: int, pca_models: dict) -> StageOne:
@@ -184,14 +247,21 @@ def fold_model_view(cfg: PredictCfg, model_dir: Path, slices: pd.DataFrame, k: i
 
 @dataclass
 class Features:
-    """The boosters' inputs: OOF rows, and test rows once per stage-one fold model k."""
+    """The members' inputs: OOF rows, and test rows once per stage-one fold model k.
+
+    X / X_test are the boosters' neighbour features; `train` / `tests` the
+    stage-one views they were built from, which the sequence member reads
+    directly (it sees the neighbours itself).
+    """
     X: np.ndarray
     names: list[str]
     probs: dict[str, np.ndarray]                # experiment -> its OOF probabilities
     base: np.ndarray | None                     # mean stage-one OOF probability (start_from_stage_one)
     X_test: dict[int, np.ndarray] | None = None  # k -> test features from fold model k
     base_test: dict[int, np.ndarray] | None = None  # k -> mean over experiments of fold model k's probabilities
-    pca_models: dict = field(default_factory=dict)  # (experiment, fold k) -> SignedPCA (saved with the boosters)
+    pca_models: dict = field(default_factory=dict)  # (experiment, fold k) -> AlignedPCA (saved with the boosters)
+    train: StageOne | None = None                # the OOF view
+    tests: dict[int, StageOne] | None = None     # k -> fold model k's test view
 
 
 def stage_two_features(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFrame,
@@ -200,9 +270,9 @@ def stage_two_features(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFr
 
     Booster k is trained on folds != k and scored on fold k, whose features
     came from stage-one fold model k; fit_predict applies it to the test
-    features of the same fold model k and averages over k (DESIGN contract
-    3), so each test component is the very function that produced an OOF
-    fold, on inputs from the same distribution.
+    features of the same fold model k and averages over k (ARCHITECTURE
+    contract 3), so each test component is the very function that produced
+    an OOF fold, on inputs from the same distribution.
     """
     train, tests = load_stage_one(cfg, model_dir, train_slices, test_slices)
 
@@ -211,9 +281,8 @@ def stage_two_features(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFr
                               neighbors=cfg.neighbors)
 
     X, names = build(train_slices, train)
-    mean = lambda view: np.mean(list(view.probs.values()), axis=0)  # noqa: E731
-    out = Features(X, names, train.probs, mean(train) if cfg.start_from_stage_one else None,
-                   pca_models=train.pca_models)
+    out = Features(X, names, train.probs, mean_probs(train) if cfg.start_from_stage_one else None,
+                   pca_models=train.pca_models, train=train, tests=tests)
     if tests is not None:
         out.X_test = {}
         for k, view in tests.items():
@@ -222,8 +291,13 @@ def stage_two_features(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFr
                 raise StackingError("train and test slices.parquet give different features ("
                                     + ", ".join(sorted(set(names) ^ set(test_names))[:5])
                                     + "): prepare both splits with the same prepare_data.py")
-        out.base_test = {k: mean(view) for k, view in tests.items()} if cfg.start_from_stage_one else None
+        out.base_test = {k: mean_probs(view) for k, view in tests.items()} if cfg.start_from_stage_one else None
     return out
+
+
+def mean_probs(view: StageOne) -> np.ndarray:
+    """The mean over experiments of a view's stage-one probabilities: where both members start from."""
+    return np.mean(list(view.probs.values()), axis=0)
 
 
 def importance_plot(names, gain, path: Path, top: int = 30) -> Path:
@@ -244,56 +318,149 @@ def importance_plot(names, gain, path: Path, top: int = 30) -> Path:
 
 def run_stacking(cfg: PredictCfg, *, train_slices: pd.DataFrame, test_slices: pd.DataFrame | None,
                  model_dir: Path, logs_dir: Path, progress: bool = True, log=print) -> dict:
-    """Features (`stage_two_features`), boosting (`stacking.model.fit_predict`), outputs (module docstring).
+    """Features (`stage_two_features`), the members (LightGBM: `stacking.model.fit_predict`; the
+    sequence model: `stacking.sequence.fit_predict`), their per-label blend (`stacking.blend`), outputs
+    (module docstring).
 
-    The metrics table's "stage two" row is the honest OOF score (each fold's
-    rounds picked on the other folds); the STAGE_TWO_OPTIMISTIC row scores
-    the same boosters truncated where their own held-out fold is best, the
-    protocol of early stopping on the scored fold, for comparison only.
+    Every stage-two row of the metrics table is honest (TABLE_NOTE): each
+    member's rounds or epochs picked on the other folds, the blend's weights
+    fitted on the other folds; the optimistic rows beside them are the same
+    models scored the old way, for comparison only.
     """
     feats = stage_two_features(cfg, model_dir, train_slices, test_slices)
     y = train_slices[list(LABELS)].to_numpy(np.float64)
     folds = train_slices["fold"].to_numpy()
     log(f"stage two: {feats.X.shape[0]} train rows x {feats.X.shape[1]} features from {', '.join(cfg.experiments)}"
         + (f"; {len(test_slices)} test rows x {len(feats.X_test)} stage-one fold models" if test_slices is not None
-           else ""))
-    res = fit_predict(feats.X, y, folds, feats.X_test, params=cfg.lgb_params, feature_names=feats.names,
-                      num_boost_round=cfg.num_boost_round, early_stopping_rounds=cfg.early_stopping_rounds,
-                      progress=progress, base=feats.base, base_test=feats.base_test)
+           else "") + f"; members: {', '.join(cfg.members)}")
+    members = {}
+    res = None
+    if "lightgbm" in cfg.members:
+        res = fit_predict(feats.X, y, folds, feats.X_test, params=cfg.lgb_params, feature_names=feats.names,
+                          num_boost_round=cfg.num_boost_round, early_stopping_rounds=cfg.early_stopping_rounds,
+                          progress=progress, base=feats.base, base_test=feats.base_test)
+        members["lightgbm"] = Member(res.oof, res.test, res.oof_optimistic)
+    seq = None
+    if "sequence" in cfg.members:
+        from . import sequence  # torch: only with the sequence member (tests/test_layout.py)
+        inputs = lambda slices, view: series_inputs(slices, view.probs, view.pcs)  # noqa: E731
+        tests = None if feats.tests is None else {
+            k: (test_slices, inputs(test_slices, view), feats.base_test[k] if feats.base_test else None)
+            for k, view in feats.tests.items()}
+        seq = sequence.fit_predict(train_slices, inputs(train_slices, feats.train), y, folds, feats.base, tests,
+                                   cfg.sequence_params, progress=progress)
+        members["sequence"] = Member(seq.oof, seq.test, seq.oof_optimistic)
+    oof_members = {name: m.oof for name, m in members.items()}
+    weights = blend.fit_weights(y, oof_members)
+    oof_blend, _ = blend.cross_fit(y, folds, oof_members)
+    test_final = blend.apply(weights, {n: m.test for n, m in members.items()}) if test_slices is not None else None
 
     out_dir, log_dir = model_dir / "stacking" / cfg.name, logs_dir / "stacking" / cfg.name
     (out_dir / "boosters").mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
-    for (label, k), booster in res.boosters.items():
-        booster.save_model(str(out_dir / "boosters" / f"{label}_fold{k}.txt"), num_iteration=res.rounds[(label, k)])
+    for old in (out_dir / "boosters").glob("*.txt"):  # a rerun with other folds or without LightGBM
+        old.unlink()
+    if res is not None:
+        for (label, k), booster in res.boosters.items():
+            booster.save_model(str(out_dir / "boosters" / f"{label}_fold{k}.txt"),
+                               num_iteration=res.rounds[(label, k)])
+    if seq is not None:
+        import torch
+        write_atomic(out_dir / SEQUENCE_SAVED, lambda p: torch.save(
+            {"members": {k: dataclasses.asdict(m) for k, m in seq.members.items()},
+             "params": cfg.sequence_params}, p))
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    saved = {"feature_names": feats.names, "folds": sorted(int(k) for k in np.unique(folds)),
-             "pca": feats.pca_models, "rounds": res.rounds}
+    saved = {"version": SAVED_VERSION, "feature_names": feats.names,
+             "folds": sorted(int(k) for k in np.unique(folds)), "pca": feats.pca_models,
+             "rounds": res.rounds if res is not None else {}, "members": list(members),
+             "blend_weights": weights}
     write_atomic(out_dir / SAVED, lambda p: joblib.dump(saved, p))
-    oof = pd.DataFrame(res.oof, columns=list(LABELS))
-    oof.insert(0, "image_id", train_slices["image_id"].to_numpy())
+    oof = _frame(train_slices, oof_blend)
     write_atomic(out_dir / "oof.parquet", lambda p: oof.to_parquet(p, index=False))
-    result = {"out_dir": out_dir, "oof": oof}
+    result = {"out_dir": out_dir, "oof": oof, "blend_weights": pd.DataFrame(weights, index=list(members),
+                                                                            columns=list(LABELS))}
     if test_slices is not None:
-        test = pd.DataFrame(res.test, columns=list(LABELS))
-        test.insert(0, "image_id", test_slices["image_id"].to_numpy())
+        test = _frame(test_slices, test_final)
         write_atomic(out_dir / "test.parquet", lambda p: test.to_parquet(p, index=False))
         result["test"] = test
+        result["member_tests"] = {name: _frame(test_slices, m.test) for name, m in members.items()}
 
     rows = dict(feats.probs)
     if len(feats.probs) > 1:
         rows["mean of stage one"] = np.mean(list(feats.probs.values()), axis=0)
-    rows[STAGE_TWO] = res.oof
-    rows[STAGE_TWO_OPTIMISTIC] = res.oof_optimistic
+    rows.update(member_rows(members, oof_blend))
     table = log_loss_table(y, folds, rows)
     table.to_csv(log_dir / "metrics.csv")
-    rounds = pd.DataFrame([(label, k, n, res.rounds_optimistic[label, k]) for (label, k), n in res.rounds.items()],
-                          columns=["label", "fold", "rounds", "rounds_optimistic"])
-    rounds.to_csv(log_dir / "rounds.csv", index=False)
-    result.update(metrics=table, rounds=rounds)
-    result["importance_plot"] = importance_plot(feats.names, res.importance, log_dir / "feature_importance.png")
-    log("out-of-fold weighted log loss (lower is better):\n" + format_table(table) + "\n" + TABLE_NOTE)
+    result.update(metrics=table)
+    result["blend_weights"].to_csv(log_dir / "blend_weights.csv")
+    if res is not None:
+        rounds = pd.DataFrame([(label, k, n, res.rounds_optimistic[label, k]) for (label, k), n in res.rounds.items()],
+                              columns=["label", "fold", "rounds", "rounds_optimistic"])
+        rounds.to_csv(log_dir / "rounds.csv", index=False)
+        result["rounds"] = rounds
+        result["importance_plot"] = importance_plot(feats.names, res.importance, log_dir / "feature_importance.png")
+    if seq is not None:
+        epochs = pd.DataFrame([(k, n, seq.epochs_optimistic[k]) for k, n in seq.epochs.items()],
+                              columns=["fold", "epochs", "epochs_optimistic"])
+        epochs.to_csv(log_dir / "sequence_epochs.csv", index=False)
+        result["sequence_epochs"] = epochs
+        result["sequence_curves_plot"] = curves_plot(seq.curves, log_dir / "sequence_curves.png")
+    weights_text = "\n".join(f"  {label:17s} " + ", ".join(f"{name} {weights[i, j]:.2f}"
+                                                            for i, name in enumerate(members))
+                             for j, label in enumerate(LABELS))
+    log("out-of-fold weighted log loss (lower is better):\n" + format_table(table) + "\n" + TABLE_NOTE
+        + (f"\nblend weights per label (fitted on all folds, applied to test):\n{weights_text}"
+           if len(members) > 1 else ""))
     return result
+
+
+@dataclass
+class Member:
+    """What one stage-two member gives: honest OOF, test (mean over fold pairings), optimistic OOF."""
+    oof: np.ndarray
+    test: np.ndarray | None
+    oof_optimistic: np.ndarray
+
+
+def member_rows(members: dict[str, Member], oof_blend: np.ndarray) -> dict[str, np.ndarray]:
+    """The metrics table's stage-two rows (TABLE_NOTE): one member alone keeps the historic row names."""
+    picked = {"lightgbm": "rounds", "sequence": "epochs"}
+    if len(members) == 1:
+        (name, m), = members.items()
+        return {STAGE_TWO: m.oof, f"stage two ({picked[name]} picked on the scored fold, optimistic)":
+                m.oof_optimistic}
+    rows = {}
+    for name, m in members.items():
+        rows[f"stage two: {name}"] = m.oof
+        rows[f"stage two: {name} ({picked[name]} picked on the scored fold, optimistic)"] = m.oof_optimistic
+    rows[STAGE_TWO] = oof_blend
+    return rows
+
+
+def _frame(slices: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
+    out = pd.DataFrame(probs, columns=list(LABELS))
+    out.insert(0, "image_id", slices["image_id"].to_numpy())
+    return out
+
+
+def curves_plot(curves: np.ndarray, path: Path) -> Path:
+    """The sequence members' validation curves (one per fold) and their mean: where training stopped."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    epochs = np.arange(1, curves.shape[1] + 1)
+    for i, c in enumerate(curves):
+        ax.plot(epochs, c, lw=1, alpha=0.6, label=f"member {i} on its fold")
+    ax.plot(epochs, curves.mean(axis=0), color="black", lw=2, label="mean")
+    ax.set(xlabel="epoch", ylabel="validation weighted log loss", title="stage two: sequence member")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def format_table(table: pd.DataFrame) -> str:

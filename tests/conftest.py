@@ -162,11 +162,15 @@ def write_paths(path: Path, *, raw: Path, train: Path, test: Path, root: Path) -
 
 
 def write_predict_config(path: Path, **overrides) -> Path:
-    """A small, fast predict config over the tiny experiment."""
+    """A small, fast predict config over the tiny experiment, both stage-two members on (as the shipped
+    configs), so that the study path and the web app are tested with the blend."""
     import yaml
     cfg = {"experiments": ["tiny"], "k_neighbors": 2, "pca_components": 2,
            "lgb": {"num_leaves": 7, "min_data_in_leaf": 10, "num_threads": 1},
-           "num_boost_round": 60, "early_stopping_rounds": 10, "num_workers": 0, **overrides}
+           "num_boost_round": 60, "early_stopping_rounds": 10, "num_workers": 0,
+           "members": ["lightgbm", "sequence"],
+           "sequence": {"hidden": 8, "epochs": 6, "patience": 2, "batch_size": 4, "num_threads": 1, "device": "cpu"},
+           **overrides}
     path.write_text(yaml.safe_dump(cfg))
     return path
 

@@ -83,14 +83,16 @@ def test_predict_benchmark():
 
 def test_stacking_benchmark_stage_two_beats_stage_one():
     out = bench("stacking.py", "--train-rows", "8000", "--test-rows", "2000", "--scales", "0.5,1",
-                "--set", "num_boost_round=40")
-    rows = re.findall(r"^\s*(0\.500|1\.000)\s+([\d,]+)\s+([\d,]+)\s+(\d+)\s.*?([\d.]+) -> ([\d.]+)", out, flags=re.M)
+                "--set", "num_boost_round=40", "--set", "sequence.epochs=15", "--set", "sequence.batch_size=8",
+                "--set", "sequence.num_threads=1")
+    rows = re.findall(r"^\s*(0\.500|1\.000)\s+([\d,]+)\s+([\d,]+)\s+(\d+)\s.*?([\d.]+) -> ([\d.]+) "
+                      r"\([\d.]+\) ([\d.]+) ([\d.]+) ", out, flags=re.M)
     assert [r[0] for r in rows] == ["0.500", "1.000"], out
     full = rows[-1]
     assert int(full[1].replace(",", "")) == 8000 and int(full[2].replace(",", "")) == 2000
     assert int(full[3]) == 225  # two experiments, neighbors of their mean, 8 PCs each (BENCHMARKS.md)
-    for r in rows:  # the generated stage one is noisy along the series: neighbors must help
-        assert float(r[5]) < float(r[4])
+    for r in rows:  # the generated stage one is noisy along the series: neighbors must help, both members
+        assert float(r[5]) < float(r[4]) and float(r[6]) < float(r[4]) and float(r[7]) < float(r[4])
     assert "growth 0.5 -> 1" in out and "full scale:" not in out  # not the competition's size
 
 
@@ -101,3 +103,15 @@ def test_study_benchmark(study_models):
     assert len(re.findall(r"^run \d\s+[\d.]+ s  upload", out, flags=re.M)) == 2
     assert re.search(r"8-slice study, upload to results: median [\d.]+ s over 2 runs", out)
     assert re.search(r"median per stage: upload .* stage one [\d.]+ s, stage two [\d.]+ s", out)
+
+
+def test_hostile_benchmark(study_models, prepared, tmp_path):
+    """benchmarks/hostile.py (issue 19) at a tiny size: every case answered, peak RSS printed for each."""
+    from conftest import study_zip
+    settings, cfg, _ = study_models
+    zpath, _ = study_zip(prepared, tmp_path / "study.zip")
+    out = bench("hostile.py", "--settings", str(settings), "--config", str(cfg), "--study", str(zpath),
+                "--deflate-gib", "0.05", "--chunked-gib", "0.02")
+    cases = re.findall(r"^(.+?): HTTP (\d+) in [\d.]+ s, peak RSS \d+ MB = [+-]\d+ MB above idle", out, flags=re.M)
+    assert [int(status) for _, status in cases] == [400, 400, 400, 400, 201, 400, 411], out
+    assert "a valid study afterwards: HTTP 201" in out

@@ -123,6 +123,9 @@ def make_bad(tmp_path, reason):
             ds.NumberOfFrames = 2
             ds.PixelData = ds.PixelData * 2
         _edit(write(p), two_frames)
+    elif reason == "unsupported_syntax":  # a deflate bomb: 64 MiB inflated from 65 kB
+        from hostile import deflate_bomb
+        p.write_bytes(deflate_bomb(64))
     return p
 
 

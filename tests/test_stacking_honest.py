@@ -16,7 +16,8 @@ from ich.metric import weighted_log_loss
 from stacking.config import PredictCfg
 from stacking.features import build_features
 from stacking.model import early_stop, fit_predict, pick_rounds
-from stacking.run import STAGE_TWO, STAGE_TWO_OPTIMISTIC, StackingError, run_stacking, stage_two_features
+from stacking.run import (STAGE_TWO, STAGE_TWO_OPTIMISTIC, StackingError, load_stage_one, run_stacking,
+                          stage_two_features)
 
 K_FOLDS, EMB_DIM, SERIES_LEN = 3, 16, 10
 PARAMS = {"objective": "binary", "verbose": -1, "num_leaves": 7, "min_data_in_leaf": 20, "learning_rate": 0.1,
@@ -41,11 +42,13 @@ def make_slices(n_series: int, rng, prefix: str) -> pd.DataFrame:
     return table.assign(**dict(zip(LABELS, y.reshape(-1, 6).T)))
 
 
-def latent(y_any: np.ndarray, rng) -> np.ndarray:
-    """What a CNN's embedding encodes: EMB_DIM latent features, some tied to `any`, distinct variances."""
+TIES = np.r_[0.8, 0.6, 0.7, 0.5, np.full(EMB_DIM - 4, 0.2)]
+
+
+def latent(y_any: np.ndarray, rng, tie: np.ndarray = TIES) -> np.ndarray:
+    """What a CNN's embedding encodes: EMB_DIM latent features, tied to `any` by `tie`, distinct variances."""
     u = (2 * y_any - 1) + rng.normal(0, 1, len(y_any))
     u = (u - u.mean()) / u.std()
-    tie = np.r_[0.8, 0.6, 0.7, 0.5, np.full(EMB_DIM - 4, 0.2)]
     sd = np.r_[4.0, 3.0, 2.2, 1.6, np.linspace(0.5, 0.2, EMB_DIM - 4)]
     noise = rng.normal(0, 1, (len(y_any), EMB_DIM))
     return (tie * u[:, None] + np.sqrt(1 - tie ** 2) * noise) * sd
@@ -64,7 +67,8 @@ class FoldModel:
         return 1 / (1 + np.exp(-logit)), (z @ self.rotation + self.offset).astype(np.float16)
 
 
-def write_stage_one(model_dir, exp: str, train: pd.DataFrame, test: pd.DataFrame, seed: int = 0) -> dict:
+def write_stage_one(model_dir, exp: str, train: pd.DataFrame, test: pd.DataFrame, seed: int = 0,
+                    tie: np.ndarray = TIES) -> dict:
     """The stage-one contract: oof.parquet + oof_emb.npy, fold{k}.oof.parquet, test_fold{k}.parquet + _emb.npy.
 
     No test.parquet / test_emb.npy (the fold means): stage two must not need them.
@@ -75,7 +79,7 @@ def write_stage_one(model_dir, exp: str, train: pd.DataFrame, test: pd.DataFrame
     d.mkdir(parents=True)
     models = [FoldModel(rng) for _ in range(K_FOLDS)]
     y, y_test = train[list(LABELS)].to_numpy(), test[list(LABELS)].to_numpy()
-    z, z_test = latent(y[:, 5], rng), latent(y_test[:, 5], rng)
+    z, z_test = latent(y[:, 5], rng, tie), latent(y_test[:, 5], rng, tie)
     oof_p, oof_e = np.zeros((len(train), 6)), np.zeros((len(train), EMB_DIM), np.float16)
     test_p, test_e = {}, {}
     for k, m in enumerate(models):
@@ -94,13 +98,13 @@ def write_stage_one(model_dir, exp: str, train: pd.DataFrame, test: pd.DataFrame
     return {"oof_p": oof_p, "oof_e": oof_e, "test_p": test_p, "test_e": test_e, "z": z}
 
 
-def stage_one_outputs(tmp_path, n_series: int):
+def stage_one_outputs(tmp_path, n_series: int, tie: np.ndarray = TIES):
     rng = np.random.default_rng(1)
     train = make_slices(n_series, rng, "tr")
     # the test slices are the train slices' twins (same series, same labels, fresh images and stage-one noise):
     # any difference between test and OOF feature distributions then comes from stage one's outputs only
     test = train.drop(columns=["fold"]).assign(image_id=lambda t: t["image_id"].str.replace("tr", "te"))
-    arrays = write_stage_one(tmp_path / "models", "e", train, test)
+    arrays = write_stage_one(tmp_path / "models", "e", train, test, tie=tie)
     return tmp_path, train, test, arrays
 
 
@@ -165,6 +169,23 @@ def test_test_features_match_oof_features_in_distribution(tmp_path):
     old_ks = ks_by_feature(old_test, old_X, old_names)
     assert old_ks[pc_cols].max() > 2 * KS_BOUND  # the embeddings' PCs: a different distribution at test time
     assert old_ks["e.any"] > KS_BOUND             # averaged probabilities are less extreme than one model's
+
+
+def test_pca_components_mean_the_same_for_every_fold_model(tmp_path):
+    """On images every fold model scored (the test set), component i of fold model j and of fold model k
+    correlate >= 0.9, also for components that say nothing about `any` (whose signs the `any` anchor cannot
+    fix: before the Procrustes alignment they came out at about -1 between some fold models)."""
+    tie = np.r_[0.8, 0.0, 0.0, 0.0, np.full(EMB_DIM - 4, 0.1)]
+    tmp, train, test, _ = stage_one_outputs(tmp_path, 300, tie=tie)
+    cfg = PredictCfg(experiments=["e"], k_neighbors=1, pca_components=4)
+    _, views = load_stage_one(cfg, tmp / "models", train, test)
+    worst = min(np.corrcoef(views[j].pcs["e"][:, i], views[k].pcs["e"][:, i])[0, 1]
+                for i in range(4) for j in range(K_FOLDS) for k in range(j + 1, K_FOLDS))
+    assert worst >= 0.9, worst
+    # the OOF rows get the same rotation: PC i of every fold's rows is one function of the latent features
+    feats = stage_two_features(cfg, tmp / "models", train, test)
+    for k, view in views.items():
+        np.testing.assert_allclose(feats.X_test[k][:, feats.names.index("e.pc1")], view.pcs["e"][:, 1], rtol=1e-5)
 
 
 def test_missing_fold_test_outputs_say_to_rerun_stage_one(stage_one):

@@ -1,4 +1,6 @@
 """Stage two (features, boosting, fold check), the submission, and predict.py end to end."""
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,7 +13,7 @@ from ich.submission import SubmissionError, build_submission, read_sample
 from stacking.config import load_predict_config
 from stacking.features import build_features
 from stacking.model import fit_predict
-from stacking.run import STAGE_TWO_OPTIMISTIC, StackingError, check_folds
+from stacking.run import StackingError, check_folds
 
 
 def toy_slices():
@@ -180,7 +182,15 @@ def test_predict_end_to_end(prepared, trained):
     # optimistic rounds); that it does on larger data is checked by tests/test_benchmarks.py and the demo
     assert max(metrics.loc["stage two", "weighted"], metrics.loc["tiny", "weighted"]) < metrics.loc[
         "prior baseline", "weighted"]
-    assert metrics.loc["stage two", "weighted"] > metrics.loc[STAGE_TWO_OPTIMISTIC, "weighted"]
+    lgb_row = "stage two: lightgbm"
+    assert metrics.loc[lgb_row, "weighted"] > metrics.loc[f"{lgb_row} (rounds picked on the scored fold, optimistic)",
+                                                          "weighted"]
+    assert {"stage two: sequence", "stage two: sequence (epochs picked on the scored fold, optimistic)"} <= set(
+        metrics.index)
+    # a test score per member and for the blend (the submission)
+    assert re.search(r"test weighted log loss \(labels known\): stage one [\d.]+, stage two: lightgbm [\d.]+, "
+                     r"stage two: sequence [\d.]+, stage two [\d.]+", out.stdout), out.stdout[-2000:]
+    assert (stack / "sequence.pt").is_file()
     # a rerun reuses the stage-one test predictions; --stage1-only writes its own file
     again = run_script("predict.py", "--settings", settings, "--config", cfg, "--stage1-only")
     assert again.returncode == 0 and "reused" in again.stdout

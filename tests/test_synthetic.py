@@ -290,3 +290,11 @@ def test_cli(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "intraparenchymal" in text and "prevalence" in text
     assert (tmp_path / "stage_2_sample_submission.csv").exists()
+
+
+def test_min_slices_gives_long_series():
+    default = plan_dataset(n_train_patients=30, n_test_patients=5, image_size=64, seed=3)
+    long = plan_dataset(n_train_patients=30, n_test_patients=5, image_size=64, seed=3, min_slices=40)
+    assert min(p.n_slices for p in default) < 40 <= min(p.n_slices for p in long)
+    assert max(p.n_slices for p in long) <= 60
+    assert len(long) == len(default)  # the same number of studies and series

@@ -12,22 +12,36 @@ API (the page uses nothing else):
 - `GET /api/studies/{id}/slices/{row}/cam.png?label=subdural`: its Grad-CAM
   as an RGBA heat map (alpha = attention), to lay over the image.
 - `DELETE /api/studies/{id}`: forget a result now. `GET /api/health`.
-Errors are JSON `{"error": "..."}` with 400 (the upload), 404, 411/413 (size),
-503 (queue full), 500 (the model side; logged without patient data).
+Errors are JSON `{"error": "..."}` in one line with 400 (the upload, or a
+refused request), 403 (another page's Origin), 404, 408 (an upload that
+stalls), 411/413 (size), 503 (queue full), 500 (the model side; logged
+without patient data). They name reasons and files as uploaded, never a
+server path.
 
-Safety: each upload is written to a temporary folder that is deleted when
-the request ends, on error too; results live in memory only (web.store).
-File names in the folder are numbers; the uploaded names are only reported
-back. Nothing with patient data (names, IDs, UIDs) is logged: log lines say
-counts and timings.
+Safety (README "What happens to bad input"): web.guard checks Host and
+Origin and sets the security headers; each upload is streamed into its own
+folder under one server-owned folder (web.uploads), counted as it arrives,
+and deleted when the request ends, on error too, or at the next start after
+a crash. The files are then read and sorted out (zip members sniffed before
+they are written, headers read) in a small pool of workers with caps on
+bytes and time, before the upload waits for the model, so a hostile upload
+never holds the model's lock. Results live in memory only (web.store). File
+names in the folder are numbers; the uploaded names are only reported back.
+Nothing with patient data (names, IDs, UIDs, file names) is logged: log lines
+say counts and timings.
 """
 from __future__ import annotations
 
+import asyncio
+import base64
+import hashlib
 import logging
 import re
-import tempfile
+import threading
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import cv2
@@ -37,15 +51,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from starlette.requests import ClientDisconnect
 
 from ich.labels import LABELS, SUBTYPES
-from ich.study import MAX_FILES, StudyError
+from ich.study import MAX_FILES, Deadline, StudyError, choose_series, unpack_zip
 from models.predict_split import InferenceError
-from models.study import NOTICE, OUTPUTS, output_bytes
+from models.study import NOTICE, OUTPUTS, check_chosen, output_bytes
 
 from .engine import Busy, Engine
+from .guard import Guard, csp
 from .store import StudyStore
+from .uploads import ClientGone, UploadError, WorkDir, receive_files, safe_name
 
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("ich.web")
@@ -58,11 +73,43 @@ class ApiError(Exception):
         self.status, self.message = status, message
 
 
-def _safe_name(name: str | None, i: int) -> str:
-    """The uploaded name, for reporting only: no folders, no control characters, bounded length."""
-    base = re.split(r"[\\/]", name or "")[-1]
-    base = re.sub(r"[\x00-\x1f\x7f]", "", base).strip()[:200]
-    return base or f"file {i + 1}"
+_safe_name = safe_name  # the uploaded name, for reporting only (web.uploads)
+
+
+class _Until(Deadline):
+    """A Deadline that also ends when the server stops, so a worker never holds a shutdown up."""
+
+    def __init__(self, seconds: float, stopping: threading.Event):
+        super().__init__(seconds)
+        self.stopping = stopping
+
+    def check(self) -> None:
+        if self.stopping.is_set():
+            raise StudyError("the server is stopping")
+        super().check()
+
+
+def read_study(listed: list, work: Path, series: int | None, *, max_unpacked: int, seconds: float,
+               stopping: threading.Event | None = None):
+    """The uploaded files -> ich.study.StudyFiles, in a triage worker: one zip is unpacked with its
+    members sniffed first (a member that is no DICOM is never written), every header is read, and the
+    whole takes at most `seconds`; StudyError says why a study cannot be used."""
+    deadline, skipped, what = _Until(seconds, stopping or threading.Event()), [], "the upload"
+    if len(listed) == 1 and zipfile.is_zipfile(listed[0][1]):
+        name, path = listed[0]
+        listed, skipped = unpack_zip(path, work, max_bytes=max_unpacked, deadline=deadline, name=name)
+        what = name
+    elif len(listed) == 1 and listed[0][0].lower().endswith(".zip"):
+        raise StudyError(f"{listed[0][0]} is not a readable zip file")
+    files = choose_series(listed, series_index=series, skipped=skipped, deadline=deadline)
+    check_chosen(files, what)
+    return files
+
+
+def _inline_script_hashes(html: bytes) -> list[str]:
+    """'sha256-...' of each inline <script> of the page, for its Content-Security-Policy."""
+    return ["sha256-" + base64.b64encode(hashlib.sha256(m.group(1)).digest()).decode()
+            for m in re.finditer(rb"<script>(.*?)</script>", html, re.S)]
 
 
 def public_result(study_id: str, result: dict, model: dict) -> dict:
@@ -94,12 +141,34 @@ def heat_map(cam: np.ndarray) -> np.ndarray:
     return np.dstack([bgr, alpha])
 
 
-def create_app(engine: Engine, *, max_upload_mb: int = 1024, max_studies: int = 8) -> FastAPI:
-    app = FastAPI(title="ICH study viewer (research use only)", docs_url="/api/docs", redoc_url=None)
+def create_app(engine: Engine, *, max_upload_mb: int = 1024, max_studies: int = 8,
+               allowed_hosts: set[str] | None = frozenset({"127.0.0.1", "localhost", "::1"}),
+               work: WorkDir | None = None, max_unpacked_mb: int = 2048, read_seconds: float = 120,
+               body_timeout: float = 30, triage_workers: int = 2) -> FastAPI:
+    """allowed_hosts: Host names answered (None: any; web.guard). work: the server's folder for uploads
+    (default: one per user in the system's temporary folder). max_unpacked_mb: bytes a zip may unpack
+    to, per upload. read_seconds: time to read and sort out one upload's files. body_timeout: seconds
+    an upload may stall. triage_workers: uploads read at once (outside the model's lock)."""
+    # no /api/docs: FastAPI's docs page loads its script from a public CDN, which an offline machine
+    # cannot reach and the page's Content-Security-Policy does not allow; the schema stays
+    stopping = threading.Event()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        stopping.set()  # a triage worker stops at its next file
+        triage.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="ICH study viewer (research use only)", docs_url=None, redoc_url=None,
+                  openapi_url="/api/openapi.json", lifespan=lifespan)
+    app.add_middleware(Guard, allowed_hosts=None if allowed_hosts is None else set(allowed_hosts))
     store = StudyStore(max_studies)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-    app.state.engine, app.state.store = engine, store
+    work = work or WorkDir()
+    engine.work_dir = work.root
+    triage = ThreadPoolExecutor(max_workers=triage_workers, thread_name_prefix="ich-triage")
+    app.state.engine, app.state.store, app.state.work = engine, store, work
     max_bytes = max_upload_mb << 20
 
     @app.exception_handler(ApiError)
@@ -115,8 +184,10 @@ def create_app(engine: Engine, *, max_upload_mb: int = 1024, max_studies: int = 
 
     @app.get("/", response_class=HTMLResponse)
     async def index(request: Request):
-        return templates.TemplateResponse(request, "index.html", {
+        page = templates.TemplateResponse(request, "index.html", {
             "notice": NOTICE, "model": engine.model, "max_upload_mb": max_upload_mb, "labels": list(LABELS)})
+        page.headers["Content-Security-Policy"] = csp(_inline_script_hashes(page.body))
+        return page
 
     @app.get("/api/health")
     async def health():
@@ -132,42 +203,39 @@ def create_app(engine: Engine, *, max_upload_mb: int = 1024, max_studies: int = 
             raise ApiError(400, "the upload's Content-Length is not a number")
         if int(length) > max_bytes:
             raise ApiError(413, f"the upload is larger than {max_upload_mb} MB")
-        with tempfile.TemporaryDirectory(prefix="ich_upload_") as tmp:
-            tmp = Path(tmp)
+        try:
+            engine.check_room()
+        except Busy as exc:
+            raise ApiError(503, str(exc)) from None
+        with work.request() as folder:
             try:
-                form = await request.form(max_files=MAX_FILES, max_fields=20)
-            except ClientDisconnect:
+                listed = await receive_files(request, folder, max_bytes=max_bytes, max_files=MAX_FILES,
+                                             body_timeout=body_timeout)
+            except ClientGone:
                 log.info("upload: the client went away before the upload ended")
                 return Response(status_code=400)
-            except Exception as exc:  # noqa: BLE001 - a truncated or malformed multipart body
-                raise ApiError(400, f"the upload could not be read (incomplete or not a file upload: "
-                                    f"{type(exc).__name__})") from None
-            try:
-                files = [f for f in form.getlist("files") if hasattr(f, "read")]
-                if not files:
-                    raise ApiError(400, "no complete file in the upload (an upload cut short arrives without "
-                                        "its files): send one .zip or the DICOM files of one study in the form "
-                                        "field 'files'")
-                listed = []
-                for i, f in enumerate(files):
-                    path = tmp / f"{i:05d}"
-                    with open(path, "wb") as out:
-                        while chunk := await f.read(1 << 20):
-                            out.write(chunk)
-                    listed.append((_safe_name(f.filename, i), path))
-            finally:
-                await form.close()
+            except UploadError as exc:
+                raise ApiError(exc.status, exc.message) from None
+            if not listed:
+                raise ApiError(400, "no complete file in the upload (an upload cut short arrives without "
+                                    "its files): send one .zip or the DICOM files of one study in the form "
+                                    "field 'files'")
             received = time.time() - t0
-            study = listed[0][1] if len(listed) == 1 and zipfile.is_zipfile(listed[0][1]) else listed
             try:
-                result = await run_in_threadpool(engine.run, study, series)
+                t = time.time()
+                files = await asyncio.wrap_future(triage.submit(
+                    read_study, listed, folder / "unzipped", series, max_unpacked=max_unpacked_mb << 20,
+                    seconds=read_seconds, stopping=stopping))
+                triaged = time.time() - t
+                result = await run_in_threadpool(engine.run, files, work_dir=folder)
             except StudyError as exc:
-                raise ApiError(400, " ".join(str(exc).split())) from None
+                raise ApiError(400, " ".join(str(exc).replace(str(work.root), "(server folder)").split())) from None
             except Busy as exc:
                 raise ApiError(503, str(exc)) from None
             except InferenceError as exc:
-                log.error("inference failed: %s", exc)
-                raise ApiError(500, f"the model could not run: {exc}") from None
+                log.error("inference failed: %s", type(exc).__name__)
+                raise ApiError(500, "the model could not run on this study") from None
+        result["timings"]["read"] = triaged + result["timings"].get("read", 0)
         result["timings"] = {"upload": received, **result["timings"], "total": time.time() - t0}
         study_id = store.add(result)
         log.info("study: %d slices, %d files skipped, %.2f s", len(result["slices"]), len(result["skipped"]),
@@ -215,3 +283,10 @@ def create_app(engine: Engine, *, max_upload_mb: int = 1024, max_studies: int = 
         return _png(heat_map(heat))
 
     return app
+
+
+def quiet_logs() -> None:
+    """Libraries that would log patient data: highdicom says at INFO which dataset it copies the patient
+    module from (a SOPInstanceUID); uvicorn's access log would carry paths. Warnings and up only."""
+    for name in ("highdicom", "pydicom", "uvicorn.access", "python_multipart", "multipart"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -2,7 +2,9 @@
 
 `Engine.run` is `models.study.predict_study` (the batch path's prepare,
 stage one and saved stage two; tests/test_study.py proves equal
-probabilities), called under one lock: inference is CPU- or GPU-bound, so
+probabilities) on files the web app has already read and sorted out
+(`models.study.select_study`, outside this lock, with caps on time and
+bytes), called under one lock: inference is CPU- or GPU-bound, so
 running two at once only makes both slower and doubles the memory; later
 requests queue on the lock, and beyond `max_waiting` they are told to come
 back (HTTP 503) instead of piling up threads and memory.
@@ -38,8 +40,8 @@ class Busy(RuntimeError):
 
 
 class Engine:
-    def __init__(self, settings, cfg, *, max_waiting: int = 16):
-        self.settings, self.cfg, self.max_waiting = settings, cfg, max_waiting
+    def __init__(self, settings, cfg, *, max_waiting: int = 16, work_dir: Path | None = None):
+        self.settings, self.cfg, self.max_waiting, self.work_dir = settings, cfg, max_waiting, work_dir
         for exp in cfg.experiments:  # fail at start-up, not on the first upload
             if not fold_checkpoints(settings.model_checkpoint_dir / exp):
                 raise InferenceError(f"no fold checkpoints in {settings.model_checkpoint_dir / exp}: "
@@ -53,8 +55,15 @@ class Engine:
         self._waiting = 0
         self._cam_models = self._load_cam_models()  # also warms torch/timm up: the first upload is not slower
 
-    def run(self, study, series_index: int | None = None) -> dict:
-        """One study -> predict_study's result with the slices' windows; raises Busy when the queue is full."""
+    def check_room(self) -> None:
+        """Busy when the queue is full already: said before an upload is read, and again in `run`."""
+        if self._waiting >= self.max_waiting:
+            raise Busy(f"{self._waiting} studies are already waiting for the model: try again in a minute")
+
+    def run(self, study, series_index: int | None = None, *, work_dir: Path | None = None) -> dict:
+        """One study (ich.study.StudyFiles, or what predict_study takes) -> predict_study's result with the
+        slices' windows; raises Busy when the queue is full. work_dir: where its temporary folder goes (the
+        request's own folder, so that a crash leaves nothing the next start does not sweep)."""
         with self._count_lock:
             if self._waiting >= self.max_waiting:
                 raise Busy(f"{self._waiting} studies are already waiting for the model: try again in a minute")
@@ -65,7 +74,8 @@ class Engine:
                 queued = time.time() - t
                 result = predict_study(study, self.cfg, train_dir=self.settings.train_clean_dir,
                                        model_dir=self.settings.model_checkpoint_dir, runtime=self.runtime,
-                                       series_index=series_index, keep_images=True, log=lambda *a: None)
+                                       series_index=series_index, keep_images=True, log=lambda *a: None,
+                                       work_dir=work_dir or self.work_dir)
         finally:
             with self._count_lock:
                 self._waiting -= 1

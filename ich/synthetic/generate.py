@@ -109,7 +109,7 @@ def _clear(folder: Path) -> None:
 
 
 def generate_dataset(out_dir, *, n_train_patients=30, n_test_patients=8, image_size=256,
-                     seed=0, n_jobs=1, n_corrupt=1, progress=True) -> dict:
+                     seed=0, n_jobs=1, n_corrupt=1, progress=True, min_slices=20) -> dict:
     """Write a synthetic stage-2 dataset under ``out_dir``; return a summary dict.
 
     Same arguments -> byte-identical files, whatever ``n_jobs``. Earlier
@@ -122,8 +122,10 @@ def generate_dataset(out_dir, *, n_train_patients=30, n_test_patients=8, image_s
     folders = {split: out / name for split, name in SPLIT_DIRS.items()}
     for folder in folders.values():
         _clear(folder)
+    if min_slices < 3:
+        raise ValueError(f"min_slices must be >= 3, got {min_slices}")
     plans = plan_dataset(n_train_patients=n_train_patients, n_test_patients=n_test_patients,
-                         image_size=image_size, seed=seed)
+                         image_size=image_size, seed=seed, min_slices=min_slices)
     jobs = (delayed(render_series)(p, folders[p.split]) for p in plans)
     results = Parallel(n_jobs=n_jobs, return_as="generator")(jobs)
     tables = {"train": [], "test": []}

@@ -161,8 +161,14 @@ def _bits12_flags(rng, n_slices: list) -> list:
     return flags
 
 
-def plan_dataset(*, n_train_patients: int, n_test_patients: int, image_size: int, seed: int) -> list:
-    """All series of the dataset, train first, in a deterministic order."""
+def plan_dataset(*, n_train_patients: int, n_test_patients: int, image_size: int, seed: int,
+                 min_slices: int = 20) -> list:
+    """All series of the dataset, train first, in a deterministic order.
+
+    min_slices: the shortest series (20, as in the real data, by default;
+    longer for a dataset of long series: between min_slices and
+    max(60, min_slices) slices, the spacing unchanged).
+    """
     rng = np.random.default_rng([seed, 0x5EED])
     taken: set = set()
     plans, index = [], 0
@@ -176,7 +182,7 @@ def plan_dataset(*, n_train_patients: int, n_test_patients: int, image_size: int
             for _ in range(n_st):
                 dz = round(float(rng.uniform(4.0, 6.0)), 1)
                 extent = rng.uniform(110, 230)
-                geometry.append((dz, int(np.clip(round(extent / dz) + 1, 20, 60))))
+                geometry.append((dz, int(np.clip(round(extent / dz) + 1, min_slices, max(60, min_slices)))))
         bits12 = _bits12_flags(rng, [n for _, n in geometry])
         g = 0
         for n_st, series_bleeds in zip(n_studies, bleeds):

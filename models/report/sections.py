@@ -260,9 +260,9 @@ def log_loss(ctx: Context, sec: Section) -> None:
     if optimistic.any():
         for name, row in table[optimistic].iterrows():
             sec.blocks.append(html.paragraph(f"Not in the table: {name}, weighted {row['weighted']:.4f}. The "
-                                             "`stage two` row picks each fold's number of boosting rounds on "
-                                             "the other folds, so nothing in it was chosen on the fold it "
-                                             "scores."))
+                                             "stage-two rows pick each fold's number of boosting rounds (or "
+                                             "epochs, and the blend's weights) on the other folds, so nothing "
+                                             "in them was chosen on the fold they score."))
         table = table[~optimistic]
     sec.blocks.append(html.table(table.rename(columns={"weighted": "WEIGHTED"}), digits=4,
                                  best_low=[c if c != "weighted" else "WEIGHTED" for c in cols],

@@ -1,0 +1,181 @@
+"""Stage two's sequence member and the blend: the same honest protocol as LightGBM (issue 16).
+
+- member k trains on the rows of folds != k only and is the only model that scores fold k;
+- its epochs are picked on the other folds' curves, so a falsified fold-k curve moves nothing of fold k;
+- at test time member k runs on stage-one fold model k's outputs;
+- the blend's OOF rows of fold k are blended with weights fitted on the other folds;
+- stacking.apply (what the study path and web app call) equals the batch test predictions with the blend on.
+"""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from ich.config import ConfigError
+from ich.labels import LABELS
+from ich.metric import weighted_log_loss
+from stacking import blend, sequence
+from stacking.config import DEFAULT_SEQUENCE, PredictCfg, load_predict_config
+from stacking.model import early_stop
+from stacking.run import STAGE_TWO, run_stacking
+from test_stacking_honest import PARAMS, stage_one  # noqa: F401  (a fixture)
+from test_stage_two import synthetic_series
+
+FAST = {**DEFAULT_SEQUENCE, "hidden": 16, "epochs": 12, "patience": 3, "lr": 0.01, "batch_size": 16,
+        "num_threads": 1, "device": "cpu"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def series_problem(n_series=90, seed=0):
+    """Series with contiguous positive runs and a noisy stage one (stacking's test problem), as member inputs."""
+    slices, p = synthetic_series(n_series, seed)
+    X = np.log(np.clip(p, 1e-6, 1 - 1e-6) / (1 - np.clip(p, 1e-6, 1 - 1e-6))).astype(np.float32)
+    X = np.concatenate([X, (slices["slice_index"] / (slices["n_slices"] - 1)).to_numpy(np.float32)[:, None]], 1)
+    return slices, X, p, slices[list(LABELS)].to_numpy(np.float64), slices["fold"].to_numpy()
+
+
+def test_member_trains_on_other_folds_only_and_beats_stage_one(monkeypatch):
+    slices, X, p, y, folds = series_problem()
+    made, trained_rows, scored_rows = [], {}, {}
+    init, logits = sequence._Data.__init__, sequence._Data.logits
+
+    def spy_init(self, *a, **kw):
+        init(self, *a, **kw)
+        made.append(self)
+
+    def spy_logits(self, net, series, which):
+        out = logits(self, net, series, which)
+        k = made.index(self) if self in made else -1
+        rows = out[1].reshape(-1).numpy()
+        (trained_rows if net.training else scored_rows).setdefault(k, set()).update(rows.tolist())
+        return out
+
+    monkeypatch.setattr(sequence._Data, "__init__", spy_init)
+    monkeypatch.setattr(sequence._Data, "logits", spy_logits)
+    res = sequence.fit_predict(slices, X, y, folds, p, None, FAST, progress=False)
+    for k in range(3):
+        assert trained_rows[k] == set(np.flatnonzero(folds != k).tolist())  # every row of the others, none of k
+        assert scored_rows[k] == set(np.flatnonzero(folds == k).tolist())   # member k alone scores fold k
+    assert np.isfinite(res.oof).all() and res.test is None
+    # the neighbours carry signal: the member corrects a noisy stage one it starts from
+    assert weighted_log_loss(y, res.oof) < 0.85 * weighted_log_loss(y, p)
+
+
+def test_epochs_are_picked_on_the_other_folds(monkeypatch):
+    """A falsified fold-k curve (it claims epoch 2 is best) moves neither member k's epochs nor its OOF."""
+    slices, X, p, y, folds = series_problem(seed=1)
+    before = sequence.fit_predict(slices, X, y, folds, p, None, FAST, progress=False)
+    for i in range(3):  # each member stops at early stopping on the mean curve of the others
+        others = np.delete(before.curves, i, axis=0).mean(axis=0, keepdims=True)
+        assert before.epochs[i] == early_stop(others, FAST["patience"])[0][0]
+    k, size_k = 1, int((folds == 1).sum())
+    assert np.bincount(folds).tolist().count(size_k) == 1
+    true_loss, calls = sequence._weighted_log_loss, {"n": 0}
+
+    def falsified(prob, labels):
+        value = true_loss(prob, labels)
+        if len(labels) == size_k:
+            calls["n"] += 1
+            return value + (1.0 if calls["n"] > 2 else -1.0)
+        return value
+
+    monkeypatch.setattr(sequence, "_weighted_log_loss", falsified)
+    after = sequence.fit_predict(slices, X, y, folds, p, None, FAST, progress=False)
+    held = folds == k
+    assert after.epochs[k] == before.epochs[k] and after.epochs_optimistic[k] <= 2
+    np.testing.assert_array_equal(after.oof[held], before.oof[held])
+
+
+def test_member_k_runs_on_fold_model_k():
+    slices, X, p, y, folds = series_problem(n_series=60, seed=2)
+    test = slices.iloc[:200].copy()
+    rng = np.random.default_rng(0)
+    tests = {k: (test, X[:200] + rng.normal(0, 1, (200, X.shape[1])).astype(np.float32), p[:200]) for k in range(3)}
+    res = sequence.fit_predict(slices, X, y, folds, p, tests, FAST, progress=False)
+    expect = np.mean([sequence.apply_member(res.members[k], FAST, test, tests[k][1], tests[k][2])
+                      for k in range(3)], axis=0)
+    np.testing.assert_allclose(res.test, expect, rtol=1e-6)
+    swapped = np.mean([sequence.apply_member(res.members[k], FAST, test, tests[(k + 1) % 3][1], tests[k][2])
+                       for k in range(3)], axis=0)
+    assert np.abs(swapped - res.test).max() > 1e-3  # the pairing matters, so the check above means something
+
+
+def test_blend_is_cross_fitted_and_picks_the_better_member():
+    rng = np.random.default_rng(0)
+    y = (rng.random((3000, 6)) < 0.2).astype(float)
+    folds = np.repeat(np.arange(3), 1000)
+    good = np.clip(np.where(y == 1, 0.7, 0.1) + rng.normal(0, 0.05, y.shape), 0.01, 0.99)
+    noise = rng.uniform(0.01, 0.99, y.shape)
+    preds = {"a": noise, "b": good}
+    w = blend.fit_weights(y, preds)
+    assert w.shape == (2, 6) and np.allclose(w.sum(axis=0), 1) and (w[1] >= 0.9).all()
+    out, used = blend.cross_fit(y, folds, preds)
+    for k in range(3):
+        rows = folds == k
+        np.testing.assert_array_equal(used[k], blend.fit_weights(y[~rows], {m: q[~rows] for m, q in preds.items()}))
+        np.testing.assert_allclose(out[rows], blend.apply(used[k], {m: q[rows] for m, q in preds.items()}))
+    assert weighted_log_loss(y, out) <= weighted_log_loss(y, good) + 1e-3
+    assert len(blend.simplex(2)) == blend.GRID + 1 and len(blend.simplex(3)) == (blend.GRID + 1) * (blend.GRID + 2) // 2
+
+
+def test_stage_two_with_both_members_end_to_end_and_saved(stage_one):
+    """run_stacking with LightGBM + sequence: honest rows for each, the blend, and stacking.apply equal to it."""
+    from stacking.apply import apply_stage_two
+    tmp, train, test, _ = stage_one
+    cfg = PredictCfg(name="both", experiments=["e"], k_neighbors=2, pca_components=2, lgb=PARAMS,
+                     num_boost_round=60, early_stopping_rounds=10, members=["lightgbm", "sequence"],
+                     sequence={k: v for k, v in FAST.items() if k != "epochs"} | {"epochs": 6})
+    lines = []
+    res = run_stacking(cfg, train_slices=train, test_slices=test, model_dir=tmp / "models", logs_dir=tmp / "logs",
+                       progress=False, log=lines.append)
+    table = res["metrics"]
+    assert list(table.index) == ["prior baseline", "e", "stage two: lightgbm",
+                                 "stage two: lightgbm (rounds picked on the scored fold, optimistic)",
+                                 "stage two: sequence",
+                                 "stage two: sequence (epochs picked on the scored fold, optimistic)", STAGE_TWO]
+    w = table["weighted"]
+    assert w[STAGE_TWO] < w["e"] and w["stage two: sequence"] < w["e"]
+    assert "blend weights per label" in lines[-1] and "weights fitted on the other folds" in lines[-1]
+    weights = pd.read_csv(tmp / "logs" / "stacking" / "both" / "blend_weights.csv", index_col=0)
+    assert list(weights.index) == ["lightgbm", "sequence"] and np.allclose(weights.sum(), 1)
+    members = res["member_tests"]
+    expect = sum(weights.loc[m].to_numpy() * members[m][list(LABELS)].to_numpy() for m in members)
+    np.testing.assert_allclose(res["test"][list(LABELS)].to_numpy(), expect, rtol=1e-9)
+    assert (tmp / "logs" / "stacking" / "both" / "sequence_curves.png").stat().st_size > 5000
+    again = apply_stage_two(cfg, tmp / "models", test.iloc[::-1])  # any row order
+    got = again.set_index("image_id").loc[res["test"]["image_id"], list(LABELS)].to_numpy()
+    np.testing.assert_allclose(got, res["test"][list(LABELS)].to_numpy(), rtol=1e-5, atol=1e-7)
+    # the config must match what was saved
+    from stacking.run import StackingError
+    with pytest.raises(StackingError, match="holds the members"):
+        apply_stage_two(PredictCfg(name="both", experiments=["e"], members=["lightgbm"]), tmp / "models", test)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"members": ["lightgbm", "transformer"]}, "members must list one or both of lightgbm, sequence"),
+    ({"members": []}, "members must list"),
+    ({"members": ["sequence"], "sequence": {"epochs": 0}}, "sequence.epochs must be a whole number >= 1, got 0"),
+    ({"sequence": {"hiden": 32}}, "unknown sequence setting"),
+    ({"sequence": {"dropout": 1.0}}, "sequence.dropout must be a number in"),
+    ({"sequence": {"device": "tpu"}}, "sequence.device must be auto, cpu or cuda"),
+])
+def test_bad_member_configs_are_one_line_errors(tmp_path, bad, message):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"experiments": ["x"], **bad}))
+    with pytest.raises(ConfigError, match=message) as err:
+        load_predict_config(path)
+    assert "\n" not in str(err.value)
+
+
+def test_shipped_configs_turn_the_member_on():
+    from conftest import REPO
+    for name in ("default", "demo"):
+        cfg = load_predict_config(REPO / "configs" / "predict" / f"{name}.yaml")
+        assert cfg.members == ["lightgbm", "sequence"], name
