@@ -16,15 +16,19 @@ def main(argv=None):
     p.add_argument("--out", help="with --study: output folder (default LOGS_DIR/study)")
     args = p.parse_args(argv)
 
+    import dataclasses
+
     import numpy as np
     import pandas as pd
 
+    from ich import provenance
+    from ich.cache import read_meta
     from ich.labels import LABELS
     from ich.study import StudyError
     from ich.submission import (SubmissionError, build_submission, read_sample, score_submission,
                                 write_submission)
     from models import runtime as rt
-    from models.predict_split import InferenceError, check_same_cache, predict_test
+    from models.predict_split import InferenceError, check_same_cache, predict_test, training_records
     from stacking.config import load_predict_config
     from stacking.run import StackingError, run_stacking
 
@@ -48,7 +52,9 @@ def main(argv=None):
         prior = train_slices[list(LABELS)].mean().to_numpy()
 
         check_same_cache(train_dir, test_dir)
+        trained = training_records(settings.model_checkpoint_dir, cfg.experiments, train_dir)
         runtime = rt.setup(cfg.amp, True)
+        device = runtime.describe()
         try:
             stage1 = {exp: predict_test(settings.model_checkpoint_dir / exp, test_dir, runtime,
                                         batch_size=cfg.batch_size,
@@ -73,7 +79,12 @@ def main(argv=None):
         name = "submission_stage1.csv" if args.stage1_only else "submission.csv"
         sub, stats = subs[final]
         path = write_submission(sub, settings.submission_dir / name)
+        made_by = {**provenance.record(dataclasses.asdict(cfg), device, test_dir), "kind": final,
+                   "train_cache_files_digest": (read_meta(train_dir) or {}).get("files_digest"),
+                   "experiments": trained}
+        record_path = provenance.write_sidecar(path, made_by)
         print(f"\nsubmission ({final}): {path}  ({len(sub)} rows; {stats.line()})")
+        print(f"made by: {provenance.summary(made_by)} -> {record_path}")
         labels_csv = raw / "stage_2_test_labels.csv"
         if labels_csv.is_file():
             scores = {k: score_submission(s, labels_csv) for k, (s, _) in subs.items()}

@@ -25,8 +25,12 @@ sampler from an experiment config (--size/--batch/--backbone still override), an
 projected wall time of the config's training is printed: epochs x folds x training
 slices per epoch / (b), on the 752,803 stage-2 train slices (4/5 of them per fold; a
 balanced sampler draws every `any` positive, about 14%, and neg_ratio times as many
-negatives). Epochs at another progressive size are scaled from (b) by their pixel
-count, and say so; run again with --size for a measured rate there.
+negatives). Without --size, every size of the config's progressive schedule is
+measured in turn, (a) to (c) each, with a static compile per size as train.py
+compiles (models.net.SliceNet.compile_backbone), on one cache at the largest size
+(smaller sizes shrink each image as they load, as in the real run), and each epoch
+is projected at its own size's measured rate. With --size, that size alone is
+measured and epochs at other sizes are scaled from it by their pixel count, and say so.
 """
 from __future__ import annotations
 
@@ -112,12 +116,14 @@ def epoch_slices(cfg) -> float:
     return train
 
 
-def projection(cfg, size: int, rate: float) -> list[str]:
-    """Lines: each epoch's size, slices and hours at `rate` (measured at `size`), and the total."""
+def projection(cfg, rates: dict[int, float]) -> list[str]:
+    """Lines: each epoch's size, slices and hours at the loop rate measured at its size (else scaled by
+    pixels from the nearest measured size), and the total."""
     lines, total = [], 0.0
     for epoch in range(cfg.train.epochs):
         s = cfg.size_at(epoch)
-        r = rate * (size / s) ** 2
+        size = min(rates, key=lambda m: abs(m - s))
+        r = rates[size] * (size / s) ** 2
         hours = epoch_slices(cfg) / r / 3600
         total += hours
         how = "measured" if s == size else f"scaled from {size} px by pixels"
@@ -148,97 +154,113 @@ def main():
         torch.set_num_threads(args.threads)
 
     cfg = bench_cfg(args)
-    args.backbone, args.size, args.batch = cfg.model.backbone, args.size or cfg.final_size, cfg.train.batch_size
-    in_chans = input_channels(cfg.input.mode, 3)  # the generated cache has 3 windows
+    if args.size or not cfg.input.progressive:
+        sizes = [args.size or cfg.final_size]
+    else:  # every size of the schedule, in schedule order
+        sizes = list(dict.fromkeys(int(s) for s, _ in cfg.input.progressive))
+    args.backbone, args.batch = cfg.model.backbone, cfg.train.batch_size
     runtime = rt.setup(args.amp, args.channels_last)
+    rates = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        generate_dataset(tmp / "raw", n_train_patients=6, n_test_patients=1, image_size=max(256, *sizes),
+                         seed=2, n_jobs=2, progress=False)
+        prepare_split(tmp / "raw", tmp / "clean", "train",
+                      PrepareConfig(image_size=max(sizes), n_folds=2, n_jobs=2), progress=False)
+        slices = with_neighbors(pd.read_parquet(tmp / "clean" / "slices.parquet"))
+        for size in sizes:
+            result = measure(cfg, args, runtime, size, tmp / "clean", slices)
+            report(args, runtime, size, result)
+            rates[size] = result["loop"]
+    if args.config:
+        print("\n".join(projection(cfg, rates)))
+
+
+def measure(cfg, args, runtime, size: int, clean: Path, slices: pd.DataFrame) -> dict:
+    """(a), (a'), (b) and (c) at one input size; a fresh model (and static compile) for each."""
+    in_chans = input_channels(cfg.input.mode, 3)  # the generated cache has 3 windows
     compiled = runtime.wants_compile(args.compile)
     clock = runtime.now  # waits for the GPU's queued work
     total = args.warmup + args.steps
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        generate_dataset(tmp / "raw", n_train_patients=6, n_test_patients=1, image_size=max(256, args.size),
-                         seed=2, n_jobs=2, progress=False)
-        prepare_split(tmp / "raw", tmp / "clean", "train",
-                      PrepareConfig(image_size=args.size, n_folds=2, n_jobs=2), progress=False)
-        slices = with_neighbors(pd.read_parquet(tmp / "clean" / "slices.parquet"))
-        n = total * args.batch
-        table = slices.sample(n, replace=len(slices) < n, random_state=0).reset_index(drop=True)
+    n = total * args.batch
+    table = slices.sample(n, replace=len(slices) < n, random_state=0).reset_index(drop=True)
 
-        criterion = WeightedBCE().to(runtime.device)
-        fmt = torch.channels_last if runtime.channels_last else torch.contiguous_format
-        x = torch.randint(0, 255, (args.batch, in_chans, args.size, args.size), dtype=torch.uint8,
-                          device=runtime.device).contiguous(memory_format=fmt)
-        y = torch.rand(args.batch, len(LABELS), device=runtime.device).round()
+    criterion = WeightedBCE().to(runtime.device)
+    fmt = torch.channels_last if runtime.channels_last else torch.contiguous_format
+    x = torch.randint(0, 255, (args.batch, in_chans, size, size), dtype=torch.uint8,
+                      device=runtime.device).contiguous(memory_format=fmt)
+    y = torch.rand(args.batch, len(LABELS), device=runtime.device).round()
 
+    model = build_model(cfg, runtime, in_chans)
+    _, eager = bare_rate(model, adamw(model, runtime, False), criterion, x, y, runtime, clock,
+                         args.warmup, args.steps)
+    ceiling, compile_s = eager, None
+    if compiled:
         model = build_model(cfg, runtime, in_chans)
-        _, eager = bare_rate(model, adamw(model, runtime, False), criterion, x, y, runtime, clock,
-                             args.warmup, args.steps)
-        ceiling, compile_s = eager, None
-        if compiled:
-            model = build_model(cfg, runtime, in_chans)
-            model.compile_backbone()
-            compile_s, ceiling = bare_rate(model, adamw(model, runtime, True), criterion, x, y, runtime, clock,
-                                           args.warmup, args.steps)
-            if model.compile_note:
-                print(model.compile_note)
-                compiled = False
+        model.compile_backbone()
+        compile_s, ceiling = bare_rate(model, adamw(model, runtime, True), criterion, x, y, runtime, clock,
+                                       args.warmup, args.steps)
+        if model.compile_note:
+            print(model.compile_note)
+            compiled = False
 
-        model = build_model(cfg, runtime, in_chans)
-        if compiled:
-            model.compile_backbone()
-        dataset = make_dataset(cfg, table, tmp / "clean", args.size, train=True)
-        dataset.on_epoch = EpochSeeder(cfg.train.seed, 0)
-        sampler = EpochSampler(table["any"].to_numpy(), seed=0, tagged=True)  # as train_fold
-        sampler.set_epoch(0, args.size)
-        loader = train_loader(dataset, sampler, cfg, runtime)
-        optimizer = adamw(model, runtime, compiled)
-        sched = build_scheduler(optimizer, cfg.optim, total_steps=total, steps_per_epoch=total)
-        scaler = torch.amp.GradScaler(enabled=runtime.amp_dtype == torch.float16)
-        marks = {}
+    model = build_model(cfg, runtime, in_chans)
+    if compiled:
+        model.compile_backbone()
+    dataset = make_dataset(cfg, table, clean, size, train=True)
+    dataset.on_epoch = EpochSeeder(cfg.train.seed, 0)
+    sampler = EpochSampler(table["any"].to_numpy(), seed=0, tagged=True)  # as train_fold
+    sampler.set_epoch(0, size)
+    loader = train_loader(dataset, sampler, cfg, runtime, drop_last=compiled)
+    optimizer = adamw(model, runtime, compiled)
+    sched = build_scheduler(optimizer, cfg.optim, total_steps=total, steps_per_epoch=total)
+    scaler = torch.amp.GradScaler(enabled=runtime.amp_dtype == torch.float16)
+    marks = {}
 
-        def mark(i):
-            if i + 1 in (1, args.warmup, total):
-                marks[i + 1] = clock()
+    def mark(i):
+        if i + 1 in (1, args.warmup, total):
+            marks[i + 1] = clock()
 
-        marks[0] = clock()
-        run_epoch(model, loader, criterion, optimizer, sched, scaler, runtime, cfg, desc="loop", progress=False,
-                  on_batch=mark)
-        loop = args.steps * args.batch / (marks[total] - marks[args.warmup])
+    marks[0] = clock()
+    run_epoch(model, loader, criterion, optimizer, sched, scaler, runtime, cfg, desc="loop", progress=False,
+              on_batch=mark)
+    loop = args.steps * args.batch / (marks[total] - marks[args.warmup])
 
-        one = DataLoader(dataset, batch_size=args.batch, num_workers=args.workers, sampler=sampler,
-                         prefetch_factor=4 if args.workers else None)
-        t0 = t1 = clock()
-        count = 0
-        for i, (xb, _, _) in enumerate(one):
-            if i + 1 == args.warmup:
-                t1 = time.perf_counter()
-            elif i + 1 > args.warmup:
-                count += len(xb)
-        loader_rate = count / max(time.perf_counter() - t1, 1e-9)
-        loader_start = t1 - t0
+    one = DataLoader(dataset, batch_size=args.batch, num_workers=args.workers, sampler=sampler,
+                     prefetch_factor=4 if args.workers else None)
+    t0 = t1 = clock()
+    count = 0
+    for i, (xb, _, _) in enumerate(one):
+        if i + 1 == args.warmup:
+            t1 = time.perf_counter()
+        elif i + 1 > args.warmup:
+            count += len(xb)
+    return {"eager": eager, "ceiling": ceiling, "compile_s": compile_s, "compiled": compiled, "loop": loop,
+            "first_batch_s": marks[1] - marks[0], "warmup_s": marks[args.warmup] - marks[0],
+            "loader": count / max(time.perf_counter() - t1, 1e-9), "loader_start_s": t1 - t0}
 
+
+def report(args, runtime, size: int, r: dict) -> None:
     dev = torch.cuda.get_device_name() if runtime.device.type == "cuda" else f"CPU ({platform.machine()})"
     print(f"\ndevice: {dev}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"{args.backbone} @ {args.size}px, batch {args.batch}, amp {args.amp}, channels_last {args.channels_last}, "
+          f"{args.backbone} @ {size}px, batch {args.batch}, amp {args.amp}, channels_last {args.channels_last}, "
           f"loader workers {args.workers}; rates over {args.steps} steps after {args.warmup} warm-up steps")
+    eager, ceiling, loop = r["eager"], r["ceiling"], r["loop"]
     print(f"(a)  bare step, eager          : {eager:8.1f} img/s")
-    if compile_s is not None:
+    if r["compile_s"] is not None:
         print(f"(a') bare step, compiled+fused : {ceiling:8.1f} img/s  ({ceiling / eager:.2f}x eager)")
-        print(f"     compile + warm-up         : {compile_s:8.1f} s (not in any rate)")
+        print(f"     compile + warm-up         : {r['compile_s']:8.1f} s (static graph for {size} px; not in any rate)")
     else:
         print("(a') bare step, compiled+fused :      n/a (compile off: --compile true to force)")
-    print(f"(b)  train.py loop             : {loop:8.1f} img/s{' (compiled)' if compiled else ''}")
-    print(f"     loop start-up             : {marks[1] - marks[0]:8.1f} s to the first batch done, "
-          f"{marks[args.warmup] - marks[0]:.1f} s for the warm-up (not in the rate)")
+    print(f"(b)  train.py loop             : {loop:8.1f} img/s{' (compiled)' if r['compiled'] else ''}")
+    print(f"     loop start-up             : {r['first_batch_s']:8.1f} s to the first batch done, "
+          f"{r['warmup_s']:.1f} s for the warm-up (not in the rate)")
     print(f"ratio (b)/(a)                  : {loop / eager:8.2f}x  eager")
     print(f"ratio (b)/(a')                 : {loop / ceiling:8.2f}x  the limit (target >= 0.9x)")
-    print(f"(c)  loader alone              : {loader_rate:8.1f} img/s with {args.workers} workers "
-          f"(start-up {loader_start:.1f} s, not in the rate)")
+    print(f"(c)  loader alone              : {r['loader']:8.1f} img/s with {args.workers} workers "
+          f"(start-up {r['loader_start_s']:.1f} s, not in the rate)")
     full = TRAIN_SLICES * (FOLDS - 1) / FOLDS
     print(f"one epoch over 4/5 of 752,803 slices at (b): {full / loop / 3600:.2f} h")
-    if args.config:
-        print("\n".join(projection(cfg, args.size, loop)))
-
 
 if __name__ == "__main__":
     main()

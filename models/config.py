@@ -59,6 +59,8 @@ class LossCfg:
 class SamplerCfg:
     kind: str = "all"                # all | balanced (every positive + neg_ratio x as many random negatives per epoch)
     neg_ratio: float = 1.0
+    min_brain_fraction: float = 0.0  # train on slices with at least this share of brain pixels (0-80 HU) only;
+    #                                  validation, OOF and test still cover every slice (models.data.EpochSampler)
 
 
 @dataclass
@@ -86,6 +88,8 @@ class TrainCfg:
     checkpoint: str = "last"         # last | best: the epoch each fold keeps (best: chosen on the held-out fold,
     #                                  among epochs at the final size; its OOF is then optimistic, and logged so)
     n_folds: int | None = None       # None: every fold in slices.parquet
+    average_last: int = 1            # fold{k}.pt = the mean of the last N epochs' weights, BatchNorm statistics
+    #                                  recomputed (models.trainer.recompute_batchnorm); 1: the last epoch's weights
 
 
 @dataclass
@@ -168,6 +172,12 @@ def _validate(cfg: ExperimentCfg, where: str) -> None:
     need(cfg.train.checkpoint in ("last", "best"), "train.checkpoint must be last or best")
     need(cfg.train.compile in ("auto", "true", "false"), "train.compile must be auto, true or false")
     need(cfg.sampler.neg_ratio > 0, "sampler.neg_ratio must be > 0")
+    need(0 <= cfg.sampler.min_brain_fraction < 1,
+         f"sampler.min_brain_fraction must be in [0, 1), got {cfg.sampler.min_brain_fraction}")
+    need(1 <= cfg.train.average_last <= cfg.train.epochs,
+         f"train.average_last must be between 1 and train.epochs ({cfg.train.epochs}), got {cfg.train.average_last}")
+    need(cfg.train.average_last == 1 or cfg.train.checkpoint == "last",
+         "train.average_last > 1 averages the last epochs: it needs train.checkpoint: last")
     need(cfg.train.epochs >= 1 and cfg.train.batch_size >= 1 and cfg.train.accumulate >= 1,
          "train.epochs, train.batch_size and train.accumulate must be >= 1")
     need(cfg.train.num_workers >= 0, f"train.num_workers must be >= 0, got {cfg.train.num_workers}")
@@ -185,6 +195,9 @@ def _validate(cfg: ExperimentCfg, where: str) -> None:
         need(sum(e for _, e in pairs) == cfg.train.epochs,
              f"input.progressive epochs add up to {sum(e for _, e in pairs)}, train.epochs is {cfg.train.epochs}")
         cfg.input.progressive = [list(p) for p in pairs]
+    need(cfg.size_at(cfg.train.epochs - cfg.train.average_last) == cfg.final_size,
+         f"train.average_last {cfg.train.average_last} reaches back to an epoch before the final input size "
+         f"{cfg.final_size}: weights of epochs at other sizes are not averaged")
     check_backbone(cfg.model.backbone, where)
 
 

@@ -159,13 +159,23 @@ class EpochSampler(Sampler):
     persistent loader workers learn the epoch and its size (module docstring).
     The sampler is iterated in the main process at the start of each epoch, so
     `set_epoch` before iterating is enough.
+    `eligible` (a boolean mask, default all): the items it may draw at all.
+    The trainer passes `brain_fraction >= sampler.min_brain_fraction`, so
+    training skips the near-empty slices above and below the head, as a
+    founding write-up did. Validation, OOF and test loaders draw everything.
+    The selection is on the image, not the label, so p(label | image) of the
+    slices kept is unchanged: no prior correction is needed for it (the
+    balanced sampler's `neg_keep` counts eligible negatives only).
     """
 
     def __init__(self, labels_any: np.ndarray, *, kind: str = "all", neg_ratio: float = 1.0,
-                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, tagged: bool = False):
-        self.pos = np.flatnonzero(labels_any > 0)
-        self.neg = np.flatnonzero(labels_any <= 0)
-        self.n_all = len(labels_any)
+                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, tagged: bool = False,
+                 eligible: np.ndarray | None = None):
+        keep = np.ones(len(labels_any), bool) if eligible is None else np.asarray(eligible, bool)
+        self.pos = np.flatnonzero((labels_any > 0) & keep)
+        self.neg = np.flatnonzero((labels_any <= 0) & keep)
+        self.items = np.flatnonzero(keep)
+        self.n_all = len(self.items)
         self.kind, self.neg_ratio, self.shuffle, self.seed = kind, neg_ratio, shuffle, seed
         self.rank, self.world_size, self.tagged = rank, world_size, tagged
         self.epoch, self.size = 0, None
@@ -190,7 +200,7 @@ class EpochSampler(Sampler):
         if self.kind == "balanced" and len(self.pos):
             idx = np.concatenate([self.pos, rng.choice(self.neg, self.n_negatives_drawn, replace=False)])
         else:
-            idx = np.arange(self.n_all)
+            idx = self.items
         if self.shuffle:
             idx = rng.permutation(idx)
         per_rank = math.ceil(len(idx) / self.world_size)

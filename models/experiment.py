@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ich import provenance
 from ich.cache import read_meta, save_npy_atomic, write_atomic
 from ich.labels import LABELS
 from ich.metric import per_label_log_loss, prior_baseline, weighted_log_loss
@@ -88,6 +89,9 @@ def run_experiment(cfg: ExperimentCfg, *, clean_dir: Path, model_dir: Path, logs
     bad = sorted(set(folds) - set(all_folds))
     if bad:
         raise TrainError(f"fold(s) {bad} do not exist; slices.parquet has folds {all_folds}")
+    if cfg.sampler.min_brain_fraction > 0 and "brain_fraction" not in slices:
+        raise TrainError(f"sampler.min_brain_fraction needs the brain_fraction column, which {clean_dir} / "
+                         "slices.parquet lacks: rerun prepare_data.py --force, or set it to 0")
     if cfg.model.pretrained:  # before any output is written, not when the first fold builds its network
         weights_file(cfg.model.pretrained)
     warning = upsampling_warning(cfg, clean_dir)
@@ -159,7 +163,8 @@ def run_experiment(cfg: ExperimentCfg, *, clean_dir: Path, model_dir: Path, logs
             pd.concat(histories.values()).to_csv(log_dir / "history.csv", index=False)
             result["curves"] = plots.training_curves(histories, log_dir / "training_curves.png", cfg.name)
         if result["complete"]:
-            result.update(assemble_oof(slices, out_dir, all_folds))
+            made_by = provenance.record(cfg.to_dict(), runtime.describe(), clean_dir)
+            result.update(assemble_oof(slices, out_dir, all_folds, made_by))
             how = ("last epochs" if cfg.train.checkpoint == "last" else
                    f"best epochs, selected on the scored folds (optimistic; last epochs {result['oof_last']:.4f})")
             log(f"OOF weighted log loss {result['oof']:.4f} ({how}) vs prior baseline {result['prior']:.4f} "
@@ -167,8 +172,9 @@ def run_experiment(cfg: ExperimentCfg, *, clean_dir: Path, model_dir: Path, logs
     return result
 
 
-def assemble_oof(slices: pd.DataFrame, out_dir: Path, folds: list[int]) -> dict:
-    """Join the fold pieces into oof.parquet / oof_emb.npy / oof_last.parquet in slices.parquet order."""
+def assemble_oof(slices: pd.DataFrame, out_dir: Path, folds: list[int], made_by: dict | None = None) -> dict:
+    """Join the fold pieces into oof.parquet / oof_emb.npy / oof_last.parquet in slices.parquet order,
+    the reproducibility record `made_by` (ich.provenance) in the parquet files' metadata."""
     oof = pd.concat([pd.read_parquet(out_dir / f"fold{k}.oof.parquet") for k in folds], ignore_index=True)
     last = pd.concat([pd.read_parquet(out_dir / f"fold{k}.oof_last.parquet") for k in folds], ignore_index=True)
     emb = np.concatenate([np.load(out_dir / f"fold{k}.oof_emb.npy") for k in folds])
@@ -179,8 +185,8 @@ def assemble_oof(slices: pd.DataFrame, out_dir: Path, folds: list[int]) -> dict:
     order = position.loc[slices["image_id"]].to_numpy()
     oof, last, emb = oof.iloc[order].reset_index(drop=True), last.iloc[order].reset_index(drop=True), emb[order]
     save_npy_atomic(out_dir / "oof_emb.npy", emb)
-    write_atomic(out_dir / "oof.parquet", lambda p: oof.to_parquet(p, index=False))
-    write_atomic(out_dir / "oof_last.parquet", lambda p: last.to_parquet(p, index=False))
+    provenance.write_parquet(oof, out_dir / "oof.parquet", made_by or {})
+    provenance.write_parquet(last, out_dir / "oof_last.parquet", made_by or {})
     y = slices[list(LABELS)].to_numpy()
     p = oof[list(LABELS)].to_numpy()
     prior = np.zeros_like(p)

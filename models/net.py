@@ -29,6 +29,10 @@ from ich.labels import LABELS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: no hub access, ever
 
+# torch.compile's backend. Tests set "aot_eager": the same graphs, guards and recompiles, without
+# minutes of C++ compiling per graph on a CPU.
+COMPILE_BACKEND = "inductor"
+
 
 class MissingWeightsError(FileNotFoundError):
     """The configured pretrained weights file does not exist."""
@@ -76,26 +80,57 @@ class SliceNet(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> pooled features (B, num_features)."""
         x = (x.float() - self.mean) / self.std
-        compiled = self.__dict__.get("_compiled")
+        compiled = self.__dict__.get("_compiled" if self.training else "_compiled_eval")
         if compiled is not None:
             try:
                 return compiled(x)
             except Exception as exc:  # noqa: BLE001 - any compiler failure: eager is always right
-                self.__dict__["_compiled"] = None
+                self.__dict__["_compiled"] = self.__dict__["_compiled_eval"] = None
                 self.compile_note = (f"warning: torch.compile failed ({type(exc).__name__}: "
                                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); running eager")
+        return self.backbone(x)
+
+    def _eval_backbone(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone for evaluation: compiled on its own (compile_backbone says why)."""
         return self.backbone(x)
 
     def compile_backbone(self) -> None:
         """Run the backbone through torch.compile from the next call on; eager again if compiling fails.
 
-        The compiled module is kept outside the registered submodules, so
-        state_dict() stays the plain module's (checkpoints load without
-        compile) and `model.to()` moves the one set of weights. A failure
-        (no compiler, an unsupported op) is caught at the first call, where
-        torch.compile really compiles, and leaves a one-line `compile_note`.
+        Static graphs (`dynamic=False`): one graph per input shape, each
+        compiled once, with kernels specialised to that size. Progressive
+        resizing changes the size a few times per fold; with torch's default
+        (automatic dynamic shapes) the second size recompiled the backbone as
+        one dynamic-shape graph (about 125 s on an H200, issue 17) whose
+        kernels ran at rates nobody had measured. Shapes must then stay
+        fixed within a size: the trainer drops a compiled run's short last
+        training batch, and models.inference pads the last evaluation batch.
+
+        Two compiled callables, training (`_compiled`, the module) and
+        evaluation (`_compiled_eval`, `_eval_backbone`). Torch keeps compiled
+        graphs per code object, each guarded on grad mode and train/eval
+        mode. Through one callable, every validation pass at a new size
+        failed the `grad_mode` guard and recompiled, and the train and eval
+        graphs of all sizes shared one cache of `recompile_limit` (8)
+        entries, past which dynamo silently runs eager. Apart, each cache
+        holds one graph per size: the evaluation graph of a size is compiled
+        once, as a first compile of its own code, not a recompile of the
+        training graph. (Running evaluation with gradients on, to hit the
+        same guard, would cost the memory and time of autograd for
+        nothing, and the eval-mode BatchNorm still needs its own graph.)
+
+        A new SliceNet of the same architecture reuses the graphs (the
+        weights are graph inputs), so the folds of an experiment compile
+        once (tests/test_compile.py counts the graphs). The compiled modules
+        are kept outside the registered submodules, so state_dict() stays
+        the plain module's (checkpoints load without compile) and
+        `model.to()` moves the one set of weights. A failure (no compiler,
+        an unsupported op) is caught at the first call, where torch.compile
+        really compiles, and leaves a one-line `compile_note`.
         """
-        self.__dict__["_compiled"] = torch.compile(self.backbone)
+        self.__dict__["_compiled"] = torch.compile(self.backbone, dynamic=False, backend=COMPILE_BACKEND)
+        self.__dict__["_compiled_eval"] = torch.compile(self._eval_backbone, dynamic=False,
+                                                        backend=COMPILE_BACKEND)
         self.compile_note = None
 
     def forward(self, x: torch.Tensor, return_embedding: bool = False):

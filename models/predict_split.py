@@ -63,6 +63,39 @@ def _compare(trained: dict, test_meta: dict, what: str, test_dir: Path) -> None:
                              "rerun prepare_data.py --split test --force with the config the train cache used")
 
 
+def training_records(model_dir: Path, experiments, train_dir: Path) -> dict[str, list[dict]]:
+    """{experiment: the distinct reproducibility records of its fold checkpoints (ich.provenance), their
+    creation times left out}.
+
+    Raises InferenceError when the experiments were trained from caches of
+    different file lists, or from another train cache than `train_dir`:
+    stage two joins their OOF rows slice by slice, and one submission must
+    come from one data set. (Caches that differ in image settings are caught
+    against the test cache, check_same_cache and _compare.) Checkpoints from
+    before the record existed carry none and are not compared.
+    """
+    from ich.provenance import read_provenance
+    records, digests = {}, {}
+    for exp in experiments:
+        found = []
+        for path in fold_checkpoints(Path(model_dir) / exp).values():
+            rec = read_provenance(path)
+            if rec is None:
+                continue
+            rec = {k: v for k, v in rec.items() if k != "created"}  # the fold models of one run: one record
+            digests.setdefault(rec.get("cache_files_digest"), set()).add(exp)
+            if rec not in found:
+                found.append(rec)
+        records[exp] = found
+    current = (read_meta(train_dir) or {}).get("files_digest")
+    if len(digests) > 1 or (digests and current not in digests):
+        seen = "; ".join(f"{', '.join(sorted(e))} from a cache with file-list digest {str(d)[:12]}"
+                         for d, e in digests.items())
+        raise InferenceError(f"the experiments were trained from different caches ({seen}); the train cache "
+                             f"{train_dir} has file-list digest {str(current)[:12]}: retrain them on one cache")
+    return records
+
+
 def fold_checkpoints(exp_dir: Path) -> dict[int, Path]:
     """{k: fold{k}.pt} of an experiment (resume states fold{k}.last.pt excluded)."""
     found = {}

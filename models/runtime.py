@@ -46,6 +46,13 @@ class Runtime:
         """train.compile: auto compiles on CUDA only (on the CPU compiling costs more than it saves here)."""
         return setting == "true" or (setting == "auto" and self.device.type == "cuda")
 
+    def describe(self) -> str:
+        """The device in words, for the reproducibility record: "cuda NVIDIA H200 x 2 processes", "cpu x86_64"."""
+        import platform
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.machine()
+        procs = f" x {self.world_size} processes" if self.distributed else ""
+        return f"{self.device.type} {name}{procs}"
+
     def barrier(self):
         if self.distributed:
             dist.barrier()

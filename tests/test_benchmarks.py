@@ -54,6 +54,21 @@ def test_train_step_benchmark_projects_a_config():
     assert re.search(r"projected training wall time of resnext50_512: 6 epochs x 5 folds = [\d.]+ h", out)
 
 
+def test_train_step_benchmark_measures_every_progressive_size(tmp_path):
+    """--config without --size: each size of the schedule measured (its own model and loop), none scaled."""
+    import yaml
+    cfg = tmp_path / "prog.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"backbone": "test_resnet"},
+                                   "input": {"size": 48, "progressive": [[32, 1], [48, 2]]},
+                                   "train": {"epochs": 3, "batch_size": 4}}))
+    out = bench("train_step.py", "--config", str(cfg), "--steps", "1", "--warmup", "1", "--workers", "0")
+    assert re.findall(r"test_resnet @ (\d+)px, batch 4", out) == ["32", "48"]
+    assert len(re.findall(r"\(b\)  train.py loop\s*:\s*[\d.]+ img/s", out)) == 2
+    epochs = re.findall(r"^  epoch (\d): (\d+) px, .*\((measured|scaled.*)\)", out, flags=re.M)
+    assert epochs == [("1", "32", "measured"), ("2", "48", "measured"), ("3", "48", "measured")], out
+    assert "projected training wall time of prog: 3 epochs x 5 folds" in out
+
+
 def test_predict_benchmark():
     out = bench("predict.py", "--backbones", "test_resnet", "--size", "32", "--batch", "16", "--warmup", "1",
                 "--batches", "2", "--patients", "1", "--workers", "0", "--profile")

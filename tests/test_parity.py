@@ -194,8 +194,8 @@ def test_only_epochs_at_the_final_size_can_be_kept(prepared, tmp_path, monkeypat
                                        train={"epochs": 2, "checkpoint": "best", "tta_hflip": False}))
     real_validate = trainer.validate
 
-    def validate(model, dataset, runtime, cfg_, progress):
-        probs = real_validate(model, dataset, runtime, cfg_, progress)
+    def validate(model, dataset, runtime, cfg_, progress, **kwargs):
+        probs = real_validate(model, dataset, runtime, cfg_, progress, **kwargs)
         if dataset.size == 32:  # a perfect score at the small size: the old rule kept this epoch
             return np.clip(dataset.labels, 0.001, 0.999)
         return probs
@@ -217,9 +217,9 @@ def test_best_epoch_oof_is_labelled_and_the_last_epoch_given_beside(prepared, tm
                                                                 "tta_hflip": False}))
     real_validate, calls = trainer.validate, []
 
-    def validate(model, dataset, runtime, cfg_, progress):
+    def validate(model, dataset, runtime, cfg_, progress, **kwargs):
         calls.append(1)
-        probs = real_validate(model, dataset, runtime, cfg_, progress)
+        probs = real_validate(model, dataset, runtime, cfg_, progress, **kwargs)
         return np.clip(dataset.labels, 0.001, 0.999) if len(calls) == 1 else probs  # epoch 1 "wins"
 
     monkeypatch.setattr(trainer, "validate", validate)
