@@ -82,7 +82,7 @@ def test_predict_benchmark():
 
 
 def test_stacking_benchmark_stage_two_beats_stage_one():
-    out = bench("stacking.py", "--train-rows", "8000", "--test-rows", "2000", "--scales", "0.5,1",
+    out = bench("stacking.py", "--train-rows", "8000", "--test-rows", "2000", "--scales", "0.5,1", "--k", "5",
                 "--set", "num_boost_round=40", "--set", "sequence.epochs=15", "--set", "sequence.batch_size=8",
                 "--set", "sequence.num_threads=1")
     rows = re.findall(r"^\s*(0\.500|1\.000)\s+([\d,]+)\s+([\d,]+)\s+(\d+)\s.*?([\d.]+) -> ([\d.]+) "
@@ -90,7 +90,7 @@ def test_stacking_benchmark_stage_two_beats_stage_one():
     assert [r[0] for r in rows] == ["0.500", "1.000"], out
     full = rows[-1]
     assert int(full[1].replace(",", "")) == 8000 and int(full[2].replace(",", "")) == 2000
-    assert int(full[3]) == 225  # two experiments, neighbors of their mean, 8 PCs each (BENCHMARKS.md)
+    assert int(full[3]) == 225  # two experiments, +-5 neighbors of their mean, 8 PCs each (BENCHMARKS.md)
     for r in rows:  # the generated stage one is noisy along the series: neighbors must help, both members
         assert float(r[5]) < float(r[4]) and float(r[6]) < float(r[4]) and float(r[7]) < float(r[4])
     assert "growth 0.5 -> 1" in out and "full scale:" not in out  # not the competition's size
