@@ -125,8 +125,8 @@ def test_kill_9_of_prepare_data_leaves_no_worker_alive(tmp_path):
         deadline = time.time() + 60
         while time.time() < deadline and proc.poll() is None:
             workers = _descendants(proc.pid)
-            if len(workers) >= 2 and (tmp_path / "clean" / "test" / "parts").is_dir() and \
-                    any((tmp_path / "clean" / "test" / "parts").iterdir()):
+            # a finished chunk (renamed into place; not a .tmp file still being written): the rerun must reuse it
+            if len(workers) >= 2 and any((tmp_path / "clean" / "test" / "parts").glob("chunk_*.parquet")):
                 break  # workers are up and chunks are flowing
             time.sleep(0.05)
         assert proc.poll() is None, f"prepare_data ended before the kill: {proc.communicate()}"
