@@ -35,8 +35,8 @@ def main(argv=None):
     with friendly_errors(SubmissionError, InferenceError, StackingError, StudyError, FileNotFoundError):
         settings = load_settings(args.settings)
         cfg = load_predict_config(args.config)
-        if args.study:  # the study path: same reading, stage one and stage two as below (models/study.py)
-            from models.study import study_cli
+        if args.study:  # the study path: same reading, stage one and stage two as below (pipeline/study.py)
+            from pipeline.study import study_cli
             return study_cli(args.study, args.out, settings, cfg)
         # stage one and two take hours on the real data: find a read-only output folder now, not at the last write
         require_writable({"MODEL_CHECKPOINT_DIR": settings.model_checkpoint_dir, "LOGS_DIR": settings.logs_dir,

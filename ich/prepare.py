@@ -137,14 +137,22 @@ def read_one(path: Path, cfg: PrepareConfig) -> tuple[np.ndarray, dict]:
     return image, {**_header_fields(header, HEADER_COLUMNS), **quality}
 
 
-def _process_chunk(folder: str, names: list[str], start: int, clean_dir: str, cfg: PrepareConfig) -> pd.DataFrame:
-    """Worker: read, window and cache one chunk of files; return one row per file."""
-    images = np.zeros((len(names), cfg.image_size, cfg.image_size, len(cfg.windows)), np.uint8)
+def read_files(files, cfg: PrepareConfig) -> tuple[np.ndarray, pd.DataFrame]:
+    """Files -> (their cached images, n x size x size x windows uint8, and one row each): the step
+    prepare_data's workers take per chunk, and the in-memory engine (pipeline.engine) per series.
+
+    files: (path, name, image_id) triples; name is what rejected.csv and the
+    study's skipped list say, image_id None means `image_id_for(name, the
+    header's SOPInstanceUID)` (prepare_data's rule). Row i's `cache_row` is
+    i (prepare_data shifts it to the chunk's place). A rejected file keeps
+    a row of zeros and its reason.
+    """
+    images = np.zeros((len(files), cfg.image_size, cfg.image_size, len(cfg.windows)), np.uint8)
     rows = []
-    for i, name in enumerate(names):
-        row = {"cache_row": start + i, "file": name, "reason": "", "detail": ""}
+    for i, (path, name, image_id) in enumerate(files):
+        row = {"cache_row": i, "file": name, "reason": "", "detail": ""}
         try:
-            images[i], fields = read_one(Path(folder) / name, cfg)
+            images[i], fields = read_one(Path(path), cfg)
             row.update(fields)
         except Rejected as rej:
             row.update(reason=rej.reason, detail=rej.detail[:300])
@@ -154,10 +162,35 @@ def _process_chunk(folder: str, names: list[str], start: int, clean_dir: str, cf
             raise
         except BaseException as exc:  # noqa: BLE001 - one odd file must not end a run of hours
             row.update(reason="unreadable", detail=f"unexpected {type(exc).__name__}: {exc}"[:300])
-        row["image_id"] = image_id_for(name, row.get("sop_uid"))
+        row["image_id"] = image_id if image_id is not None else image_id_for(name, row.get("sop_uid"))
         rows.append(row)
+    return images, pd.DataFrame(rows)
+
+
+def decode_files(files, cfg: PrepareConfig) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
+    """Files of whole series -> (images, slices, rejected) as prepare_split makes them, in memory.
+
+    The same reading (read_files), the same sorting out (_sort_out: duplicate
+    image IDs, no labels at test time) and the same slice table (series
+    order by z, slice_index, n_slices, z_spacing) without a cache on disk;
+    `slices.cache_row` indexes `images`. The in-memory engine's workers call
+    it per group of series (pipeline.decode), so a test split or a study
+    is never written as images.
+    """
+    images, table = read_files(files, cfg)
+    summary = Summary(split="test", clean_dir=Path("."), n_files=len(files))
+    usable, rejected = _sort_out(table, None, summary)
+    if usable.empty:  # every file rejected: no slice table to order (prepare_split stops there)
+        return images, pd.DataFrame(columns=["image_id", "series_id", "slice_index", "cache_row"]), rejected
+    return images, _slice_table(usable, None, cfg, summary), rejected
+
+
+def _process_chunk(folder: str, names: list[str], start: int, clean_dir: str, cfg: PrepareConfig) -> pd.DataFrame:
+    """Worker: read, window and cache one chunk of files; return one row per file."""
+    images, table = read_files([(Path(folder) / name, name, None) for name in names], cfg)
+    table["cache_row"] += start
     cache.write_rows(Path(clean_dir), start, images)  # rows of rejected files: zeros
-    return pd.DataFrame(rows)
+    return table
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

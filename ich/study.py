@@ -1,7 +1,7 @@
 """One study in (a folder or a .zip of DICOM files, any layout): its files, sorted into the one
 series the models read and the rest, each with a reason.
 
-The DICOM side of the study path (models.study runs the models). A study
+The DICOM side of the study path (pipeline.study runs the models). A study
 from a scanner or a PACS export holds several series (axial and reformatted
 planes, scouts, dose reports) and non-image files; the networks were trained
 on axial head-CT slices, so exactly one series is chosen: among the CT series

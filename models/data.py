@@ -99,9 +99,11 @@ class EpochAware:
 class SliceDataset(EpochAware, Dataset):
     """Item i (or EpochItem) -> (uint8 tensor C x H x W, float32 labels (6,) or zeros, i)."""
 
-    def __init__(self, table: pd.DataFrame, clean_dir: str | Path, *, mode: str = "windows",
-                 channel: int = 0, size: int = 256, transform=None):
-        self.clean_dir = str(clean_dir)
+    def __init__(self, table: pd.DataFrame, clean_dir: str | Path | None, *, mode: str = "windows",
+                 channel: int = 0, size: int = 256, transform=None, images: np.ndarray | None = None):
+        """clean_dir: the image cache `cache_row` indexes; or `images` (n x H x W x windows uint8, the
+        cache's layout) already in memory: the in-memory engine (pipeline.decode) and Grad-CAM."""
+        self.clean_dir = None if clean_dir is None else str(clean_dir)
         self.rows = table["cache_row"].to_numpy(np.int64)
         neighbors = mode in ("adjacent", "adjacent_windows")
         self.prev = table["prev_row"].to_numpy(np.int64) if neighbors else None
@@ -110,7 +112,7 @@ class SliceDataset(EpochAware, Dataset):
         self.labels = (np.array(table[list(LABELS)].to_numpy(np.float32)) if has_labels
                        else np.zeros((len(table), len(LABELS)), np.float32))
         self.mode, self.channel, self.size, self.transform = mode, channel, size, transform
-        self._images = None  # opened lazily: a memmap must not be pickled into workers
+        self._images = images  # None: the cache, opened lazily (a memmap must not be pickled into workers)
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -106,6 +106,14 @@ def fold_checkpoints(exp_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def require_fold_checkpoints(exp_dir: Path) -> dict[int, Path]:
+    """fold_checkpoints, or InferenceError when the experiment has none (the one place that says so)."""
+    checkpoints = fold_checkpoints(exp_dir)
+    if not checkpoints:
+        raise InferenceError(f"no fold checkpoints in {exp_dir}: run train.py for {exp_dir.name} first")
+    return checkpoints
+
+
 def load_fold_model(path: Path, runtime: Runtime, reuse=None):
     """A fold checkpoint -> (model on the device, its experiment config, the checkpoint dict without weights).
 
@@ -192,9 +200,7 @@ def predict_test(exp_dir: Path, test_dir: Path, runtime: Runtime, *, batch_size:
     if not slices_path.is_file():
         raise InferenceError(f"{slices_path} not found: run prepare_data.py --split test first")
     slices = with_neighbors(pd.read_parquet(slices_path))
-    checkpoints = fold_checkpoints(exp_dir)
-    if not checkpoints:
-        raise InferenceError(f"no fold checkpoints in {exp_dir}: run train.py for {exp_dir.name} first")
+    checkpoints = require_fold_checkpoints(exp_dir)
     key = outputs_key(checkpoints, test_dir, slices["image_id"])
     if not force and _reusable(exp_dir, key, checkpoints):
         log(f"{exp_dir.name}: stage-one test predictions reused ({exp_dir / 'test.parquet'}; same checkpoints, "

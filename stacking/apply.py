@@ -27,7 +27,8 @@ from . import blend
 from .config import PredictCfg
 from .features import build_features, series_inputs
 from .model import logit, predict_booster
-from .run import SAVED, SAVED_VERSION, SEQUENCE_SAVED, StackingError, fold_model_view, mean_probs
+from .run import (SAVED, SAVED_VERSION, SEQUENCE_SAVED, StackingError, StageOne, fold_model_view, mean_probs,
+                  view_of)
 
 
 def load_saved(cfg: PredictCfg, model_dir: Path) -> tuple[dict, dict, dict]:
@@ -65,35 +66,53 @@ def load_saved(cfg: PredictCfg, model_dir: Path) -> tuple[dict, dict, dict]:
     return saved, boosters, members
 
 
-def apply_stage_two(cfg: PredictCfg, model_dir: Path, slices: pd.DataFrame) -> pd.DataFrame:
-    """Stage-two probabilities of `slices` (image_id + six labels, slices' row order).
+class SavedStageTwo:
+    """A trained stage two, loaded once (boosters, aligned PCAs, sequence members, blend weights) and
+    applied to any slices: the in-memory engine (pipeline.engine) holds one for its life."""
 
-    Reads each experiment's per-fold-model outputs on these slices from
-    MODEL_CHECKPOINT_DIR/<experiment>/test_fold{k}.* (models.predict_split
-    writes them for any test clean dir); each member's mean over fold-model
-    pairings, then the saved per-label blend.
-    """
-    saved, boosters, members = load_saved(cfg, model_dir)
-    folds = saved["folds"]
-    total = {name: np.zeros((len(slices), len(LABELS))) for name in saved["members"]}
-    for k in folds:
-        view = fold_model_view(cfg, model_dir, slices, k, saved["pca"])
-        base = mean_probs(view) if cfg.start_from_stage_one else None
-        if boosters:
-            X, names = build_features(slices, view.probs, k=cfg.k_neighbors, embeddings=view.pcs or None,
-                                      neighbors=cfg.neighbors)
-            if names != saved["feature_names"]:
-                raise StackingError("these slices give other stage-two features than training did ("
-                                    + ", ".join(sorted(set(names) ^ set(saved["feature_names"]))[:5])
-                                    + "): prepare them with the same prepare_data.py")
-            init = None if base is None else logit(base)
-            for j, label in enumerate(LABELS):
-                total["lightgbm"][:, j] += predict_booster(boosters[label, k], X, None,
-                                                           None if init is None else init[:, j]) / len(folds)
-        if members:
-            from .sequence import apply_member
-            total["sequence"] += apply_member(members[k], saved["sequence_params"], slices,
-                                              series_inputs(slices, view.probs, view.pcs), base) / len(folds)
-    out = pd.DataFrame(blend.apply(saved["blend_weights"], total), columns=list(LABELS))
-    out.insert(0, "image_id", slices["image_id"].to_numpy())
-    return out
+    def __init__(self, cfg: PredictCfg, model_dir: Path):
+        self.cfg = cfg
+        self.saved, self.boosters, self.members = load_saved(cfg, model_dir)
+
+    @property
+    def folds(self) -> list[int]:
+        return [int(k) for k in self.saved["folds"]]
+
+    def view(self, k: int, outputs: dict) -> StageOne:
+        """Fold model k's in-memory outputs ({experiment: (probabilities, embeddings)}) -> its stage-two view."""
+        return view_of(self.cfg, outputs, k, self.saved["pca"])
+
+    def apply(self, slices: pd.DataFrame, views) -> pd.DataFrame:
+        """Stage-two probabilities of `slices` (image_id + six labels, slices' row order); views(k): fold
+        model k's StageOne on those rows. Each member's mean over fold-model pairings, then the blend."""
+        cfg, saved = self.cfg, self.saved
+        folds = self.folds
+        total = {name: np.zeros((len(slices), len(LABELS))) for name in saved["members"]}
+        for k in folds:
+            view = views(k)
+            base = mean_probs(view) if cfg.start_from_stage_one else None
+            if self.boosters:
+                X, names = build_features(slices, view.probs, k=cfg.k_neighbors, embeddings=view.pcs or None,
+                                          neighbors=cfg.neighbors)
+                if names != saved["feature_names"]:
+                    raise StackingError("these slices give other stage-two features than training did ("
+                                        + ", ".join(sorted(set(names) ^ set(saved["feature_names"]))[:5])
+                                        + "): prepare them with the same prepare_data.py")
+                init = None if base is None else logit(base)
+                for j, label in enumerate(LABELS):
+                    total["lightgbm"][:, j] += predict_booster(self.boosters[label, k], X, None,
+                                                               None if init is None else init[:, j]) / len(folds)
+            if self.members:
+                from .sequence import apply_member
+                total["sequence"] += apply_member(self.members[k], saved["sequence_params"], slices,
+                                                  series_inputs(slices, view.probs, view.pcs), base) / len(folds)
+        out = pd.DataFrame(blend.apply(saved["blend_weights"], total), columns=list(LABELS))
+        out.insert(0, "image_id", slices["image_id"].to_numpy())
+        return out
+
+
+def apply_stage_two(cfg: PredictCfg, model_dir: Path, slices: pd.DataFrame) -> pd.DataFrame:
+    """Stage two on `slices` from the per-fold-model outputs predict.py wrote for them
+    (MODEL_CHECKPOINT_DIR/<experiment>/test_fold{k}.*, models.predict_split): `SavedStageTwo.apply`."""
+    stage_two = SavedStageTwo(cfg, model_dir)
+    return stage_two.apply(slices, lambda k: fold_model_view(cfg, model_dir, slices, k, stage_two.saved["pca"]))

@@ -272,12 +272,26 @@ def _common_scores(exp_dir: Path, test_slices: pd.DataFrame, models: dict, max_r
 def fold_model_view(cfg: PredictCfg, model_dir: Path, slices: pd.DataFrame, k: int, pca_models: dict) -> StageOne:
     """What stage-one fold model k of every experiment says about `slices` (its test_fold{k} outputs),
     with its embeddings through that model's own PCA (`pca_models[(experiment, k)]`)."""
-    view = StageOne({})
+    outputs = {}
     for exp in cfg.experiments:
         d = model_dir / exp
-        view.probs[exp], rows, n = _aligned(_test_fold_path(d, k), slices["image_id"], f"fold {k} test stage-one")
+        probs, rows, n = _aligned(_test_fold_path(d, k), slices["image_id"], f"fold {k} test stage-one")
+        emb = _embeddings(_test_fold_path(d, k, emb=True), rows, n) if cfg.pca_components else None
+        outputs[exp] = (probs, emb)
+    return view_of(cfg, outputs, k, pca_models)
+
+
+def view_of(cfg: PredictCfg, outputs: dict, k: int, pca_models: dict) -> StageOne:
+    """Fold model k's outputs on some rows ({experiment: (probabilities, embeddings or None)}, rows
+    aligned) -> the view stage two reads: the probabilities, and the embeddings through that fold model's
+    own aligned PCA. The one place both the file path above and the in-memory engine
+    (pipeline.engine) make it."""
+    view = StageOne({})
+    for exp in cfg.experiments:
+        probs, emb = outputs[exp]
+        view.probs[exp] = np.asarray(probs, np.float32)
         if cfg.pca_components:
-            view.pcs[exp] = pca_models[exp, k].transform(_embeddings(_test_fold_path(d, k, emb=True), rows, n))
+            view.pcs[exp] = pca_models[exp, k].transform(np.asarray(emb, np.float32))
     return view
 
 

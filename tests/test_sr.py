@@ -1,4 +1,4 @@
-"""models.sr: the study's DICOM SR (TID 1500) from source headers and a probability table."""
+"""pipeline.sr: the study's DICOM SR (TID 1500) from source headers and a probability table."""
 from __future__ import annotations
 
 import copy
@@ -14,7 +14,8 @@ from pydicom.uid import generate_uid
 
 from conftest import sr_problems, sr_tools_missing
 from ich.labels import LABELS
-from models.sr import NOTICE, PROBABILITY, build_sr, is_uid, sr_bytes, valid_uid, write_sr
+from pipeline.notice import NOTICE
+from pipeline.sr import PROBABILITY, build_sr, is_uid, sr_bytes, valid_uid, write_sr
 
 N = 5
 MODEL = {"experiments": ["exp_a", "exp_b"], "folds": 5, "stage_two": "stack_v1", "oof_score": 0.0612}

@@ -7,7 +7,7 @@ API (the page uses nothing else):
 - `GET /api/studies/{id}`: the result again.
 - `GET /api/studies/{id}/download/{csv|kaggle_csv|json|sr}[?threshold=T]`:
   the outputs of `predict.py --study`, from the same code
-  (models.study.output_bytes), at the page's threshold T in (0, 1) (default
+  (pipeline.outputs), at the page's threshold T in (0, 1) (default
   0.5; anything else is a 400), named by the result's tag
   (`ich_<id>_<date>...`), never by patient data.
 - `GET /api/studies/{id}/patient`: patient name and ID, for the page to show
@@ -19,7 +19,7 @@ API (the page uses nothing else):
 - `GET /api/studies/{id}/slices/{row}/hu.png`: the slice at its source
   resolution in HU, for the viewer's own window/level: an RGB PNG whose red
   and green bytes are HU + 32768 (high, low). 404 when the server did not
-  keep the series' files (larger than models.study.SOURCE_BYTES).
+  keep the series' files (larger than pipeline.study.SOURCE_BYTES).
 - `GET /api/studies/{id}/slices/{row}/cam.png?label=subdural`: its Grad-CAM
   as an RGBA heat map (alpha = attention), to lay over the image.
 - `DELETE /api/studies/{id}`: forget a result now. `GET /api/health`.
@@ -69,17 +69,17 @@ from fastapi.templating import Jinja2Templates
 from ich.labels import LABELS, SUBTYPES
 from ich.study import MAX_FILES, Deadline, StudyError, choose_series, unpack_zip
 from models.predict_split import InferenceError
-from models.study import NOTICE, OUTPUTS, check_chosen, output_bytes
+from pipeline.notice import NOTICE
+from pipeline.outputs import KINDS, output_bytes
+from pipeline.study import check_chosen
 
-from .engine import Busy, Engine
+from .engine import Busy, WebEngine
 from .guard import Guard, csp
 from .store import StudyStore
 from .uploads import ClientGone, UploadError, WorkDir, receive_files, safe_name
 
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("ich.web")
-MEDIA = {"csv": "text/csv", "kaggle_csv": "text/csv", "json": "application/json", "sr": "application/dicom"}
-SUFFIX = {"csv": ".csv", "kaggle_csv": "_kaggle.csv", "json": ".json", "sr": "_sr.dcm"}  # after the result tag
 
 
 class ApiError(Exception):
@@ -211,7 +211,7 @@ def heat_map(cam: np.ndarray) -> np.ndarray:
     return np.dstack([bgr, alpha])
 
 
-def create_app(engine: Engine, *, max_upload_mb: int = 1024, max_studies: int = 8,
+def create_app(engine: WebEngine, *, max_upload_mb: int = 1024, max_studies: int = 8,
                allowed_hosts: set[str] | None = frozenset({"127.0.0.1", "localhost", "::1"}),
                work: WorkDir | None = None, max_unpacked_mb: int = 2048, read_seconds: float = 120,
                body_timeout: float = 30, triage_workers: int = 2) -> FastAPI:
@@ -330,8 +330,8 @@ def create_app(engine: Engine, *, max_upload_mb: int = 1024, max_studies: int = 
 
     @app.get("/api/studies/{study_id}/download/{kind}")
     async def download(study_id: str, kind: str, threshold: str | None = None):
-        if kind not in OUTPUTS:
-            raise ApiError(404, f"no output {kind!r}: one of {', '.join(OUTPUTS)}")
+        if kind not in KINDS:
+            raise ApiError(404, f"no output {kind!r}: one of {', '.join(KINDS)}")
         cut = 0.5
         if threshold is not None:
             try:
@@ -343,8 +343,8 @@ def create_app(engine: Engine, *, max_upload_mb: int = 1024, max_studies: int = 
                                     f"got {threshold[:20]!r}")
         result = result_of(study_id)
         data = await run_in_threadpool(output_bytes, result, kind, engine.model, cut)
-        name = result_tag(study_id, result) + SUFFIX[kind]
-        return Response(data, media_type=MEDIA[kind],
+        name = result_tag(study_id, result) + KINDS[kind].suffix
+        return Response(data, media_type=KINDS[kind].media_type,
                         headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
     def slice_row(result: dict, row: int) -> int:

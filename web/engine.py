@@ -1,23 +1,23 @@
-"""The web application's model side: one study at a time through predict.py's study path, plus Grad-CAM.
+"""The web application's model side: one in-memory engine (pipeline.engine), one study at a time, plus Grad-CAM.
 
-`Engine.run` is `models.study.predict_study` (the batch path's prepare,
-stage one and saved stage two; tests/test_study.py proves equal
-probabilities) on files the web app has already read and sorted out
-(`models.study.select_study`, outside this lock, with caps on time and
-bytes), called under one lock: inference is CPU- or GPU-bound, so
-running two at once only makes both slower and doubles the memory; later
-requests queue on the lock, and beyond `max_waiting` they are told to come
-back (HTTP 503) instead of piling up threads and memory.
+Built once when the server starts (`load_engine`): every fold model of the
+predict config and the saved stage two are loaded, the decode workers
+started and torch warmed up, so an upload pays none of it. `WebEngine.run`
+is `pipeline.study.predict_study` (the batch path's reading, stage one and
+stage two, in memory; tests/test_study.py proves equal probabilities) on
+files the web app has already read and sorted out (outside this lock,
+with caps on time and bytes), called under one lock: inference is CPU- or
+GPU-bound, so running two at once only makes both slower and doubles the
+memory; later requests queue on the lock, and beyond `max_waiting` they are
+told to come back (HTTP 503) instead of piling up threads and memory.
 
-Grad-CAM (`Engine.cam`) explains a slice with the first experiment's fold
-models, each on the slice's network input exactly as stage one saw it
-(models.data.SliceDataset over the study's cached windows, kept in memory),
-through the report's Grad-CAM code (models.report.gradcam); the map shown is
-the mean over the fold models, since every fold model's probability enters
-the result. The models are loaded once, at start-up (which also pays
-torch's and timm's one-off start costs before the first upload), and kept;
-they have their own lock, so looking at maps does not wait for an upload's
-inference.
+Grad-CAM (`WebEngine.cam`) explains a slice with the first experiment's
+fold models (the engine's own, in float32 copies), each on the slice's
+network input exactly as stage one saw it (models.data.SliceDataset over
+the study's windows, kept in memory), through models.gradcam; the map
+shown is the mean over the fold models, since every fold model's
+probability enters the result. It has its own lock, so looking at maps
+does not wait for an upload's inference.
 """
 from __future__ import annotations
 
@@ -31,39 +31,38 @@ import pandas as pd
 from ich.labels import LABELS
 from ich.study import StudyError
 from models import runtime as rt
-from models.predict_split import InferenceError, fold_checkpoints
-from models.study import model_info, predict_study
+from pipeline.decode import default_workers
+from pipeline.engine import Engine
+from pipeline.study import model_info, predict_study
 
 
 class Busy(RuntimeError):
     """Too many requests already wait for the model."""
 
 
-class Engine:
-    def __init__(self, settings, cfg, *, max_waiting: int = 16, work_dir: Path | None = None):
+class WebEngine:
+    def __init__(self, settings, cfg, *, max_waiting: int = 16, work_dir: Path | None = None,
+                 decode_workers: int | None = None):
         self.settings, self.cfg, self.max_waiting, self.work_dir = settings, cfg, max_waiting, work_dir
-        for exp in cfg.experiments:  # fail at start-up, not on the first upload
-            if not fold_checkpoints(settings.model_checkpoint_dir / exp):
-                raise InferenceError(f"no fold checkpoints in {settings.model_checkpoint_dir / exp}: "
-                                     f"run train.py for {exp} first")
-        saved = settings.model_checkpoint_dir / "stacking" / cfg.name
-        if not saved.is_dir():
-            raise InferenceError(f"no saved stage two in {saved}: run predict.py --config with this config first")
-        self.model = model_info(cfg, settings.model_checkpoint_dir, settings.logs_dir)
         self.runtime = rt.setup(cfg.amp, True)
+        # at least one decode worker: an upload's DICOMs are never decoded on a request's thread
+        workers = max(1, min(cfg.num_workers, default_workers())) if decode_workers is None else decode_workers
+        self.engine = Engine(cfg, settings.model_checkpoint_dir, self.runtime, num_workers=workers,
+                             train_dir=settings.train_clean_dir)
+        self.model = model_info(cfg, settings.model_checkpoint_dir, settings.logs_dir)
         self._lock, self._cam_lock, self._count_lock = threading.Lock(), threading.Lock(), threading.Lock()
         self._waiting = 0
-        self._cam_models = self._load_cam_models()  # also warms torch/timm up: the first upload is not slower
+        self._cam_models = self._load_cam_models()
 
     def check_room(self) -> None:
         """Busy when the queue is full already: said before an upload is read, and again in `run`."""
         if self._waiting >= self.max_waiting:
             raise Busy(f"{self._waiting} studies are already waiting for the model: try again in a minute")
 
-    def run(self, study, series_index: int | None = None, *, work_dir: Path | None = None) -> dict:
-        """One study (ich.study.StudyFiles, or what predict_study takes) -> predict_study's result with the
-        slices' windows; raises Busy when the queue is full. work_dir: where its temporary folder goes (the
-        request's own folder, so that a crash leaves nothing the next start does not sweep)."""
+    def run(self, files, series_index: int | None = None, *, work_dir: Path | None = None) -> dict:
+        """One study's files, sorted out (ich.study.StudyFiles) -> predict_study's result with the slices'
+        windows; raises Busy when the queue is full. (series_index and work_dir: the choice of series is
+        made when the files are sorted out, and nothing is written: kept for the callers' signature.)"""
         with self._count_lock:
             if self._waiting >= self.max_waiting:
                 raise Busy(f"{self._waiting} studies are already waiting for the model: try again in a minute")
@@ -72,10 +71,7 @@ class Engine:
             t = time.time()
             with self._lock:
                 queued = time.time() - t
-                result = predict_study(study, self.cfg, train_dir=self.settings.train_clean_dir,
-                                       model_dir=self.settings.model_checkpoint_dir, runtime=self.runtime,
-                                       series_index=series_index, keep_images=True, log=lambda *a: None,
-                                       work_dir=work_dir or self.work_dir)
+                result = predict_study(files, self.engine, keep_images=True, log=lambda *a: None)
         finally:
             with self._count_lock:
                 self._waiting -= 1
@@ -84,15 +80,18 @@ class Engine:
 
     # --- Grad-CAM -------------------------------------------------------------------------------
     def _load_cam_models(self):
-        from models.predict_split import load_fold_model
+        """The first experiment's fold models, loaded once more from the checkpoints the engine loaded, in
+        float32 and never compiled (Grad-CAM hooks a layer and needs gradients in full precision)."""
         from models.report.gradcam import target_layer
+        from models.predict_split import load_fold_model
 
         exp = self.cfg.experiments[0]
         models = []
-        for path in fold_checkpoints(self.settings.model_checkpoint_dir / exp).values():
-            model, cfg, _ = load_fold_model(path, self.runtime)
-            model = model.float().eval()
-            models.append((model, target_layer(model, cfg.final_size), cfg))
+        for f in self.engine.fold_models:
+            if f.experiment == exp:
+                model, cfg, _ = load_fold_model(f.path, self.runtime)
+                model = model.float().eval()
+                models.append((model, target_layer(model, cfg.final_size), cfg))
         return models
 
     def cam(self, result: dict, row: int, label: str) -> np.ndarray:
@@ -117,9 +116,8 @@ class Engine:
                                                  "cache_row": np.arange(len(images))}))
             maps = []
             for model, layer, cfg in self._cam_models:
-                dataset = SliceDataset(table, "(in memory)", mode=cfg.input.mode, channel=cfg.input.adjacent_channel,
-                                       size=cfg.final_size)
-                dataset._images = images  # the study's cached windows, in memory: nothing on disk
+                dataset = SliceDataset(table, None, mode=cfg.input.mode, channel=cfg.input.adjacent_channel,
+                                       size=cfg.final_size, images=images)  # the study's windows, in memory
                 maps.append(cam_for(model, layer, dataset.image(row), LABELS.index(label)))
         size = images.shape[1]
         cam = cv2.resize(np.mean(maps, axis=0).astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
@@ -127,11 +125,12 @@ class Engine:
         return cams[row, label]
 
     def close(self) -> None:
+        self.engine.close()
         rt.teardown()
 
 
-def load_engine(settings_path: str | Path, config_path: str | Path, **kwargs) -> Engine:
+def load_engine(settings_path: str | Path, config_path: str | Path, **kwargs) -> WebEngine:
     from ich.settings import load_settings
     from stacking.config import load_predict_config
 
-    return Engine(load_settings(settings_path), load_predict_config(config_path), **kwargs)
+    return WebEngine(load_settings(settings_path), load_predict_config(config_path), **kwargs)

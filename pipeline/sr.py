@@ -53,7 +53,7 @@ from pydicom.uid import CTImageStorage, generate_uid
 from ich.cache import write_atomic
 from ich.labels import LABELS
 
-from .study import NOTICE  # one text for every output (models.study)
+from .notice import NOTICE  # one text for every output
 MANUFACTURER = "ich-reference (research)"
 SCHEME = "99RSNAICH"
 DEVICE_UID = generate_uid(prefix=None, entropy_srcs=["ich-reference device observer"])  # same every run

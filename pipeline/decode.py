@@ -1,0 +1,133 @@
+"""DICOM files -> every experiment's network inputs, in DataLoader workers, in memory.
+
+What prepare_data and the image cache do for the batch path, without the
+cache: a worker takes one group of whole series (a study's chosen series,
+or a few series of a test split), runs `ich.prepare.decode_files` on it
+(the same header checks, HU, windows, resize, crop and rejection reasons,
+with the train cache's image settings; series order by z) and builds each
+distinct network input (`InputSpec`: input mode, adjacent channel, size)
+with stage one's own `models.data.SliceDataset`, neighbours taken from the
+series' z-order. The main process only runs the models.
+
+`Decoder` keeps its workers for its whole life (persistent workers): the
+web server decodes every upload in workers started once, at start-up, and
+never on a request's thread. The groups to decode are handed to the
+DataLoader through its sampler, which yields the groups themselves; the
+dataset maps a group to its `Decoded`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ich.config import PrepareConfig
+from ich.prepare import decode_files
+from models.data import SliceDataset, with_neighbors
+
+
+class InputSpec(NamedTuple):
+    """One network input: what SliceDataset needs besides the images (experiment config `input`, final size)."""
+    mode: str
+    channel: int
+    size: int
+
+
+class SliceFile(NamedTuple):
+    """One DICOM file: where it is, the name to report it by, and its image_id (None: prepare_data's rule,
+    the file name, or its SOPInstanceUID when the name is no safe ID)."""
+    path: str
+    name: str
+    image_id: str | None = None
+
+
+@dataclass
+class Decoded:
+    """One group of series, decoded: usable slices in series z-order, the rejected files with reasons,
+    each InputSpec's batch (uint8, n x C x H x W, rows as `slices`), and the cache-like windows when kept."""
+    slices: pd.DataFrame
+    rejected: pd.DataFrame
+    inputs: dict[InputSpec, torch.Tensor]
+    images: torch.Tensor | None = None  # n x H x W x windows uint8, rows as `slices`
+
+
+def network_inputs(images: np.ndarray, slices: pd.DataFrame, specs) -> dict[InputSpec, torch.Tensor]:
+    """Each spec's network input for every row of `slices` (cache_row indexes `images`), as stage one's
+    SliceDataset makes it from the cache, neighbours included."""
+    table = with_neighbors(slices)
+    out = {}
+    for spec in specs:
+        data = SliceDataset(table, None, mode=spec.mode, channel=spec.channel, size=spec.size, images=images)
+        batch = np.stack([data.image(i) for i in range(len(table))]) if len(table) else np.zeros(
+            (0, spec.size, spec.size, 1), np.uint8)
+        out[spec] = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
+    return out
+
+
+class _Groups(Dataset):
+    """item (a tuple of SliceFile, keep_images) -> Decoded."""
+
+    def __init__(self, cfg: PrepareConfig, specs: tuple[InputSpec, ...]):
+        self.cfg, self.specs = cfg, specs
+
+    def __getitem__(self, item) -> Decoded:
+        files, keep = item
+        images, slices, rejected = decode_files([(Path(f.path), f.name, f.image_id) for f in files], self.cfg)
+        slices = slices.reset_index(drop=True)
+        inputs = network_inputs(images, slices, self.specs)
+        kept = torch.from_numpy(images[slices["cache_row"].to_numpy(np.int64)]) if keep else None
+        slices["cache_row"] = np.arange(len(slices), dtype=np.int64)  # now: the row in this group's arrays
+        return Decoded(slices, rejected, inputs, kept)
+
+
+class _Handed(Sampler):
+    """Yields the items set last: the DataLoader passes each to the dataset as its 'index'."""
+
+    def __init__(self):
+        self.items: list = []
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def _as_is(item):
+    return item
+
+
+class Decoder:
+    """Groups of files -> Decoded, in order, decoded by `num_workers` persistent DataLoader workers
+    (0: in the calling thread; tests and the 2-core demo)."""
+
+    def __init__(self, cfg: PrepareConfig, specs, num_workers: int = 0):
+        self.cfg, self.specs = cfg, tuple(dict.fromkeys(specs))
+        self.num_workers = max(0, int(num_workers))
+        self._sampler = _Handed()
+        self._loader = DataLoader(_Groups(cfg, self.specs), batch_size=None, sampler=self._sampler,
+                                  num_workers=self.num_workers, collate_fn=_as_is,
+                                  persistent_workers=self.num_workers > 0,
+                                  prefetch_factor=2 if self.num_workers else None)
+
+    def start(self) -> None:
+        """Start the workers now (a pass over nothing): the first real pass does not wait for them."""
+        for _ in self(()):
+            pass
+
+    def __call__(self, groups, keep_images: bool = False):
+        """Yield each group's Decoded, in the groups' order. Not re-entrant: one pass at a time."""
+        self._sampler.items = [(tuple(g), keep_images) for g in groups]
+        yield from self._loader
+
+
+def default_workers() -> int:
+    """Decode workers for a whole test split: every core but one for the main process, at most 12."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(12, cores - 1))
