@@ -1,0 +1,308 @@
+"""Batch predict, the body of predict.py: stage one on the test set, stage two, submission.csv.
+
+Stage one on the test set takes one of two roads to the same outputs
+(MODEL_CHECKPOINT_DIR/<experiment>/test_fold{k}.parquet + _emb.npy per
+fold model, test.parquet their mean, test_meta.json what made them):
+
+- cached: TEST_DATA_CLEAN_PATH holds a test cache that `prepare_data.py
+  --split test` built; models.predict_split reads it (the fastest road when
+  the disk is there: the images are decoded once, before).
+- streaming: no test cache there. The test DICOMs of RAW_DATA_DIR go
+  through the in-memory engine (pipeline.engine): headers read once to
+  group the files into series, then each series decoded in DataLoader
+  workers with prepare_data's own code and run through every fold model of
+  every experiment. No image is written: a Kaggle kernel needs no 95 GB
+  scratch. The slice table and rejected files (what prepare_data would
+  have written) go to TEST_DATA_CLEAN_PATH/streamed/, a few MB, so a rerun
+  with the same checkpoints and files reuses the outputs.
+
+Both roads give the same submission (tests/test_streaming.py). Series are
+decoded in series_id order, so the streamed slice table has
+prepare_data's row order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ich import provenance
+from ich.cache import files_digest, read_meta, write_atomic
+from ich.labels import LABELS
+from ich.prepare import TEST_DIR, PrepareError, list_files
+from ich.submission import build_submission, read_sample, score_submission, write_submission
+
+from .decode import SliceFile
+from .engine import Engine, Sink
+
+KAGGLE = "rsna-intracranial-hemorrhage-detection"
+STREAMED = "streamed"          # TEST_DATA_CLEAN_PATH/streamed/: the streamed slice table, rejected files, key
+SCAN_CHUNK = 256               # files per header-scan task
+
+
+# --- the header scan: which files make which series ----------------------------------------------
+class _Headers(Dataset):
+    """A chunk of file names -> [(series_id or None, z or nan)] (None: the header cannot be read; the
+    decode step rejects that file with prepare_data's reason)."""
+
+    def __init__(self, folder: Path, chunks: list[list[str]], max_pixels: int):
+        self.folder, self.chunks, self.max_pixels = folder, chunks, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i):
+        import warnings
+
+        from ich.dicom import Rejected, read_header
+        out = []
+        for name in self.chunks[i]:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    out.append(read_header(self.folder / name, self.max_pixels).series_id)
+            except Rejected:
+                out.append(None)
+            except Exception:  # noqa: BLE001 - the decode step gives the reason
+                out.append(None)
+        return out
+
+
+def series_groups(folder: Path, names: list[str], max_pixels: int, num_workers: int,
+                  progress: bool = True) -> list[list[SliceFile]]:
+    """The files of a split grouped by series (headers only, in DataLoader workers), series in
+    series_id order; a file whose header cannot be read is a group of its own, last."""
+    chunks = [names[i:i + SCAN_CHUNK] for i in range(0, len(names), SCAN_CHUNK)]
+    loader = DataLoader(_Headers(folder, chunks, max_pixels), batch_size=None, num_workers=num_workers,
+                        collate_fn=lambda x: x)
+    series = []
+    for part in tqdm(loader, total=len(chunks), desc="read test headers", unit="chunk", disable=not progress,
+                     leave=False):
+        series.extend(part)
+    by_series: dict[str, list[SliceFile]] = {}
+    lone = []
+    for name, sid in zip(names, series):
+        f = SliceFile(str(folder / name), name, None)
+        if sid is None or not isinstance(sid, str) or not sid:
+            lone.append([f])
+        else:
+            by_series.setdefault(sid, []).append(f)
+    return [by_series[s] for s in sorted(by_series)] + lone
+
+
+# --- the streaming sink: embeddings to disk as they come -----------------------------------------
+class StreamSink(Sink):
+    """Keeps the slice tables and probabilities; appends each fold model's embeddings to a raw file
+    beside its final place (no image is kept: a group's inputs are dropped once run)."""
+
+    def __init__(self, parts: dict[tuple, Path]):
+        super().__init__(keep_embeddings=False)
+        self.parts = parts
+        self.files = {key: open(path, "wb") for key, path in parts.items()}
+        self.dims: dict[tuple, int] = {}
+
+    def add_group(self, decoded) -> None:
+        self.groups.append(dataclasses.replace(decoded, inputs={}, images=None))
+
+    def add_outputs(self, key, probs, emb) -> None:
+        super().add_outputs(key, probs, None)
+        self.dims[key] = emb.shape[1]
+        self.files[key].write(np.ascontiguousarray(emb, np.float16).tobytes())
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def save_embeddings(self, key, path: Path, rows: int) -> None:
+        """The raw embeddings of one fold model -> an .npy file (header, then the rows as written)."""
+        def write(tmp):
+            with open(tmp, "wb") as out, open(self.parts[key], "rb") as raw:
+                np.lib.format.write_array_header_1_0(out, {"descr": np.dtype(np.float16).str, "fortran_order": False,
+                                                           "shape": (rows, self.dims.get(key, 0))})
+                shutil.copyfileobj(raw, out, 1 << 24)
+        write_atomic(path, write)
+        self.parts[key].unlink(missing_ok=True)
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stream_key(engine: Engine, names: list[str], exp: str) -> dict:
+    """What one experiment's streamed test outputs depend on: its checkpoints' bytes, the image settings
+    and the test files (equal keys: the outputs can be reused)."""
+    return {"road": "streamed",
+            "checkpoints": {str(f.k): _digest(f.path) for f in engine.fold_models if f.experiment == exp},
+            "image_settings": engine.image_settings, "n_files": len(names), "files_digest": files_digest(names)}
+
+
+def stream_test(cfg, settings, runtime, *, force: bool = False, progress: bool = True, log=print):
+    """Stage one on RAW_DATA_DIR's test DICOMs through the engine -> (test slices, rejected, {experiment:
+    fold-mean table}); writes each fold model's outputs as models.predict_split does, and no image."""
+    folder = settings.raw_data_dir / TEST_DIR
+    if not folder.is_dir():
+        raise PrepareError(f"no {TEST_DIR}/ folder under RAW_DATA_DIR ({settings.raw_data_dir}) and no test "
+                           f"cache in {settings.test_clean_dir}: nothing to predict")
+    names = list_files(folder)
+    if not names:
+        raise PrepareError(f"{folder} holds no files")
+    out_dir = settings.test_clean_dir / STREAMED
+    engine = Engine(cfg, settings.model_checkpoint_dir, runtime, stage_two=False, num_workers=cfg.num_workers,
+                    train_dir=settings.train_clean_dir)
+    try:
+        keys = {exp: stream_key(engine, names, exp) for exp in cfg.experiments}
+        dirs = {exp: settings.model_checkpoint_dir / exp for exp in cfg.experiments}
+        if not force and _reusable(out_dir, dirs, keys, engine):
+            log(f"stage-one test outputs reused ({out_dir}: same checkpoints, image settings and test files)")
+            slices = pd.read_parquet(out_dir / "slices.parquet")
+            rejected = pd.read_csv(out_dir / "rejected.csv", keep_default_na=False)
+            return slices, rejected, {exp: pd.read_parquet(dirs[exp] / "test.parquet") for exp in cfg.experiments}
+        for exp in cfg.experiments:
+            (dirs[exp] / "test_meta.json").unlink(missing_ok=True)  # outputs being replaced are never reused
+        (out_dir / "key.json").unlink(missing_ok=True)
+        t0 = time.time()
+        groups = series_groups(folder, names, engine.prepare_cfg.max_pixels, cfg.num_workers, progress)
+        parts = {f.key: dirs[f.experiment] / f".test_fold{f.k}_emb.part" for f in engine.fold_models}
+        sink = StreamSink(parts)
+        bar = tqdm(total=len(names), unit="img", desc="stage one (streamed test DICOMs)", disable=not progress,
+                   smoothing=0.1)
+        try:
+            engine.stage_one(groups, sink, progress=bar.update)
+        finally:
+            bar.close()
+            sink.close()
+        slices, rejected = sink.slices(), sink.rejected()
+        if slices.empty:
+            raise PrepareError(f"no usable image among the {len(names)} file(s) of {folder}")
+        outputs = sink.outputs()
+        ids = slices["image_id"].to_numpy()
+        tables = {}
+        for exp in cfg.experiments:
+            folds = [f.k for f in engine.fold_models if f.experiment == exp]
+            for k in folds:
+                table = pd.DataFrame(outputs[exp, k][0], columns=list(LABELS))
+                table.insert(0, "image_id", ids)
+                sink.save_embeddings((exp, k), dirs[exp] / f"test_fold{k}_emb.npy", len(slices))
+                write_atomic(dirs[exp] / f"test_fold{k}.parquet", lambda p, t=table: t.to_parquet(p, index=False))
+            mean = pd.DataFrame(np.mean([outputs[exp, k][0] for k in folds], axis=0), columns=list(LABELS))
+            mean.insert(0, "image_id", ids)
+            write_atomic(dirs[exp] / "test.parquet", lambda p, t=mean: t.to_parquet(p, index=False))
+            write_atomic(dirs[exp] / "test_meta.json", lambda p, e=exp: p.write_text(json.dumps(keys[e], indent=1)))
+            tables[exp] = mean
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(out_dir / "slices.parquet", lambda p: slices.to_parquet(p, index=False))
+        write_atomic(out_dir / "rejected.csv", lambda p: rejected.to_csv(p, index=False))
+        write_atomic(out_dir / "key.json", lambda p: p.write_text(json.dumps(keys, indent=1)))
+        seconds = max(time.time() - t0, 1e-9)
+        log(f"stage one streamed: {len(names)} test files ({len(slices)} usable, {len(rejected)} rejected) through "
+            f"{len(engine.fold_models)} fold models in {seconds:.0f} s ({len(names) / seconds:.1f} files/s); "
+            "no image written")
+        return slices, rejected, tables
+    finally:
+        engine.close()
+
+
+def _reusable(out_dir: Path, dirs: dict, keys: dict, engine: Engine) -> bool:
+    try:
+        stored = json.loads((out_dir / "key.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if stored != keys or not (out_dir / "slices.parquet").is_file():
+        return False
+    for f in engine.fold_models:
+        d = dirs[f.experiment]
+        try:
+            if json.loads((d / "test_meta.json").read_text()) != keys[f.experiment]:
+                return False
+        except (OSError, json.JSONDecodeError):
+            return False
+        if not all((d / n).is_file() for n in (f"test_fold{f.k}.parquet", f"test_fold{f.k}_emb.npy", "test.parquet")):
+            return False
+    return True
+
+
+def has_test_cache(test_dir: Path) -> bool:
+    return (test_dir / "slices.parquet").is_file() and read_meta(test_dir) is not None
+
+
+def cached_test(cfg, settings, runtime, *, force: bool = False, progress: bool = True):
+    """Stage one from the test image cache prepare_data built -> (test slices, rejected, {experiment: mean})."""
+    from models.predict_split import check_same_cache, predict_test
+    test_dir = settings.test_clean_dir
+    check_same_cache(settings.train_clean_dir, test_dir)
+    slices = pd.read_parquet(test_dir / "slices.parquet")
+    rejected = pd.read_csv(test_dir / "rejected.csv") if (test_dir / "rejected.csv").is_file() else None
+    tables = {exp: predict_test(settings.model_checkpoint_dir / exp, test_dir, runtime, batch_size=cfg.batch_size,
+                                num_workers=cfg.num_workers, force=force, progress=progress)
+              for exp in cfg.experiments}
+    return slices, rejected, tables
+
+
+def predict(settings, cfg, *, stage1_only: bool = False, force: bool = False, progress: bool = True) -> Path:
+    """predict.py without its argument parsing: see the module docstring and entry_points.md."""
+    from ich.settings import require_writable
+    from models import runtime as rt
+    from models.predict_split import training_records
+    from stacking.run import run_stacking
+
+    # stage one and two take hours on the real data: find a read-only output folder now, not at the last write
+    require_writable({"MODEL_CHECKPOINT_DIR": settings.model_checkpoint_dir, "LOGS_DIR": settings.logs_dir,
+                      "SUBMISSION_DIR": settings.submission_dir})
+    raw, test_dir, train_dir = settings.raw_data_dir, settings.test_clean_dir, settings.train_clean_dir
+    sample = read_sample(raw / "stage_2_sample_submission.csv")
+    if not (train_dir / "slices.parquet").is_file():
+        raise FileNotFoundError(f"{train_dir / 'slices.parquet'} not found: run prepare_data.py --split train")
+    train_slices = pd.read_parquet(train_dir / "slices.parquet")
+    prior = train_slices[list(LABELS)].mean().to_numpy()
+    trained = training_records(settings.model_checkpoint_dir, cfg.experiments, train_dir)
+    streamed = not has_test_cache(test_dir)
+    if streamed:
+        require_writable({"TEST_DATA_CLEAN_PATH": test_dir})
+    runtime = rt.setup(cfg.amp, True)
+    device = runtime.describe()
+    try:
+        road = stream_test if streamed else cached_test
+        test_slices, rejected, stage1 = road(cfg, settings, runtime, force=force, progress=progress)
+    finally:
+        rt.teardown()
+    mean1 = test_slices[["image_id"]].reset_index(drop=True)  # each experiment's fold mean, then their mean
+    mean1[list(LABELS)] = np.mean([t.set_index("image_id").loc[mean1["image_id"], list(LABELS)].to_numpy()
+                                   for t in stage1.values()], axis=0)
+    subs = {"stage one": build_submission(sample, mean1, prior=prior, test_slices=test_slices,
+                                          rejected=rejected, clip=cfg.clip)}
+    if not stage1_only:
+        result = run_stacking(cfg, train_slices=train_slices, test_slices=test_slices,
+                              model_dir=settings.model_checkpoint_dir, logs_dir=settings.logs_dir, progress=progress)
+        members = result["member_tests"] if len(result["member_tests"]) > 1 else {}
+        for name, preds in [*((f"stage two: {m}", t) for m, t in members.items()), ("stage two", result["test"])]:
+            subs[name] = build_submission(sample, preds, prior=prior, test_slices=test_slices,
+                                          rejected=rejected, clip=cfg.clip)
+    final = "stage one" if stage1_only else "stage two"
+    name = "submission_stage1.csv" if stage1_only else "submission.csv"
+    sub, stats = subs[final]
+    path = write_submission(sub, settings.submission_dir / name)
+    made_by = {**provenance.record(dataclasses.asdict(cfg), device, None if streamed else test_dir), "kind": final,
+               "test_road": "streamed" if streamed else "cached",
+               "train_cache_files_digest": (read_meta(train_dir) or {}).get("files_digest"), "experiments": trained}
+    record_path = provenance.write_sidecar(path, made_by)
+    print(f"\nsubmission ({final}): {path}  ({len(sub)} rows; {stats.line()})")
+    print(f"made by: {provenance.summary(made_by)} -> {record_path}")
+    labels_csv = raw / "stage_2_test_labels.csv"
+    if labels_csv.is_file():
+        scores = {k: score_submission(s, labels_csv) for k, (s, _) in subs.items()}
+        print("test weighted log loss (labels known): "
+              + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if v is not None))
+    print(f"submit: kaggle competitions submit -c {KAGGLE} -f {path} -m \"{cfg.name}\"")
+    return path
