@@ -85,7 +85,7 @@ class Engine:
     # --- Grad-CAM -------------------------------------------------------------------------------
     def _load_cam_models(self):
         from models.predict_split import load_fold_model
-        from models.report.gradcam import target_layer
+        from models.gradcam import target_layer
 
         exp = self.cfg.experiments[0]
         models = []
@@ -107,7 +107,7 @@ class Engine:
         import cv2
 
         from models.data import SliceDataset, with_neighbors
-        from models.report.gradcam import cam_for
+        from models.gradcam import cam_for
 
         with self._cam_lock:
             if self._cam_models is None:
