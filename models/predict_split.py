@@ -106,6 +106,19 @@ def fold_checkpoints(exp_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def require_fold_checkpoints(exp_dir: Path) -> dict[int, Path]:
+    """fold_checkpoints(exp_dir), which must not be empty: else an InferenceError saying to train first.
+
+    The one place that says so: test inference (predict_test), a study and
+    the web viewer's models all need an experiment's fold models.
+    """
+    exp_dir = Path(exp_dir)
+    checkpoints = fold_checkpoints(exp_dir)
+    if not checkpoints:
+        raise InferenceError(f"no fold checkpoints in {exp_dir}: run train.py for {exp_dir.name} first")
+    return checkpoints
+
+
 def load_fold_model(path: Path, runtime: Runtime, reuse=None):
     """A fold checkpoint -> (model on the device, its experiment config, the checkpoint dict without weights).
 
@@ -192,9 +205,7 @@ def predict_test(exp_dir: Path, test_dir: Path, runtime: Runtime, *, batch_size:
     if not slices_path.is_file():
         raise InferenceError(f"{slices_path} not found: run prepare_data.py --split test first")
     slices = with_neighbors(pd.read_parquet(slices_path))
-    checkpoints = fold_checkpoints(exp_dir)
-    if not checkpoints:
-        raise InferenceError(f"no fold checkpoints in {exp_dir}: run train.py for {exp_dir.name} first")
+    checkpoints = require_fold_checkpoints(exp_dir)
     key = outputs_key(checkpoints, test_dir, slices["image_id"])
     if not force and _reusable(exp_dir, key, checkpoints):
         log(f"{exp_dir.name}: stage-one test predictions reused ({exp_dir / 'test.parquet'}; same checkpoints, "
