@@ -63,6 +63,13 @@ class SamplerCfg:
     #                                  validation, OOF and test still cover every slice (models.data.EpochSampler)
 
 
+# The choices of optim.name and optim.schedule. models/optim.py maps each to its constructor (OPTIMIZERS,
+# SCHEDULES, the same names in the same order: tests/test_optim.py); listed here so that this module
+# needs no torch and models.optim can import OptimCfg without an import cycle.
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "onecycle", "step")
+
+
 @dataclass
 class OptimCfg:
     name: str = "adamw"              # adamw | adam | sgd (models.optim.OPTIMIZERS); fused on CUDA (adamw, adam)
@@ -170,7 +177,6 @@ def _validate(cfg: ExperimentCfg, where: str) -> None:
     need(cfg.input.mode in ("windows", "adjacent", "adjacent_windows"),
          "input.mode must be windows, adjacent or adjacent_windows")
     need(cfg.sampler.kind in ("all", "balanced"), "sampler.kind must be all or balanced")
-    from .optim import OPTIMIZERS, SCHEDULES  # torch: loaded with timm by check_backbone below anyway
     need(cfg.optim.name in OPTIMIZERS, f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {cfg.optim.name!r}")
     need(cfg.optim.schedule in SCHEDULES,
          f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.optim.schedule!r}")

@@ -4,8 +4,9 @@ In the spirit of timm's create_optimizer_v2: `optim.name` picks a
 constructor from OPTIMIZERS and `optim.schedule` a factor function from
 SCHEDULES. The trainer (models.trainer.build_optimizer), the LR finder
 (through the trainer's function) and benchmarks/train_step.py all build
-theirs here, so they cannot drift apart; models.config checks both names
-against these tables when a config loads.
+theirs here, so they cannot drift apart. models.config lists the same names
+(config.OPTIMIZERS, config.SCHEDULES: a config loads and is checked without
+this module) and tests/test_optim.py holds the two equal.
 
 Parameter groups: two, the backbone's then the head's (`param_groups`),
 with the same lr and weight decay. The schedule is one LambdaLR per run,

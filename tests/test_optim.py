@@ -35,7 +35,9 @@ def test_each_name_builds_its_optimizer_with_the_config_values(name, cls):
 
 
 def test_tables_match_the_config_choices():
-    assert list(OPTIMIZERS) == ["adamw", "adam", "sgd"] and list(SCHEDULES) == ["cosine", "onecycle", "step"]
+    from models import config
+    assert list(OPTIMIZERS) == list(config.OPTIMIZERS) == ["adamw", "adam", "sgd"]
+    assert list(SCHEDULES) == list(config.SCHEDULES) == ["cosine", "onecycle", "step"]
     assert from_dict({"model": {"backbone": "test_resnet"}}).optim.name == "adamw"
     with pytest.raises(ConfigError, match=r"optim.name must be one of adamw, adam, sgd, got 'Adam'"):
         from_dict({"model": {"backbone": "test_resnet"}, "optim": {"name": "Adam"}})
