@@ -1,6 +1,6 @@
 """Stage one on a whole split (the test set): every fold model of an experiment, one output each.
 
-Writes, in MODEL_CHECKPOINT_DIR/<experiment>/ (DESIGN.md, contract 2):
+Writes, in MODEL_CHECKPOINT_DIR/<experiment>/ (ARCHITECTURE.md, contract 2):
 - `test_fold{k}.parquet` (image_id + six probabilities, test slices.parquet
   order) and `test_fold{k}_emb.npy` (float16 pooled embeddings, rows
   aligned): fold model k alone. Stage two builds its test features from
