@@ -18,7 +18,7 @@ RAW = ROOT / "data" / "demo" / "raw"
 
 STEPS = [
     ("Generate a synthetic dataset in Kaggle's layout (skipped when present)",
-     [PY, "-m", "ich.synthetic", "--out", str(RAW.relative_to(ROOT)), "--train-patients", "40",
+     [PY, "-m", "synthetic", "--out", str(RAW.relative_to(ROOT)), "--train-patients", "40",
       "--test-patients", "10", "--size", "256", "--seed", "0", "--jobs", "2"]),
     ("Prepare: DICOM -> slices.parquet + image cache",
      [PY, "prepare_data.py", "--settings", SETTINGS, "--config", "configs/prepare/demo.yaml"]),
@@ -58,7 +58,7 @@ def main():
     t0 = time.time()
     for i, (title, cmd) in enumerate(STEPS, 1):
         print(f"\n== {i}/{len(STEPS)} {title}\n$ {shlex.join(['python'] + cmd[1:])}", flush=True)
-        if cmd[1:3] == ["-m", "ich.synthetic"] and (RAW / "stage_2_train.csv").is_file():
+        if cmd[1:3] == ["-m", "synthetic"] and (RAW / "stage_2_train.csv").is_file():
             print(f"(already there: {RAW.relative_to(ROOT)}; delete it to regenerate)")
             continue
         result = subprocess.run(cmd, cwd=ROOT)

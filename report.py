@@ -16,7 +16,7 @@ def main(argv=None):
                    help="no effect (the report draws no progress bars); accepted like the other entry points")
     args = p.parse_args(argv)
 
-    from models.report import build_report
+    from reporting import build_report
 
     with friendly_errors():
         print(f"report: {args.settings}, {args.config}")

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ich.config import PrepareConfig  # noqa: E402
 from ich.prepare import prepare_split  # noqa: E402
-from ich.synthetic import generate_dataset  # noqa: E402
+from synthetic import generate_dataset  # noqa: E402
 from models import runtime as rt  # noqa: E402
 from models.config import from_dict, load_experiment  # noqa: E402
 from models.data import with_neighbors  # noqa: E402

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ich.config import PrepareConfig  # noqa: E402
 from ich.prepare import list_files, prepare_split  # noqa: E402
-from ich.synthetic import generate_dataset  # noqa: E402
+from synthetic import generate_dataset  # noqa: E402
 
 FULL_DATA = 752_803 + 121_232
 

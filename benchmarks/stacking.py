@@ -268,7 +268,8 @@ def experiment_names(cfg, n_exp: int) -> list[str]:
 
 def write_scale(folder: Path, train: dict, test: dict, keep_train: np.ndarray, keep_test: np.ndarray,
                 names: list[str]) -> None:
-    """slices.parquet of both splits and, per experiment, the stage-one files stacking.run reads (DESIGN 2)."""
+    """slices.parquet of both splits and, per experiment, the stage-one files stacking.run reads
+    (ARCHITECTURE.md, contract 2)."""
     folder.mkdir(parents=True, exist_ok=True)
     table = train["table"][keep_train].reset_index(drop=True)
     test_ids = test["table"]["image_id"][keep_test].to_numpy()

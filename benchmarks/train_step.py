@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Stage one's training loop against the bare model step, at steady state, in one run.
 
-(a) bare step, eager: forward + backward + AdamW on random uint8 batches
-    already on the device;
-(a') bare step, torch.compile + fused AdamW (fused on CUDA only): the
-    ceiling for this model, batch and size;
+(a) bare step, eager: forward + backward + the config's optimizer step
+    (optim.name, built by models.optim.create_optimizer: AdamW by default)
+    on random uint8 batches already on the device;
+(a') bare step, torch.compile + the fused optimizer (fused on CUDA only, for
+    adamw and adam): the ceiling for this model, batch and size;
 (b) loop: models.trainer.run_epoch with the real pieces: the cache dataset,
     albumentations augmentations, the tagged epoch sampler and the trainer's
     persistent-worker DataLoader (models.trainer.train_loader), the LR
@@ -50,14 +51,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ich.config import PrepareConfig  # noqa: E402
 from ich.labels import LABELS  # noqa: E402
 from ich.prepare import prepare_split  # noqa: E402
-from ich.synthetic import generate_dataset  # noqa: E402
+from synthetic import generate_dataset  # noqa: E402
 from models import runtime as rt  # noqa: E402
 from models.config import from_dict  # noqa: E402
 from models.augment import EpochSeeder  # noqa: E402
 from models.config import load_experiment  # noqa: E402
 from models.data import EpochSampler, input_channels, with_neighbors  # noqa: E402
-from models.schedule import build_scheduler  # noqa: E402
-from models.trainer import WeightedBCE, build_model, make_dataset, run_epoch, train_loader  # noqa: E402
+from models.optim import build_scheduler, create_optimizer, param_groups  # noqa: E402
+from models.trainer import (WeightedBCE, build_model, build_scaler, make_dataset, run_epoch,  # noqa: E402
+                            train_loader)
 
 TRAIN_SLICES = 752_803  # stage-2 train images
 ANY_SHARE = 0.14  # share of them with any = 1 (benchmarks/stacking.py generates the same)
@@ -84,9 +86,9 @@ def bare_rate(model, optimizer, criterion, x, y, runtime, clock, warmup: int, st
     return t1 - t0, steps * len(x) / (clock() - t1)
 
 
-def adamw(model, runtime, fused: bool):
-    groups = [{"params": list(model.backbone_parameters())}, {"params": list(model.head_parameters())}]
-    return torch.optim.AdamW(groups, lr=1e-4, fused=fused and runtime.device.type == "cuda")
+def optimizer_for(model, cfg, runtime, fused: bool):
+    """The config's optimizer over the trainer's two parameter groups (models.optim), fused on CUDA if asked."""
+    return create_optimizer(param_groups(model), cfg.optim, fused=fused and runtime.device.type == "cuda")
 
 
 def bench_cfg(args):
@@ -192,13 +194,13 @@ def measure(cfg, args, runtime, size: int, clean: Path, slices: pd.DataFrame) ->
     y = torch.rand(args.batch, len(LABELS), device=runtime.device).round()
 
     model = build_model(cfg, runtime, in_chans)
-    _, eager = bare_rate(model, adamw(model, runtime, False), criterion, x, y, runtime, clock,
+    _, eager = bare_rate(model, optimizer_for(model, cfg, runtime, False), criterion, x, y, runtime, clock,
                          args.warmup, args.steps)
     ceiling, compile_s = eager, None
     if compiled:
         model = build_model(cfg, runtime, in_chans)
         model.compile_backbone()
-        compile_s, ceiling = bare_rate(model, adamw(model, runtime, True), criterion, x, y, runtime, clock,
+        compile_s, ceiling = bare_rate(model, optimizer_for(model, cfg, runtime, True), criterion, x, y, runtime, clock,
                                        args.warmup, args.steps)
         if model.compile_note:
             print(model.compile_note)
@@ -212,9 +214,9 @@ def measure(cfg, args, runtime, size: int, clean: Path, slices: pd.DataFrame) ->
     sampler = EpochSampler(table["any"].to_numpy(), seed=0, tagged=True)  # as train_fold
     sampler.set_epoch(0, size)
     loader = train_loader(dataset, sampler, cfg, runtime, drop_last=compiled)
-    optimizer = adamw(model, runtime, compiled)
+    optimizer = optimizer_for(model, cfg, runtime, compiled)
     sched = build_scheduler(optimizer, cfg.optim, total_steps=total, steps_per_epoch=total)
-    scaler = torch.amp.GradScaler(enabled=runtime.amp_dtype == torch.float16)
+    scaler = build_scaler(runtime)
     marks = {}
 
     def mark(i):

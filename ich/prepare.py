@@ -305,7 +305,7 @@ def _check_caps(cfg: PrepareConfig) -> None:
 
 def prepare_split(raw_dir: Path, clean_dir: Path, split: str, cfg: PrepareConfig, *,
                   force: bool = False, progress: bool = True) -> Summary:
-    """Prepare `train` or `test`: see the module docstring and DESIGN.md contract 1."""
+    """Prepare `train` or `test`: see the module docstring and ARCHITECTURE.md, contract 1."""
     t0 = time.time()
     _check_caps(cfg)
     folder = Path(raw_dir) / (TRAIN_DIR if split == "train" else TEST_DIR)

@@ -63,11 +63,21 @@ class SamplerCfg:
     #                                  validation, OOF and test still cover every slice (models.data.EpochSampler)
 
 
+# The choices of optim.name and optim.schedule. models/optim.py maps each to its constructor (OPTIMIZERS,
+# SCHEDULES, the same names in the same order: tests/test_optim.py); listed here so that this module
+# needs no torch and models.optim can import OptimCfg without an import cycle.
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "onecycle", "step")
+
+
 @dataclass
 class OptimCfg:
+    name: str = "adamw"              # adamw | adam | sgd (models.optim.OPTIMIZERS); fused on CUDA (adamw, adam)
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    schedule: str = "cosine"         # cosine | onecycle | step
+    momentum: float = 0.9            # sgd only
+    nesterov: bool = False           # sgd only
+    schedule: str = "cosine"         # cosine | onecycle | step (models.optim.SCHEDULES)
     warmup_epochs: float = 0.0       # cosine: linear warm-up length
     step_epochs: int = 2             # step: decay every this many epochs
     step_gamma: float = 0.3
@@ -167,7 +177,11 @@ def _validate(cfg: ExperimentCfg, where: str) -> None:
     need(cfg.input.mode in ("windows", "adjacent", "adjacent_windows"),
          "input.mode must be windows, adjacent or adjacent_windows")
     need(cfg.sampler.kind in ("all", "balanced"), "sampler.kind must be all or balanced")
-    need(cfg.optim.schedule in ("cosine", "onecycle", "step"), "optim.schedule must be cosine, onecycle or step")
+    need(cfg.optim.name in OPTIMIZERS, f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {cfg.optim.name!r}")
+    need(cfg.optim.schedule in SCHEDULES,
+         f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
+    need(0 <= cfg.optim.momentum < 1, f"optim.momentum must be in [0, 1), got {cfg.optim.momentum}")
+    need(not cfg.optim.nesterov or cfg.optim.momentum > 0, "optim.nesterov needs optim.momentum > 0")
     need(cfg.train.amp in ("auto", "none", "bf16", "fp16"), "train.amp must be auto, none, bf16 or fp16")
     need(cfg.train.checkpoint in ("last", "best"), "train.checkpoint must be last or best")
     need(cfg.train.compile in ("auto", "true", "false"), "train.compile must be auto, true or false")

@@ -1,6 +1,6 @@
 """train.py's work: every requested fold of one experiment, then the OOF files.
 
-Outputs in MODEL_CHECKPOINT_DIR/<experiment>/ (DESIGN.md, contract 2):
+Outputs in MODEL_CHECKPOINT_DIR/<experiment>/ (ARCHITECTURE.md, contract 2):
 - fold{k}.pt: the kept weights (train.checkpoint) + config; fold{k}.last.pt: resume state;
 - fold{k}.oof.parquet / fold{k}.oof_emb.npy: the kept model's held-out predictions;
 - fold{k}.oof_last.parquet: the last epoch's held-out predictions (the same

@@ -3,6 +3,12 @@ hundred batches, record the smoothed loss, stop when it diverges.
 
 The suggestion is the lr of the steepest loss descent, a common and robust
 pick; the plot shows the whole curve so a person can choose otherwise.
+
+What is trained is what train.py trains: the model, loss (loss.pos_weight
+included), optimizer (optim.name, both parameter groups, fused on CUDA) and
+fp16 loss scaler come from the trainer's own functions (models.trainer
+build_model, build_criterion, build_optimizer, build_scaler), so the
+suggested lr is one for the optimizer the run will use.
 """
 from __future__ import annotations
 
@@ -21,15 +27,16 @@ from .augment import seed_augment_workers
 from .config import ExperimentCfg
 from .data import EpochSampler
 from .runtime import Runtime
-from .trainer import WeightedBCE, build_model, cache_channels, make_dataset
+from .trainer import build_criterion, build_model, build_optimizer, build_scaler, cache_channels, make_dataset
 
 
 def find_lr(cfg: ExperimentCfg, slices, clean_dir: Path, runtime: Runtime, out_png: Path, *,
             start_lr: float = 1e-6, end_lr: float = 1.0, steps: int = 200, progress: bool = True) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, runtime, cache_channels(cfg, clean_dir))
-    criterion = WeightedBCE(cfg.loss.any_weight).to(runtime.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=start_lr, weight_decay=cfg.optim.weight_decay)
+    criterion = build_criterion(cfg, slices[list(LABELS)].to_numpy(np.float32), runtime)
+    optimizer = build_optimizer(cfg, model, runtime, lr=start_lr)
+    scaler = build_scaler(runtime)
     dataset = make_dataset(cfg, slices, clean_dir, cfg.size_at(0), train=True)
     sampler = EpochSampler(slices[LABELS[-1]].to_numpy(), kind=cfg.sampler.kind, neg_ratio=cfg.sampler.neg_ratio,
                            seed=cfg.train.seed)
@@ -48,11 +55,14 @@ def find_lr(cfg: ExperimentCfg, slices, clean_dir: Path, runtime: Runtime, out_p
             for g in optimizer.param_groups:
                 g["lr"] = lr
             x, y = x.to(runtime.device), y.to(runtime.device)
+            if runtime.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with runtime.autocast():
                 loss = criterion(model(x), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             avg = 0.9 * avg + 0.1 * loss.item()
             smooth = avg / (1 - 0.9 ** (step + 1))
             lrs.append(lr)

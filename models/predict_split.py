@@ -1,6 +1,6 @@
 """Stage one on a whole split (the test set): every fold model of an experiment, one output each.
 
-Writes, in MODEL_CHECKPOINT_DIR/<experiment>/ (DESIGN.md, contract 2):
+Writes, in MODEL_CHECKPOINT_DIR/<experiment>/ (ARCHITECTURE.md, contract 2):
 - `test_fold{k}.parquet` (image_id + six probabilities, test slices.parquet
   order) and `test_fold{k}_emb.npy` (float16 pooled embeddings, rows
   aligned): fold model k alone. Stage two builds its test features from
@@ -107,7 +107,12 @@ def fold_checkpoints(exp_dir: Path) -> dict[int, Path]:
 
 
 def require_fold_checkpoints(exp_dir: Path) -> dict[int, Path]:
-    """fold_checkpoints, or InferenceError when the experiment has none (the one place that says so)."""
+    """fold_checkpoints(exp_dir), which must not be empty: else an InferenceError saying to train first.
+
+    The one place that says so: test inference (predict_test), a study and
+    the web viewer's models all need an experiment's fold models.
+    """
+    exp_dir = Path(exp_dir)
     checkpoints = fold_checkpoints(exp_dir)
     if not checkpoints:
         raise InferenceError(f"no fold checkpoints in {exp_dir}: run train.py for {exp_dir.name} first")

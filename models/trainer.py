@@ -21,6 +21,10 @@ OOF, test and a study all load or use the same averaged model.
 Every file is written atomically (temporary file + rename): a kill mid-save
 leaves the previous good file. All load with torch.load(weights_only=True).
 
+The loss, the optimizer (models.optim: optim.name, optim.schedule) and the
+fp16 loss scaler come from build_criterion, build_optimizer and
+build_scaler, which the LR finder (models.lr_finder) calls too.
+
 One training DataLoader serves all epochs of a fold, its workers persistent
 (`train_loader`): the epoch and its progressive size travel with the indices
 and each worker reseeds its augmentations per epoch, so the batches are those
@@ -59,7 +63,7 @@ from .data import EpochSampler, SliceDataset, input_channels
 from .inference import make_loader, one_pass, predict
 from .net import SliceNet
 from .runtime import Runtime
-from .schedule import build_scheduler
+from .optim import build_scheduler, create_optimizer, param_groups
 
 
 @dataclass
@@ -101,6 +105,27 @@ class WeightedBCE(nn.Module):
         loss = nn.functional.binary_cross_entropy_with_logits(
             logits.float(), target, pos_weight=self.pos_weight, reduction="none")
         return (loss * self.weights).sum(dim=1).mean()
+
+
+def build_criterion(cfg: ExperimentCfg, y_train: np.ndarray, runtime: Runtime) -> WeightedBCE:
+    """The training loss for labels y_train (n x 6): the metric's weights (loss.any_weight on `any`) and,
+    with loss.pos_weight, each label's negative/positive ratio in y_train. The LR finder uses it too."""
+    pos_weight = None
+    if cfg.loss.pos_weight:
+        pos = y_train.sum(0).clip(min=1)
+        pos_weight = (len(y_train) - pos) / pos
+    return WeightedBCE(cfg.loss.any_weight, pos_weight).to(runtime.device)
+
+
+def build_optimizer(cfg: ExperimentCfg, model: SliceNet, runtime: Runtime, *, lr: float | None = None):
+    """The config's optimizer (models.optim, optim.name) over the model's backbone and head groups, at
+    optim.lr (or `lr`); fused on CUDA: one kernel for all parameters instead of a loop over them."""
+    return create_optimizer(param_groups(model), cfg.optim, lr=lr, fused=runtime.device.type == "cuda")
+
+
+def build_scaler(runtime: Runtime) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 autocast (bf16 and full precision need none: a disabled scaler passes through)."""
+    return torch.amp.GradScaler(enabled=runtime.amp_dtype == torch.float16)
 
 
 class CheckpointError(RuntimeError):
@@ -236,11 +261,7 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
         model = DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
 
     y_train = data.train[list(LABELS)].to_numpy(np.float32)
-    pos_weight = None
-    if cfg.loss.pos_weight:
-        pos = y_train.sum(0).clip(min=1)
-        pos_weight = (len(y_train) - pos) / pos
-    criterion = WeightedBCE(cfg.loss.any_weight, pos_weight).to(runtime.device)
+    criterion = build_criterion(cfg, y_train, runtime)
 
     sampler = EpochSampler(y_train[:, -1], kind=cfg.sampler.kind, neg_ratio=cfg.sampler.neg_ratio,
                            seed=cfg.train.seed + 1000 * fold, rank=runtime.rank, world_size=runtime.world_size,
@@ -252,13 +273,10 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
     drop_last = compiled and len(sampler) >= cfg.train.batch_size  # static graphs: full batches only
     batches = len(sampler) // cfg.train.batch_size if drop_last else math.ceil(len(sampler) / cfg.train.batch_size)
     steps_per_epoch = math.ceil(batches / cfg.train.accumulate)
-    optimizer = torch.optim.AdamW(
-        [{"params": list(raw_model.backbone_parameters())}, {"params": list(raw_model.head_parameters())}],
-        lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-        fused=runtime.device.type == "cuda")  # one kernel for all parameters instead of a loop over them
+    optimizer = build_optimizer(cfg, raw_model, runtime)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps=steps_per_epoch * cfg.train.epochs,
                                 steps_per_epoch=steps_per_epoch, freeze_epochs=cfg.train.freeze_epochs)
-    scaler = torch.amp.GradScaler(enabled=runtime.amp_dtype == torch.float16)
+    scaler = build_scaler(runtime)
 
     best_path, last_path = out_dir / f"fold{fold}.pt", out_dir / f"fold{fold}.last.pt"
     start_epoch, best, history = 0, math.inf, []

@@ -320,7 +320,7 @@ def stage_two_features(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFr
 
     Booster k is trained on folds != k and scored on fold k, whose features
     came from stage-one fold model k; fit_predict applies it to the test
-    features of the same fold model k and averages over k (ARCHITECTURE
+    features of the same fold model k and averages over k (ARCHITECTURE.md,
     contract 3), so each test component is the very function that produced
     an OOF fold, on inputs from the same distribution.
     """

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from ich.labels import LABELS, to_long
-from ich.synthetic.dicom_writer import write_ct_slice
+from synthetic.dicom_writer import write_ct_slice
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_SLICE = Path(os.environ.get("ICH_REAL_SLICE", REPO.parent / "shared" / "data" / "ID_0000ca2f6.dcm"))
@@ -95,7 +95,7 @@ def prepared(tmp_path_factory):
     """A small generated dataset, prepared once for the session (3 folds, 64 px, train and test)."""
     from ich.config import PrepareConfig
     from ich.prepare import prepare_split
-    from ich.synthetic import generate_dataset
+    from synthetic import generate_dataset
     root = tmp_path_factory.mktemp("pipeline")
     generate_dataset(root / "raw", n_train_patients=14, n_test_patients=3, image_size=64, seed=3,
                      n_jobs=2, progress=False)

@@ -24,7 +24,7 @@ from ich import cache
 from ich.config import PrepareConfig
 from ich.dicom import REASONS, Rejected, read_stored
 from ich.prepare import PrepareError, prepare_split
-from ich.synthetic.dicom_writer import write_ct_slice
+from synthetic.dicom_writer import write_ct_slice
 
 CFG = PrepareConfig(image_size=32, n_folds=2, n_jobs=2, chunk_size=4)
 

@@ -125,6 +125,7 @@ def test_unreadable_yaml_is_one_line(tmp_path):
     ({"train": {"batch_size": "64"}}, "train.batch_size must be int, got '64'"),
     ({"train": {"num_workers": -1}}, "train.num_workers must be >= 0"),
     ({"optim": {"lr": "1e-3"}}, "optim.lr must be float, got '1e-3' (text, not a number"),
+    ({"optim": {"name": "lamb"}}, "optim.name must be one of adamw, adam, sgd, got 'lamb'"),  # models.optim
     ({"model": {"dropout": 1.5}}, "model.dropout must be in [0, 1)"),
     ({"model": {"pretrained": 5}}, "model.pretrained must be str or null, got 5"),
     ({"train": 3}, "train must be a mapping"),

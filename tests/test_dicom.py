@@ -9,7 +9,7 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from conftest import phantom
 from ich.dicom import REASONS, Rejected, read_header, read_hu
-from ich.synthetic.dicom_writer import write_ct_slice
+from synthetic.dicom_writer import write_ct_slice
 
 IDS = dict(sop_uid="ID_0123abcde", patient_id="ID_p1", study_uid="ID_st1", series_uid="ID_se1")
 

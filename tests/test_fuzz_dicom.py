@@ -29,7 +29,7 @@ from conftest import phantom
 from ich.config import PrepareConfig
 from ich.dicom import REASONS, Rejected
 from ich.prepare import prepare_split, read_one
-from ich.synthetic.dicom_writer import write_ct_slice
+from synthetic.dicom_writer import write_ct_slice
 
 CFG = PrepareConfig(image_size=32, n_folds=2, n_jobs=2, chunk_size=16)
 EXAMPLES = int(os.environ.get("ICH_FUZZ_EXAMPLES", "40"))

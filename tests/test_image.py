@@ -54,7 +54,7 @@ def test_process_real_slice(real_slice, crop):
 
 
 def test_process_bits12(tmp_path):
-    from ich.synthetic.dicom_writer import write_ct_slice
+    from synthetic.dicom_writer import write_ct_slice
     hu = phantom(64)
     write_ct_slice(tmp_path / "a.dcm", hu, sop_uid="ID_a", patient_id="ID_p", study_uid="ID_s",
                    series_uid="ID_se", bits12_quirk=True)

@@ -2,7 +2,8 @@
 
 predict must give the outputs the straightforward loop gave (a `.cpu()` per
 batch), make every item exactly once, feed a compiled model full batches only,
-and predict_test must carry one model and one loader through all fold models.
+and predict_test must carry one model and one loader through all fold models;
+require_fold_checkpoints is the one "no fold checkpoints" check.
 """
 from __future__ import annotations
 
@@ -126,3 +127,25 @@ def test_fold_models_reuse_one_module(tmp_path):
                 "in_chans": 9}, tmp_path / "nine.pt")
     nine, _, _ = load_fold_model(tmp_path / "nine.pt", rt, reuse=first)
     assert nine is not first and nine.in_chans == 9
+
+
+def test_require_fold_checkpoints(tmp_path, prepared):
+    """The one "no fold checkpoints" check (models.predict_split), which predict_test uses."""
+    from models.predict_split import InferenceError, predict_test, require_fold_checkpoints
+    from models.runtime import Runtime
+    exp = tmp_path / "exp_a"
+    exp.mkdir()
+    (exp / "fold1.last.pt").write_bytes(b"")  # a resume state is not a fold model
+    message = f"no fold checkpoints in {exp}: run train.py for exp_a first"
+    with pytest.raises(InferenceError) as err:
+        require_fold_checkpoints(exp)
+    assert str(err.value) == message
+    with pytest.raises(InferenceError) as err:
+        require_fold_checkpoints(tmp_path / "missing")
+    assert str(err.value) == f"no fold checkpoints in {tmp_path / 'missing'}: run train.py for missing first"
+    with pytest.raises(InferenceError) as err:
+        predict_test(exp, prepared / "clean" / "test", Runtime(device=torch.device("cpu")), progress=False)
+    assert str(err.value) == message
+    for k in (2, 0):
+        (exp / f"fold{k}.pt").write_bytes(b"")
+    assert require_fold_checkpoints(exp) == {0: exp / "fold0.pt", 2: exp / "fold2.pt"}

@@ -25,7 +25,7 @@ from conftest import REPO
 from conftest import TINY as BASE_TINY
 from ich.config import PrepareConfig
 from ich.prepare import prepare_split
-from ich.synthetic import generate_dataset
+from synthetic import generate_dataset
 
 COMP = "rsna-intracranial-hemorrhage-detection"
 EXP = "tiny_kaggle"

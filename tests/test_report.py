@@ -133,9 +133,9 @@ def test_sections_without_inputs_degrade_to_notes(report, tmp_path):
 def test_missing_stage_two_is_a_note_inside_the_section(report, tmp_path):
     """Stage one there, stage two never run for this config name: per-label scores show stage one only."""
     from ich.settings import load_settings
-    from models.report.html import Section
-    from models.report.inputs import Commands, Inputs
-    from models.report.sections import Context, log_loss, per_label
+    from reporting.html import Section
+    from reporting.inputs import Commands, Inputs
+    from reporting.sections import Context, log_loss, per_label
     from stacking.config import PredictCfg
 
     _, _, work = report
@@ -157,7 +157,7 @@ def test_gradcam_target_layer_is_generic():
     import timm
     from torch import nn
 
-    from models.report.gradcam import target_layer
+    from models.gradcam import target_layer
 
     class Wrapped(nn.Module):
         def __init__(self, name):

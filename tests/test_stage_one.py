@@ -13,7 +13,7 @@ from ich.labels import LABELS
 from models.config import OptimCfg, from_dict, load_experiment
 from models.data import EpochSampler, SliceDataset, with_neighbors
 from models.net import MissingWeightsError, SliceNet
-from models.schedule import build_scheduler, lr_factor
+from models.optim import build_scheduler, lr_factor
 
 # --- units ---------------------------------------------------------------------------------
 

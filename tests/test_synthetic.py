@@ -1,4 +1,4 @@
-"""Tests of the synthetic dataset generator (ich.synthetic).
+"""Tests of the synthetic dataset generator (the top-level package synthetic).
 
 The rest of the pipeline trusts this data to have Kaggle's layout and the
 real files' quirks, so these check the layout and csv contracts, the header
@@ -19,11 +19,11 @@ import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from ich.labels import LABELS, SUBTYPES, read_labels
-from ich.synthetic import generate_dataset, write_ct_slice
-from ich.synthetic.__main__ import main as cli_main
-from ich.synthetic.generate import series_phantom
-from ich.synthetic.phantom import HeadPhantom
-from ich.synthetic.plan import plan_dataset
+from synthetic import generate_dataset, write_ct_slice
+from synthetic.__main__ import main as cli_main
+from synthetic.generate import series_phantom
+from synthetic.phantom import HeadPhantom
+from synthetic.plan import plan_dataset
 
 REAL_SLICE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ID_0000ca2f6.dcm"
 IDS = dict(sop_uid="ID_0123456ab", patient_id="ID_01234567", study_uid="ID_0123456789",

@@ -82,7 +82,7 @@ class WebEngine:
     def _load_cam_models(self):
         """The first experiment's fold models, loaded once more from the checkpoints the engine loaded, in
         float32 and never compiled (Grad-CAM hooks a layer and needs gradients in full precision)."""
-        from models.report.gradcam import target_layer
+        from models.gradcam import target_layer
         from models.predict_split import load_fold_model
 
         exp = self.cfg.experiments[0]
@@ -106,7 +106,7 @@ class WebEngine:
         import cv2
 
         from models.data import SliceDataset, with_neighbors
-        from models.report.gradcam import cam_for
+        from models.gradcam import cam_for
 
         with self._cam_lock:
             if self._cam_models is None:

@@ -1,5 +1,9 @@
 """Grad-CAM for the stage-one network, with the `grad-cam` package (pytorch_grad_cam).
 
+It explains a stage-one model, so it lives in models/: the HTML report
+(reporting.sections, via `explain`) and the web viewer (web.engine, via
+`target_layer` and `cam_for`) both import it from here.
+
 Which images: for each subtype, the most confident true positives and the
 worst false positives by the first experiment's out-of-fold probability, so
 every image is explained by the fold model that never saw it in training
@@ -103,9 +107,9 @@ def explain(examples: list[dict], *, slices: pd.DataFrame, clean_dir: Path, chec
     checkpoint_for(fold) -> path of fold{k}.pt. Adds to each example:
     image (HxW uint8, the displayed channel), overlay (HxWx3 uint8), cam, fold.
     """
-    from ..data import SliceDataset, with_neighbors
-    from ..runtime import Runtime
-    from ..predict_split import load_fold_model
+    from .data import SliceDataset, with_neighbors
+    from .runtime import Runtime
+    from .predict_split import load_fold_model
 
     runtime = runtime or Runtime(device=torch.device("cpu"))
     table = with_neighbors(slices)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..labels import SUBTYPES
+from ich.labels import SUBTYPES
 
 # Series-level bleed model. Per split, a quota of "bleed" series is drawn
 # (stochastic rounding of BLEED_SERIES_SHARE * n_series), then each subtype

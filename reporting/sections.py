@@ -128,7 +128,7 @@ def examples(ctx: Context, sec: Section) -> None:
                                   f"cached by prepare_data.py ({images.shape[1]} px, windows: "
                                   f"{', '.join(windows)})."))
 
-    from ..config import from_dict
+    from models.config import from_dict
 
     exp = inp.experiments[0]
     try:
@@ -137,8 +137,8 @@ def examples(ctx: Context, sec: Section) -> None:
         sec.blocks.append(html.note(f"the network's input: {exc}"))
         sec.status = "partial"
         return
-    from ..augment import build_train_transform  # torch and albumentations: only once there is a model
-    from ..data import SliceDataset, with_neighbors
+    from models.augment import build_train_transform  # torch and albumentations: only once there is a model
+    from models.data import SliceDataset, with_neighbors
 
     table = with_neighbors(train)
     dataset = SliceDataset(table, inp.clean_dir("train"), mode=cfg.input.mode, channel=cfg.input.adjacent_channel,
@@ -278,7 +278,7 @@ def gradcam(ctx: Context, sec: Section) -> None:
     folds = sorted(int(k) for k in train["fold"].unique())
     for k in folds:
         inp.fold_checkpoint(exp, k)  # every fold model present, or a note naming the missing one
-    from . import gradcam as gc  # torch and pytorch_grad_cam: imported once there is something to explain
+    from models import gradcam as gc  # torch and pytorch_grad_cam: imported once there is something to explain
 
     examples = gc.pick_examples(train, probs, ctx.gradcam_tp, ctx.gradcam_fp)
     examples = gc.explain(examples, slices=train, clean_dir=inp.clean_dir("train"),

@@ -1,10 +1,11 @@
-"""``python -m ich.synthetic --out DIR``: write a synthetic dataset and print its summary."""
+"""``python -m synthetic --out DIR``: write a synthetic dataset and print its summary."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ..labels import LABELS
+from ich.labels import LABELS
+
 from .generate import generate_dataset
 
 
@@ -26,7 +27,7 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ich.synthetic", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m synthetic", description=__doc__)
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--train-patients", type=int, default=30)
     p.add_argument("--test-patients", type=int, default=8)

@@ -26,7 +26,7 @@ import pandas as pd
 from joblib import Parallel, delayed
 from tqdm.auto import tqdm
 
-from ..labels import LABELS, SUBTYPES, to_long
+from ich.labels import LABELS, SUBTYPES, to_long
 from .dicom_writer import write_ct_slice
 from .phantom import HeadPhantom
 from .plan import SeriesPlan, plan_dataset
