@@ -19,13 +19,18 @@ Steps, each one loud on failure (message + non-zero exit):
    fresh folder in which every checkpoint file is a symlink into the dataset
    (nothing copied; the writers replace files atomically, so a link is never
    written through);
-3. SETTINGS.json in the working folder, then prepare_data.py --split test and
-   predict.py run as subprocesses with this Python;
+3. SETTINGS.json in the working folder, then predict.py runs as a subprocess
+   with this Python. TEST_DATA_CLEAN_PATH holds no test cache, so predict.py
+   streams the test DICOMs through the in-memory engine (pipeline.batch):
+   no image is written, where a 512-px test cache took about 95 GB
+   (ICH_TEST_CACHE=1 builds one first with prepare_data.py --split test, the
+   old road, for a kernel with the disk);
 4. SUBMISSION_DIR/submission.csv is checked against the sample submission and
    copied to /kaggle/working/submission.csv, which Kaggle picks up.
 
-The test image cache (24 GB at 256 px for the real test set) and the model tree
-go to a scratch folder outside /kaggle/working (ICH_SCRATCH, default
+The model tree (links, plus predict.py's per-fold-model test outputs: README,
+"Kaggle kernel", gives the disk they take) and the streamed slice table go
+to a scratch folder outside /kaggle/working (ICH_SCRATCH, default
 /kaggle/tmp): /kaggle/working is saved as the kernel's output and is limited in
 size, so only SETTINGS.json, logs, submissions and submission.csv go there.
 
@@ -40,12 +45,13 @@ tests/test_kaggle.py runs this against a fake /kaggle tree):
   ICH_WHEELS_DIR      found under $KAGGLE_INPUT (a folder with *.whl)
   ICH_CHECKPOINTS_DIR found under $KAGGLE_INPUT (a folder with ich_checkpoints.json)
   ICH_PREDICT_CONFIG  the checkpoints' predict.yaml, else CODE/configs/predict/default.yaml
-  ICH_PREPARE_CONFIG  the checkpoints' prepare_test.yaml, else CODE/configs/prepare/default.yaml
+  ICH_TEST_CACHE      1: prepare a test image cache first (default: stream, no image on disk)
+  ICH_PREPARE_CONFIG  with ICH_TEST_CACHE=1: the checkpoints' prepare_test.yaml, else CODE/configs/prepare/default.yaml
   ICH_PREDICT_ARGS    extra predict.py arguments, e.g. "--stage1-only"
   ICH_PIP             the pip command (default: "<this python> -m pip"); "skip" skips the install
   ICH_MODELS_DIR      writable model tree (default $ICH_SCRATCH/models)
   ICH_LINK_MODE       symlink (default) or copy: how the model tree refers to the checkpoints
-  ICH_TEST_CLEAN_DIR  test clean dir / image cache (default $ICH_SCRATCH/clean/test)
+  ICH_TEST_CLEAN_DIR  test clean dir: the streamed slice table (default $ICH_SCRATCH/clean/test)
   ICH_PROGRESS        1: progress bars in the entry points (default: off, the log stays short)
 """
 from __future__ import annotations
@@ -264,8 +270,9 @@ def main() -> int:
         return ckpt / rel if rel and (ckpt / rel).is_file() else fallback
 
     predict_cfg = env_path("ICH_PREDICT_CONFIG", from_ckpt("predict_config", code / "configs/predict/default.yaml"))
+    use_cache = os.environ.get("ICH_TEST_CACHE") == "1"
     prepare_cfg = env_path("ICH_PREPARE_CONFIG", from_ckpt("prepare_config", code / "configs/prepare/default.yaml"))
-    for name, p in (("predict config", predict_cfg), ("prepare config", prepare_cfg)):
+    for name, p in (("predict config", predict_cfg), *((("prepare config", prepare_cfg),) if use_cache else ())):
         if not p.is_file():
             raise KernelError(f"{name} {p} not found")
 
@@ -284,8 +291,9 @@ def main() -> int:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
     quiet = [] if os.environ.get("ICH_PROGRESS") == "1" else ["--no-progress"]
     py = sys.executable
-    run_step("prepare test", [py, str(code / "prepare_data.py"), "--settings", str(settings_path),
-                              "--config", str(prepare_cfg), "--split", "test", *quiet], cwd=working, env=env)
+    if use_cache:
+        run_step("prepare test", [py, str(code / "prepare_data.py"), "--settings", str(settings_path),
+                                  "--config", str(prepare_cfg), "--split", "test", *quiet], cwd=working, env=env)
     extra = shlex.split(os.environ.get("ICH_PREDICT_ARGS", ""))
     run_step("predict", [py, str(code / "predict.py"), "--settings", str(settings_path),
                          "--config", str(predict_cfg), *quiet, *extra], cwd=working, env=env)

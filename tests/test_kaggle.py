@@ -107,7 +107,7 @@ def kernel_env(fake, tmp_path, **extra):
     env = {**os.environ, **ONE_THREAD, "KAGGLE_INPUT": str(fake["input"]), "KAGGLE_WORKING": str(working),
            "ICH_SCRATCH": str(scratch), "ICH_CODE_DIR": str(REPO),
            "ICH_PIP": shlex.join([sys.executable, "-c", FAKE_PIP, str(pip_log)])}
-    for k in ("ICH_CHECKPOINTS_DIR", "ICH_WHEELS_DIR", "ICH_PREDICT_CONFIG", "ICH_PREPARE_CONFIG",
+    for k in ("ICH_CHECKPOINTS_DIR", "ICH_WHEELS_DIR", "ICH_PREDICT_CONFIG", "ICH_PREPARE_CONFIG", "ICH_TEST_CACHE",
               "ICH_COMPETITION_DIR", "ICH_MODELS_DIR", "ICH_TEST_CLEAN_DIR", "ICH_PREDICT_ARGS",
               "ICH_LINK_MODE", "ICH_PROGRESS"):
         env.pop(k, None)
@@ -126,6 +126,43 @@ def load_script(name):
 def run_kernel(env, cwd):
     return subprocess.run([sys.executable, str(REPO / "kaggle" / "kernel.py")], capture_output=True, text=True,
                           env=env, cwd=cwd)
+
+
+class DiskWatch:
+    """The bytes of regular files (links not followed) under a folder, polled while a run goes on: the peak,
+    and every image cache file (ich.cache.IMAGES) that appeared at any moment."""
+
+    def __init__(self, root: Path, every: float = 0.05):
+        import threading
+        self.root, self.every, self.peak, self.caches = root, every, 0, set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        from ich.cache import IMAGES
+        while not self._stop.is_set():
+            total = 0
+            for dirpath, _, files in os.walk(self.root):
+                for name in files:
+                    path = Path(dirpath) / name
+                    try:
+                        st = path.lstat()
+                    except OSError:
+                        continue
+                    if not path.is_symlink():
+                        total += st.st_size
+                    if name == IMAGES:
+                        self.caches.add(str(path))
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
 def test_upload_script_stages_a_dry_run_folder(fake):
@@ -194,7 +231,9 @@ def test_kernel_end_to_end_on_a_fake_kaggle_tree(fake, tmp_path):
         set_writable(d, False)
     try:
         before = [snapshot(d) for d in inputs]
-        out = run_kernel(env, tmp_path)
+        scratch.mkdir(parents=True, exist_ok=True)
+        with DiskWatch(scratch) as disk:
+            out = run_kernel(env, tmp_path)
         after = [snapshot(d) for d in inputs]
     finally:
         for d in inputs:
@@ -220,6 +259,16 @@ def test_kernel_end_to_end_on_a_fake_kaggle_tree(fake, tmp_path):
     assert (models / EXP / "fold0.pt").is_symlink() and (models / EXP / "test.parquet").is_file()
     assert (models / "stacking" / "kaggle_test" / "test.parquet").is_file()
     assert "predict: done" in out.stdout and "submission" in out.stdout
+
+    # scratch disk for images: zero. The test DICOMs are streamed through the engine: no image cache ever
+    # appears, the test clean dir holds only the slice table, and scratch as a whole stays small (the model
+    # tree's per-fold-model test outputs, a few hundred KB here)
+    assert "stage one streamed" in out.stdout and "prepare test" not in out.stdout
+    assert disk.caches == set(), f"an image cache was written: {sorted(disk.caches)}"
+    assert sorted(p.name for p in (scratch / "clean" / "test").rglob("*") if p.is_file()) == [
+        "key.json", "rejected.csv", "slices.parquet"]
+    assert 0 < disk.peak < 200 << 20, f"scratch peaked at {disk.peak:,} bytes"
+    print(f"scratch peak {disk.peak:,} bytes")
 
 
 def test_kernel_pip_step_runs_once(fake, tmp_path, monkeypatch, capsys):
