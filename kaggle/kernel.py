@@ -28,8 +28,8 @@ Steps, each one loud on failure (message + non-zero exit):
 4. SUBMISSION_DIR/submission.csv is checked against the sample submission and
    copied to /kaggle/working/submission.csv, which Kaggle picks up.
 
-The model tree (links, plus predict.py's per-fold-model test outputs: README,
-"Kaggle kernel", gives the disk they take) and the streamed slice table go
+The model tree (links, plus predict.py's per-fold-model test outputs: the README's
+"Predicting in an offline Kaggle kernel" gives the disk they take) and the streamed slice table go
 to a scratch folder outside /kaggle/working (ICH_SCRATCH, default
 /kaggle/tmp): /kaggle/working is saved as the kernel's output and is limited in
 size, so only SETTINGS.json, logs, submissions and submission.csv go there.
