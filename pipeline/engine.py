@@ -180,13 +180,15 @@ class Engine:
             x = x.to(rt.device, non_blocking=True)
             on_device[spec] = x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
         rows = len(next(iter(inputs.values())))
-        for f in self.fold_models:
+        queued = []
+        for f in self.fold_models:  # every fold model's work is queued before the host waits for any
             x = on_device[f.spec]
             if getattr(f.model, "__dict__", {}).get("_compiled") is not None:
                 x = padded(x, self.batch_size)  # a compiled model sees one batch shape only
             prob, emb = forward(f.model, x, rt, f.cfg.train.tta_hflip)
-            sink.add_outputs(f.key, prob[:rows].float().cpu().numpy(),
-                             emb[:rows].float().half().cpu().numpy())
+            queued.append((f.key, prob[:rows].float(), emb[:rows].float().half()))
+        for key, prob, emb in queued:  # the first copy waits for the device once; the rest are ready
+            sink.add_outputs(key, prob.cpu().numpy(), emb.cpu().numpy())
 
     def stage_one(self, groups, sink: Sink, *, keep_images: bool = False, progress=None) -> Sink:
         """Decode `groups` (lists of SliceFile, each whole series) and run every fold model on them.

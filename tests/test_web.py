@@ -589,3 +589,21 @@ def test_viewer_endpoints_source_hu_header_thumbnails_patient(client, study, pre
     assert set(who) == {"patient_name", "patient_id"} and who["patient_id"]
     assert who["patient_id"] not in json.dumps(doc)
     assert client.get("/api/studies").status_code in (404, 405)  # no list of the results' ids: each id is a key
+
+
+def test_uploads_are_decoded_in_a_worker_process_never_on_the_request_thread(engine, client, study, monkeypatch):
+    """The server's engine (pipeline.engine) is built once with its own decode workers: an upload's DICOMs
+    are read by prepare_data's decode_files in another process, not on the thread that serves the request."""
+    import os
+
+    import pipeline.decode
+    decoder = engine.engine.decoder
+    assert decoder.num_workers >= 1
+    calls = []
+    real = pipeline.decode.decode_files
+    monkeypatch.setattr(pipeline.decode, "decode_files", lambda *a, **k: calls.append(os.getpid()) or real(*a, **k))
+    zpath, ids = study
+    r = post(client, ("study.zip", zpath.read_bytes()))
+    assert r.status_code == 201, r.text
+    assert calls == []  # patched here, in this process: the worker's own copy did the decoding
+    assert len(r.json()["slices"]) == len(ids)
