@@ -154,7 +154,8 @@ def load_fold_model(path: Path, runtime: Runtime, reuse=None):
     return model, cfg, info
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """SHA-1 of a file's bytes (a checkpoint's: what its test outputs are tied to)."""
     h = hashlib.sha1()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -166,7 +167,7 @@ def outputs_key(checkpoints: dict[int, Path], test_dir: Path, image_ids) -> dict
     """What the test outputs depend on; equal keys mean equal outputs (up to float noise)."""
     meta = read_meta(test_dir) or {}
     ids = hashlib.sha1("\0".join(map(str, image_ids)).encode()).hexdigest()
-    return {"checkpoints": {str(k): _file_digest(p) for k, p in checkpoints.items()},
+    return {"checkpoints": {str(k): file_digest(p) for k, p in checkpoints.items()},
             "test_cache": {**image_settings(meta), "n_files": meta.get("n_files"),
                            "files_digest": meta.get("files_digest")},
             "image_ids": ids}

@@ -23,7 +23,6 @@ prepare_data's row order.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import time
@@ -39,6 +38,7 @@ from ich.cache import files_digest, read_meta, write_atomic
 from ich.labels import LABELS
 from ich.prepare import TEST_DIR, PrepareError, list_files
 from ich.submission import build_submission, read_sample, score_submission, write_submission
+from models.predict_split import file_digest
 
 from .decode import SliceFile
 from .engine import Engine, Sink
@@ -132,19 +132,11 @@ class StreamSink(Sink):
         self.parts[key].unlink(missing_ok=True)
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def stream_key(engine: Engine, names: list[str], exp: str) -> dict:
     """What one experiment's streamed test outputs depend on: its checkpoints' bytes, the image settings
     and the test files (equal keys: the outputs can be reused)."""
     return {"road": "streamed",
-            "checkpoints": {str(f.k): _digest(f.path) for f in engine.fold_models if f.experiment == exp},
+            "checkpoints": {str(f.k): file_digest(f.path) for f in engine.fold_models if f.experiment == exp},
             "image_settings": engine.image_settings, "n_files": len(names), "files_digest": files_digest(names)}
 
 
