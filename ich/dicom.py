@@ -190,8 +190,15 @@ def _check_file(path, max_pixels: int) -> int:
 
     Opening a FIFO blocks for ever and /dev/zero never ends; a dangling link has
     nothing to read; and pydicom reads a whole file into memory, so the file's
-    size is the first bound on a worker's memory.
+    size is the first bound on a worker's memory. `path` may also be the
+    file's bytes (the in-memory engine's input): only the size cap applies.
     """
+    if isinstance(path, (bytes, bytearray)):
+        size = len(path)
+        if size > max_file_bytes(max_pixels):
+            raise Rejected("too_large", f"{size:,} bytes, more than a slice of at most {max_pixels:,} pixels "
+                                        f"takes ({max_file_bytes(max_pixels):,})")
+        return size
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -225,7 +232,12 @@ class _BoundedFile(io.BufferedReader):
     """
 
     def __init__(self, path):
-        super().__init__(io.FileIO(path, "rb"))
+        if isinstance(path, (bytes, bytearray)):
+            raw = io.BytesIO(path)
+            raw.name = "<bytes>"  # pydicom asks the file for its name
+        else:
+            raw = io.FileIO(path, "rb")
+        super().__init__(raw)
         self._left = MAX_READS
 
     def read(self, size=-1, /):
@@ -297,6 +309,9 @@ def sniff(head: bytes) -> None:
 
 
 def _sniff_file(path) -> None:
+    if isinstance(path, (bytes, bytearray)):
+        sniff(bytes(path[:SNIFF_BYTES]))
+        return
     with open(path, "rb") as f:
         sniff(f.read(SNIFF_BYTES))
 

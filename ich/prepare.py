@@ -141,7 +141,7 @@ def read_files(files, cfg: PrepareConfig) -> tuple[np.ndarray, pd.DataFrame]:
     """Files -> (their cached images, n x size x size x windows uint8, and one row each): the step
     prepare_data's workers take per chunk, and the in-memory engine (pipeline.engine) per series.
 
-    files: (path, name, image_id) triples; name is what rejected.csv and the
+    files: (path or the file's bytes, name, image_id) triples; name is what rejected.csv and the
     study's skipped list say, image_id None means `image_id_for(name, the
     header's SOPInstanceUID)` (prepare_data's rule). Row i's `cache_row` is
     i (prepare_data shifts it to the chunk's place). A rejected file keeps
@@ -152,7 +152,7 @@ def read_files(files, cfg: PrepareConfig) -> tuple[np.ndarray, pd.DataFrame]:
     for i, (path, name, image_id) in enumerate(files):
         row = {"cache_row": i, "file": name, "reason": "", "detail": ""}
         try:
-            images[i], fields = read_one(Path(path), cfg)
+            images[i], fields = read_one(path if isinstance(path, (bytes, bytearray)) else Path(path), cfg)
             row.update(fields)
         except Rejected as rej:
             row.update(reason=rej.reason, detail=rej.detail[:300])

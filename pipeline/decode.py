@@ -40,9 +40,10 @@ class InputSpec(NamedTuple):
 
 
 class SliceFile(NamedTuple):
-    """One DICOM file: where it is, the name to report it by, and its image_id (None: prepare_data's rule,
-    the file name, or its SOPInstanceUID when the name is no safe ID)."""
-    path: str
+    """One DICOM file: where it is (a path, or the file's bytes: a caller that holds them in memory needs
+    no disk), the name to report it by, and its image_id (None: prepare_data's rule, the file name, or its
+    SOPInstanceUID when the name is no safe ID)."""
+    path: str | bytes
     name: str
     image_id: str | None = None
 
@@ -78,7 +79,7 @@ class _Groups(Dataset):
 
     def __getitem__(self, item) -> Decoded:
         files, keep = item
-        images, slices, rejected = decode_files([(Path(f.path), f.name, f.image_id) for f in files], self.cfg)
+        images, slices, rejected = decode_files([(f.path, f.name, f.image_id) for f in files], self.cfg)
         slices = slices.reset_index(drop=True)
         inputs = network_inputs(images, slices, self.specs)
         kept = torch.from_numpy(images[slices["cache_row"].to_numpy(np.int64)]) if keep else None

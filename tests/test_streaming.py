@@ -111,3 +111,14 @@ def test_the_engine_rejects_what_prepare_data_rejects_with_the_same_reason(tmp_p
     usable = pd.concat([d.slices for d in decoded])
     cached = pd.read_parquet(tmp_path / "clean" / "slices.parquet")
     assert sorted(usable["image_id"]) == sorted(cached["image_id"]) and len(usable) == 4
+
+    # the same files given as bytes (a caller that holds them in memory): the same reasons and images
+    from pipeline.decode import SliceFile
+    regular = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.is_symlink()]
+    (as_bytes,) = decoder([[SliceFile(p.read_bytes(), p.name, None) for p in regular]])
+    assert as_bytes.rejected.set_index("file")["reason"].to_dict() == {
+        f: r for f, r in want.items() if f != "ID_nowhere.dcm"}
+    (as_paths,) = decoder([[SliceFile(str(p), p.name, None) for p in regular]])
+    assert as_bytes.slices["image_id"].tolist() == as_paths.slices["image_id"].tolist()
+    spec = InputSpec("windows", 0, 32)
+    assert np.array_equal(as_bytes.inputs[spec].numpy(), as_paths.inputs[spec].numpy())
