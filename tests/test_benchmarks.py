@@ -116,3 +116,24 @@ def test_hostile_benchmark(study_models, prepared, tmp_path):
     cases = re.findall(r"^(.+?): HTTP (\d+) in [\d.]+ s, peak RSS \d+ MB = [+-]\d+ MB above idle", out, flags=re.M)
     assert [int(status) for _, status in cases] == [400, 400, 400, 400, 201, 400, 411], out
     assert "a valid study afterwards: HTTP 201" in out
+
+
+def test_engine_stack_benchmark():
+    """benchmarks/engine_stack.py (the GPU session's check of the default stack) runs end to end: here on
+    the demo's experiment, random weights, a tiny study."""
+    out = bench("engine_stack.py", "--config", "configs/predict/demo.yaml", "--prepare", "configs/prepare/demo.yaml",
+                "--folds", "2", "--slices", "4", "--series", "2", "--size", "64", "--repeats", "2", "--workers", "1")
+    assert re.search(r"engine loaded \(2 fold models, inputs ", out)
+    assert len(re.findall(r"^study run \d: [\d.]+ s \(decode wait", out, flags=re.M)) == 2
+    assert re.search(r"4-slice study, stage one of the whole stack: median [\d.]+ s", out)
+    m = re.search(r"test-split run: (\d+) slices in [\d.]+ s = [\d.]+ slices/s through 2 fold models", out)
+    assert m and int(m.group(1)) >= 8
+
+
+def test_streaming_benchmark(study_models):
+    settings, cfg, _ = study_models
+    out = bench("streaming.py", "--settings", str(settings), "--config", str(cfg), "--workers", "1")
+    m = re.search(r"largest probability difference between the roads ([0-9.e+-]+)", out)
+    assert m and float(m.group(1)) < 1e-5, out
+    assert re.search(r"cached road: .* images on disk\s+[1-9][\d.]* MB", out)
+    assert re.search(r"streamed road: .* images on disk\s+0.0 MB", out)
