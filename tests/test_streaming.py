@@ -122,3 +122,16 @@ def test_the_engine_rejects_what_prepare_data_rejects_with_the_same_reason(tmp_p
     assert as_bytes.slices["image_id"].tolist() == as_paths.slices["image_id"].tolist()
     spec = InputSpec("windows", 0, 32)
     assert np.array_equal(as_bytes.inputs[spec].numpy(), as_paths.inputs[spec].numpy())
+
+
+def test_no_test_cache_and_no_test_dicoms_is_one_line(prepared, study_models, tmp_path):
+    import shutil
+    _, cfg, root = study_models
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shutil.copy(prepared / "raw" / "stage_2_sample_submission.csv", raw)
+    settings = write_paths(tmp_path / "settings.json", raw=raw, train=prepared / "clean" / "train",
+                           test=tmp_path / "clean_test", root=root)
+    out = run_script("predict.py", "--settings", settings, "--config", cfg)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "no stage_2_test/ folder under RAW_DATA_DIR" in out.stderr and "no test cache" in out.stderr
