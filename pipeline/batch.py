@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -99,14 +98,34 @@ def series_groups(folder: Path, names: list[str], max_pixels: int, num_workers: 
 
 
 # --- the streaming sink: embeddings to disk as they come -----------------------------------------
+NPY_HEADER = 128  # bytes kept at the start of each embeddings file for its .npy header
+
+
+def npy_header(shape: tuple, dtype=np.float16) -> bytes:
+    """A version 1.0 .npy header of exactly NPY_HEADER bytes (numpy's format: magic, version, length, a
+    dict padded with spaces and ended by a newline) for a C-ordered array of `shape`."""
+    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (np.dtype(dtype).str, tuple(shape))
+    body = text.ljust(NPY_HEADER - 10 - 1) + "\n"
+    if len(body) != NPY_HEADER - 10:
+        raise ValueError(f"shape {shape} does not fit a {NPY_HEADER}-byte .npy header")
+    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
+
+
 class StreamSink(Sink):
-    """Keeps the slice tables and probabilities; appends each fold model's embeddings to a raw file
-    beside its final place (no image is kept: a group's inputs are dropped once run)."""
+    """Keeps the slice tables and probabilities; appends each fold model's embeddings to its file as
+    they come (no image is kept: a group's inputs are dropped once run).
+
+    Each embeddings file is written in place as an .npy: room for the header
+    first, the rows after it, the header filled in once the row count is
+    known, then the file renamed to its final name. No second copy: the
+    disk a fold model's embeddings take is their own size."""
 
     def __init__(self, parts: dict[tuple, Path]):
         super().__init__(keep_embeddings=False)
         self.parts = parts
         self.files = {key: open(path, "wb") for key, path in parts.items()}
+        for f in self.files.values():
+            f.write(b"\0" * NPY_HEADER)
         self.dims: dict[tuple, int] = {}
 
     def add_group(self, decoded) -> None:
@@ -122,14 +141,11 @@ class StreamSink(Sink):
             f.close()
 
     def save_embeddings(self, key, path: Path, rows: int) -> None:
-        """The raw embeddings of one fold model -> an .npy file (header, then the rows as written)."""
-        def write(tmp):
-            with open(tmp, "wb") as out, open(self.parts[key], "rb") as raw:
-                np.lib.format.write_array_header_1_0(out, {"descr": np.dtype(np.float16).str, "fortran_order": False,
-                                                           "shape": (rows, self.dims.get(key, 0))})
-                shutil.copyfileobj(raw, out, 1 << 24)
-        write_atomic(path, write)
-        self.parts[key].unlink(missing_ok=True)
+        """One fold model's embeddings file -> `path` (.npy of rows x dim float16): header, then rename."""
+        part = self.parts[key]
+        with open(part, "r+b") as f:
+            f.write(npy_header((rows, self.dims.get(key, 0))))
+        part.replace(path)
 
 
 def stream_key(engine: Engine, names: list[str], exp: str) -> dict:
