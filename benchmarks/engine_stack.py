@@ -40,12 +40,11 @@ def random_checkpoints(cfg, prepare, root: Path, folds: int) -> Path:
     """MODEL_CHECKPOINT_DIR/<experiment>/fold{k}.pt of random weights, as train.py writes them."""
     import torch
 
-    from ich.cache import FORMAT_VERSION
+    from ich.cache import FORMAT_VERSION, image_settings
     from models.config import load_experiment
     from models.data import input_channels
     from models.net import SliceNet
-    settings = {"format": FORMAT_VERSION, **{k: v for k, v in prepare.cache_key().items()
-                                             if k in ("image_size", "windows", "sigmoid", "crop_border")}}
+    settings = image_settings({"format": FORMAT_VERSION, **prepare.cache_key()})  # as train.py stores them
     for exp in cfg.experiments:
         ecfg = load_experiment(REPO / "configs" / f"{exp}.yaml")
         chans = input_channels(ecfg.input.mode, len(prepare.windows))

@@ -148,10 +148,12 @@ def load_prepare_config(path: str | Path | None) -> PrepareConfig:
 def cache_settings(meta: dict) -> dict:
     """A cache's cache_meta.json -> the prepare config mapping (YAML shape) that makes images like it:
     what a test split must be prepared with for models trained on that cache."""
-    return {"image_size": int(meta["image_size"]),
-            "windows": [{"name": str(n), "center": float(c), "width": float(w)} for n, c, w in meta["windows"]],
-            "sigmoid": bool(meta["sigmoid"]), "crop_border": bool(meta["crop_border"]),
-            "chunk_size": int(meta["chunk_size"])}
+    out = {"image_size": int(meta["image_size"]),
+           "windows": [{"name": str(n), "center": float(c), "width": float(w)} for n, c, w in meta["windows"]],
+           "sigmoid": bool(meta["sigmoid"]), "crop_border": bool(meta["crop_border"])}
+    if "chunk_size" in meta:  # a checkpoint's image settings (ich.cache.image_settings) have none
+        out["chunk_size"] = int(meta["chunk_size"])
+    return out
 
 
 def prepare_config_from(data: dict, where: str, name: str = "default") -> PrepareConfig:

@@ -39,7 +39,7 @@ from ich.prepare import TEST_DIR, PrepareError, list_files
 from ich.submission import build_submission, read_sample, score_submission, write_submission
 from models.predict_split import file_digest
 
-from .decode import SliceFile
+from .decode import SliceFile, as_is
 from .engine import Engine, Sink
 
 KAGGLE = "rsna-intracranial-hemorrhage-detection"
@@ -61,16 +61,14 @@ class _Headers(Dataset):
     def __getitem__(self, i):
         import warnings
 
-        from ich.dicom import Rejected, read_header
+        from ich.dicom import read_header
         out = []
         for name in self.chunks[i]:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     out.append(read_header(self.folder / name, self.max_pixels).series_id)
-            except Rejected:
-                out.append(None)
-            except Exception:  # noqa: BLE001 - the decode step gives the reason
+            except Exception:  # noqa: BLE001 - Rejected or worse: the decode step gives the reason
                 out.append(None)
         return out
 
@@ -81,7 +79,7 @@ def series_groups(folder: Path, names: list[str], max_pixels: int, num_workers: 
     series_id order; a file whose header cannot be read is a group of its own, last."""
     chunks = [names[i:i + SCAN_CHUNK] for i in range(0, len(names), SCAN_CHUNK)]
     loader = DataLoader(_Headers(folder, chunks, max_pixels), batch_size=None, num_workers=num_workers,
-                        collate_fn=lambda x: x)
+                        collate_fn=as_is)
     series = []
     for part in tqdm(loader, total=len(chunks), desc="read test headers", unit="chunk", disable=not progress,
                      leave=False):
@@ -223,22 +221,20 @@ def stream_test(cfg, settings, runtime, *, force: bool = False, progress: bool =
 
 
 def _reusable(out_dir: Path, dirs: dict, keys: dict, engine: Engine) -> bool:
-    try:
-        stored = json.loads((out_dir / "key.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    if stored != keys or not (out_dir / "slices.parquet").is_file():
-        return False
-    for f in engine.fold_models:
-        d = dirs[f.experiment]
+    """The streamed outputs of an earlier run are there and were made by the same key, experiment by
+    experiment (test_meta.json) and as a whole (streamed/key.json)."""
+    def stored(path: Path):
         try:
-            if json.loads((d / "test_meta.json").read_text()) != keys[f.experiment]:
-                return False
+            return json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
-            return False
-        if not all((d / n).is_file() for n in (f"test_fold{f.k}.parquet", f"test_fold{f.k}_emb.npy", "test.parquet")):
-            return False
-    return True
+            return None
+
+    if stored(out_dir / "key.json") != keys or not (out_dir / "slices.parquet").is_file():
+        return False
+    if any(stored(dirs[exp] / "test_meta.json") != key for exp, key in keys.items()):
+        return False
+    return all((dirs[f.experiment] / n).is_file() for f in engine.fold_models
+               for n in (f"test_fold{f.k}.parquet", f"test_fold{f.k}_emb.npy", "test.parquet"))
 
 
 def has_test_cache(test_dir: Path) -> bool:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -100,7 +99,8 @@ class _Handed(Sampler):
         return len(self.items)
 
 
-def _as_is(item):
+def as_is(item):
+    """A DataLoader collate_fn that hands each item over as the dataset made it."""
     return item
 
 
@@ -113,7 +113,7 @@ class Decoder:
         self.num_workers = max(0, int(num_workers))
         self._sampler = _Handed()
         self._loader = DataLoader(_Groups(cfg, self.specs), batch_size=None, sampler=self._sampler,
-                                  num_workers=self.num_workers, collate_fn=_as_is,
+                                  num_workers=self.num_workers, collate_fn=as_is,
                                   persistent_workers=self.num_workers > 0,
                                   prefetch_factor=2 if self.num_workers else None)
 

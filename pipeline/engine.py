@@ -24,6 +24,7 @@ and through it the Kaggle kernel.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,10 +33,9 @@ import pandas as pd
 import torch
 
 from ich.cache import read_meta
-from ich.config import PrepareConfig, prepare_config_from
-from ich.labels import LABELS
+from ich.config import PrepareConfig, cache_settings, prepare_config_from
 from models.config import ExperimentCfg
-from models.inference import forward, padded
+from models.inference import forward, is_compiled, padded
 from models.predict_split import InferenceError, load_fold_model, require_fold_checkpoints
 from models.runtime import Runtime
 
@@ -58,11 +58,7 @@ class FoldModel:
 
 def prepare_config_of(settings: dict, where: str) -> PrepareConfig:
     """A cache's image settings (ich.cache.image_settings) -> the prepare config that makes such images."""
-    return prepare_config_from({"image_size": int(settings["image_size"]),
-                                "windows": [{"name": str(n), "center": float(c), "width": float(w)}
-                                            for n, c, w in settings["windows"]],
-                                "sigmoid": bool(settings["sigmoid"]), "crop_border": bool(settings["crop_border"])},
-                               where, "engine")
+    return prepare_config_from(cache_settings(settings), where, "engine")
 
 
 class Sink:
@@ -183,7 +179,7 @@ class Engine:
         queued = []
         for f in self.fold_models:  # every fold model's work is queued before the host waits for any
             x = on_device[f.spec]
-            if getattr(f.model, "__dict__", {}).get("_compiled") is not None:
+            if is_compiled(f.model):
                 x = padded(x, self.batch_size)  # a compiled model sees one batch shape only
             prob, emb = forward(f.model, x, rt, f.cfg.train.tta_hflip)
             queued.append((f.key, prob[:rows].float(), emb[:rows].float().half()))
@@ -207,7 +203,6 @@ class Engine:
                 pending[spec] = [rest]
             return out
 
-        import time
         for f in self.fold_models:
             f.model.eval()
         decoded_groups = iter(self.decoder(groups, keep_images))
@@ -244,7 +239,6 @@ class Engine:
         boosters, its sequence member), then the saved blend: stacking.apply's
         function on in-memory outputs instead of files.
         """
-        import time
         if self.stage_two is None:
             raise InferenceError("this engine was loaded without stage two (stage_two=False)")
         sink = self.stage_one([files], Sink(keep_embeddings=bool(self.cfg.pca_components)), keep_images=keep_images)
@@ -270,9 +264,3 @@ class Engine:
             it._shutdown_workers()
         loader._iterator = None
 
-
-def mean_stage_one(outputs: dict, experiments) -> np.ndarray:
-    """Stage one's probabilities (n x 6) as predict.py submits them: each experiment's mean over its fold
-    models, then the mean over experiments. outputs: {(experiment, k): probabilities}."""
-    return np.mean([np.mean([p for (e, _), p in outputs.items() if e == exp], axis=0) for exp in experiments],
-                   axis=0)
