@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from hostile import deflate_bomb, zip_bomb, zip_of  # noqa: E402
+from hostile import deflate_bomb, stop, zip_bomb, zip_of  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -177,11 +177,7 @@ def main():
         status, _ = post(port_no, "study.zip", study)
         print(f"a valid study afterwards: HTTP {status}; server RSS {rss_mb(proc.pid):.0f} MB")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, timeout=30)
         log.close()
         shutil.rmtree(work, ignore_errors=True)
 

@@ -246,11 +246,8 @@ def served(study_models, tmp_path_factory):
             raise AssertionError(f"serve.py did not start: {log.read_text()[-3000:]}")
         time.sleep(0.3)
     yield url, proc, log
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    from hostile import stop
+    stop(proc)
 
 
 # --- DICOM SR validity: dcmtk's dsrdump and dicom3tools' dciodvfy (scripts/install_dicom_tools.sh) ------
@@ -284,3 +281,19 @@ def sr_problems(data: bytes) -> list[str]:
     out += [f"dciodvfy: {line}" for line in (vfy.stdout + vfy.stderr).splitlines()
             if line.startswith(("Error", "Warning")) and not any(t in line for t in SR_TOLERATED)]
     return out
+
+
+def dies_in_epoch(monkeypatch, n: int):
+    """models.trainer.run_epoch raises KeyboardInterrupt at its n-th call (a run killed mid-training);
+    returns the real run_epoch, to put back with monkeypatch.setattr."""
+    from models import trainer
+    real, calls = trainer.run_epoch, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "run_epoch", dying)
+    return real

@@ -1,10 +1,11 @@
 """Hostile inputs, generated (nothing large is committed): a deflate bomb in one DICOM file, zip bombs,
-damaged zips, raw HTTP requests. Used by tests/test_web.py, tests/test_dicom.py and benchmarks/hostile.py."""
+damaged zips, raw HTTP requests, and stopping the server they were sent to. Used by tests/test_web.py, tests/test_dicom.py and benchmarks/hostile.py."""
 from __future__ import annotations
 
 import io
 import socket
 import struct
+import subprocess
 import zipfile
 import zlib
 
@@ -121,3 +122,12 @@ def raw_request(host: str, port: int, data: bytes, *, wait: float = 10.0) -> tup
         except ConnectionResetError:
             pass
     return reply, time.time() - t0
+
+
+def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """Stop a server process: SIGTERM (it shuts down cleanly), SIGKILL when it has not ended in `timeout` s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()

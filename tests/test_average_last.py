@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import write_config
+from conftest import dies_in_epoch, write_config
 from ich.config import ConfigError
 from models.config import from_dict, load_experiment
 from models.data import with_neighbors
@@ -95,15 +95,7 @@ def test_average_last_resumed_inside_the_window_matches_uninterrupted(prepared, 
         trainer.train_fold(cfg, 0, data, out, runtime, resume=resume, progress=False, log=lambda *a: None)
 
     train(tmp_path / "straight")
-    real, calls = trainer.run_epoch, {"n": 0}
-
-    def dies_in_third_epoch(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(trainer, "run_epoch", dies_in_third_epoch)
+    real = dies_in_epoch(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path / "killed")
     monkeypatch.setattr(trainer, "run_epoch", real)

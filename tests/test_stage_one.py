@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, run_train, settings_for, write_config
+from conftest import REPO, dies_in_epoch, run_train, settings_for, write_config
 from ich.config import ConfigError
 from ich.labels import LABELS
 from models.config import OptimCfg, from_dict, load_experiment
@@ -164,16 +164,7 @@ def test_resume_after_kill_matches_uninterrupted(prepared, tmp_path, monkeypatch
               log=lambda *a: None)
     experiment.run_experiment(cfg, model_dir=tmp_path / "straight", **kw)
 
-    real = trainer.run_epoch
-    calls = {"n": 0}
-
-    def dies_in_second_epoch(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(trainer, "run_epoch", dies_in_second_epoch)
+    real = dies_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         experiment.run_experiment(cfg, model_dir=tmp_path / "killed", **kw)
     monkeypatch.setattr(trainer, "run_epoch", real)

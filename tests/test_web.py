@@ -212,7 +212,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 from conftest import REPO, free_port  # noqa: E402
-from hostile import damaged_zips, deflate_bomb, raw_request, zip_bomb, zip_of  # noqa: E402
+from hostile import damaged_zips, deflate_bomb, raw_request, stop, zip_bomb, zip_of  # noqa: E402
 
 
 def _study_members(zpath):
@@ -431,11 +431,7 @@ def test_6_and_10_kill_9_mid_upload_leaves_nothing_after_a_restart_and_slow_clie
         assert seconds < 8 and b" 408 " in reply.split(b"\r\n", 1)[0], (seconds, reply[:200])
         assert not list(work.glob("req_*"))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def test_7_one_odd_slice_does_not_reject_its_series(client, study):
