@@ -34,6 +34,7 @@ def main(argv=None):
     import uvicorn
 
     from ich.study import StudyError
+    from models.checkpoint import CheckpointError
     from models.predict_split import InferenceError
     from stacking.run import StackingError
     from web.app import create_app, quiet_logs
@@ -42,7 +43,7 @@ def main(argv=None):
     from web.protocol import timed_h11
     from web.uploads import WorkDir
 
-    with friendly_errors(InferenceError, StackingError, StudyError, FileNotFoundError, RuntimeError):
+    with friendly_errors(InferenceError, CheckpointError, StackingError, StudyError, FileNotFoundError, RuntimeError):
         work = WorkDir(args.work_dir)  # sweeps a crashed server's uploads
         engine = load_engine(args.settings, args.config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

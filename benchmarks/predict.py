@@ -50,7 +50,7 @@ from models.config import from_dict, load_experiment  # noqa: E402
 from models.data import with_neighbors  # noqa: E402
 from models.inference import forward, is_compiled, make_loader, predict  # noqa: E402
 from models.net import SliceNet  # noqa: E402
-from models.predict_split import load_fold_model  # noqa: E402
+from models.checkpoint import load_fold_model  # noqa: E402
 from models.trainer import make_dataset  # noqa: E402
 
 N_TEST = 121_232

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from pathlib import Path
 
@@ -31,11 +30,11 @@ import torch
 
 from ich.cache import image_settings, read_meta, save_npy_atomic, write_atomic
 from ich.labels import LABELS
+from ich.stage_one import file_digest, fold_checkpoints
 
-from .config import from_dict
+from .checkpoint import load_fold_model, read_provenance
 from .data import with_neighbors
 from .inference import is_compiled, make_loader, predict
-from .net import SliceNet
 from .runtime import Runtime
 from .trainer import make_dataset
 
@@ -73,7 +72,6 @@ def training_records(model_dir: Path, experiments, train_dir: Path) -> dict[str,
     against the test cache, check_same_cache and _compare.) Checkpoints from
     before the record existed carry none and are not compared.
     """
-    from ich.provenance import read_provenance
     records, digests = {}, {}
     for exp in experiments:
         found = []
@@ -95,16 +93,6 @@ def training_records(model_dir: Path, experiments, train_dir: Path) -> dict[str,
     return records
 
 
-def fold_checkpoints(exp_dir: Path) -> dict[int, Path]:
-    """{k: fold{k}.pt} of an experiment (resume states fold{k}.last.pt excluded)."""
-    found = {}
-    for path in exp_dir.glob("fold*.pt"):
-        m = re.fullmatch(r"fold(\d+)\.pt", path.name)
-        if m:
-            found[int(m.group(1))] = path
-    return dict(sorted(found.items()))
-
-
 def require_fold_checkpoints(exp_dir: Path) -> dict[int, Path]:
     """fold_checkpoints(exp_dir), which must not be empty: else an InferenceError saying to train first.
 
@@ -116,50 +104,6 @@ def require_fold_checkpoints(exp_dir: Path) -> dict[int, Path]:
     if not checkpoints:
         raise InferenceError(f"no fold checkpoints in {exp_dir}: run train.py for {exp_dir.name} first")
     return checkpoints
-
-
-def load_fold_model(path: Path, runtime: Runtime, reuse=None):
-    """A fold checkpoint -> (model on the device, its experiment config, the checkpoint dict without weights).
-
-    No pretrained file is needed: the weights, the normalization and the
-    sampler correction all come from the checkpoint. `reuse`: a model an
-    earlier call returned; when it has the same architecture, the weights are
-    copied into it in place and it is returned. A compiled backbone keeps its
-    compiled code that way (torch.compile treats the weights as inputs), so
-    the fold models of an experiment compile once, not once each.
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a damaged file: name it, in one line
-        raise InferenceError(f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}): it is damaged or "
-                             "incomplete; retrain that fold (train.py --folds K --force)") from None
-    cfg = from_dict(state["config"], where=str(path))
-    info = {k: v for k, v in state.items() if k != "state_dict"}
-    arch = (cfg.model.backbone, int(state.get("in_chans", 3)), cfg.model.dropout)
-    model = reuse if reuse is not None and getattr(reuse, "arch", None) == arch else None
-    if model is None:
-        model = SliceNet(cfg.model.backbone, None, cfg.model.dropout, arch[1])  # weights: below
-    missing = {"mean", "std", "neg_keep"} - set(state["state_dict"])
-    if missing:
-        raise InferenceError(f"{path} was written by an older version that did not store "
-                             f"{', '.join(sorted(missing))} with the weights: retrain it (train.py --force)")
-    model.load_state_dict(state["state_dict"])  # in place: a reused model stays on its device, compiled
-    if model is reuse:
-        return model, cfg, info
-    model.arch = arch
-    model = model.to(runtime.device)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model, cfg, info
-
-
-def file_digest(path: Path) -> str:
-    """SHA-1 of a file's bytes (a checkpoint's: what its test outputs are tied to)."""
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def outputs_key(checkpoints: dict[int, Path], test_dir: Path, image_ids) -> dict:
@@ -217,7 +161,7 @@ def predict_test(exp_dir: Path, test_dir: Path, runtime: Runtime, *, batch_size:
     mean, tta = 0.0, set()
     model, loaders = None, {}
     for k, path in checkpoints.items():
-        model, cfg, info = load_fold_model(path, runtime, reuse=model)
+        model, cfg, info = load_fold_model(path, runtime)
         if runtime.wants_compile(cfg.train.compile) and not is_compiled(model):
             model.compile_backbone()
         if "image_settings" in info:

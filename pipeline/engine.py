@@ -36,7 +36,8 @@ from ich.cache import read_meta
 from ich.config import PrepareConfig, cache_settings, prepare_config_from
 from models.config import ExperimentCfg
 from models.inference import forward, is_compiled, padded
-from models.predict_split import InferenceError, load_fold_model, require_fold_checkpoints
+from models.checkpoint import load_fold_model
+from models.predict_split import InferenceError, require_fold_checkpoints
 from models.runtime import Runtime
 
 from .decode import Decoded, Decoder, InputSpec, SliceFile

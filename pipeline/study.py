@@ -25,8 +25,8 @@ import pandas as pd
 import pydicom
 
 from ich.labels import LABELS
+from ich.stage_one import fold_checkpoints
 from ich.study import NO_DEADLINE, Deadline, StudyError, StudyFiles, choose_series, reason_summary, study_files
-from models.predict_split import fold_checkpoints
 from stacking.run import STAGE_TWO
 
 from .decode import SliceFile

@@ -2,7 +2,6 @@
 
 predict must give the outputs the straightforward loop gave (a `.cpu()` per
 batch), make every item exactly once, feed a compiled model full batches only,
-and predict_test must carry one model and one loader through all fold models;
 require_fold_checkpoints is the one "no fold checkpoints" check.
 """
 from __future__ import annotations
@@ -14,10 +13,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from models.config import from_dict
 from models.inference import make_loader, padded, predict
 from models.net import SliceNet
-from models.predict_split import load_fold_model
 from models.runtime import setup
 
 N, SIZE = 21, 32
@@ -102,31 +99,6 @@ def test_a_compiled_model_sees_full_batches_only(model):
     np.testing.assert_allclose(emb.astype(np.float32), ref_emb.astype(np.float32), atol=1e-3, rtol=1e-3)
     x = torch.arange(3 * 2).view(3, 2)
     assert padded(x, 5).tolist() == [[0, 1], [2, 3], [4, 5], [4, 5], [4, 5]] and padded(x, 0) is x
-
-
-def test_fold_models_reuse_one_module(tmp_path):
-    """load_fold_model(reuse=...) copies the next fold's weights into the same module (a compiled
-    backbone keeps its code); a different architecture gets a new one."""
-    cfg = from_dict({"model": {"backbone": "test_resnet"}, "input": {"size": SIZE}, "train": {"epochs": 1}})
-    paths = []
-    for k in range(2):
-        torch.manual_seed(k)
-        net = SliceNet("test_resnet")
-        net.set_sampling(0.5 + 0.25 * k)
-        paths.append(tmp_path / f"fold{k}.pt")
-        torch.save({"state_dict": net.state_dict(), "config": cfg.to_dict(), "fold": k, "epoch": 1}, paths[-1])
-    rt = setup("none", False)
-    first, _, _ = load_fold_model(paths[0], rt)
-    second, _, _ = load_fold_model(paths[1], rt, reuse=first)
-    fresh, _, _ = load_fold_model(paths[1], rt)
-    assert second is first and fresh is not first
-    for key, value in fresh.state_dict().items():
-        assert torch.equal(second.state_dict()[key], value), key
-    other = from_dict({"model": {"backbone": "test_resnet"}, "input": {"size": SIZE}, "train": {"epochs": 1}})
-    torch.save({"state_dict": SliceNet("test_resnet", in_chans=9).state_dict(), "config": other.to_dict(),
-                "in_chans": 9}, tmp_path / "nine.pt")
-    nine, _, _ = load_fold_model(tmp_path / "nine.pt", rt, reuse=first)
-    assert nine is not first and nine.in_chans == 9
 
 
 def test_require_fold_checkpoints(tmp_path, prepared):
