@@ -129,6 +129,7 @@ def test_unreadable_yaml_is_one_line(tmp_path):
     ({"model": {"dropout": 1.5}}, "model.dropout must be in [0, 1)"),
     ({"model": {"pretrained": 5}}, "model.pretrained must be str or null, got 5"),
     ({"train": 3}, "train must be a mapping"),
+    ({"augment": {"erasing_on": "positives"}}, "augment.erasing_on must be negatives or all, got 'positives'"),
     ({"train": {"epoch": 3, "batchsize": 2}}, "unknown key(s) train.epoch, train.batchsize; known: train.epochs"),
 ])
 def test_experiment_config_bad_values(data, message):
