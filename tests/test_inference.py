@@ -101,10 +101,13 @@ def test_a_compiled_model_sees_full_batches_only(model):
     assert padded(x, 5).tolist() == [[0, 1], [2, 3], [4, 5], [4, 5], [4, 5]] and padded(x, 0) is x
 
 
-def test_require_fold_checkpoints(tmp_path, prepared):
-    """The one "no fold checkpoints" check (models.predict_split), which predict_test uses."""
-    from models.predict_split import InferenceError, predict_test, require_fold_checkpoints
+def test_require_fold_checkpoints(tmp_path):
+    """The one "no fold checkpoints" check (models.predict_split), which stage one on test uses."""
+    from types import SimpleNamespace
+
+    from models.predict_split import InferenceError, require_fold_checkpoints
     from models.runtime import Runtime
+    from pipeline.engine import Engine
     exp = tmp_path / "exp_a"
     exp.mkdir()
     (exp / "fold1.last.pt").write_bytes(b"")  # a resume state is not a fold model
@@ -116,7 +119,8 @@ def test_require_fold_checkpoints(tmp_path, prepared):
         require_fold_checkpoints(tmp_path / "missing")
     assert str(err.value) == f"no fold checkpoints in {tmp_path / 'missing'}: run train.py for missing first"
     with pytest.raises(InferenceError) as err:
-        predict_test(exp, prepared / "clean" / "test", Runtime(device=torch.device("cpu")), progress=False)
+        Engine(SimpleNamespace(experiments=["exp_a"], batch_size=4), tmp_path, Runtime(device=torch.device("cpu")),
+               stage_two=False)
     assert str(err.value) == message
     for k in (2, 0):
         (exp / f"fold{k}.pt").write_bytes(b"")
