@@ -70,6 +70,18 @@ def network_inputs(images: np.ndarray, slices: pd.DataFrame, specs) -> dict[Inpu
     return out
 
 
+def decoded_from(images: np.ndarray, slices: pd.DataFrame, rejected: pd.DataFrame, specs,
+                 keep: bool = False) -> Decoded:
+    """decode_files' output (cache-like images, slices, rejected) -> Decoded: each spec's network input and,
+    with keep, the images in the slices' order. The web app decodes in its own processes and hands this
+    to Engine.predict_decoded."""
+    slices = slices.reset_index(drop=True)
+    inputs = network_inputs(images, slices, specs)
+    kept = torch.from_numpy(images[slices["cache_row"].to_numpy(np.int64)]) if keep else None
+    slices["cache_row"] = np.arange(len(slices), dtype=np.int64)  # now: the row in this group's arrays
+    return Decoded(slices, rejected, inputs, kept)
+
+
 class _Groups(Dataset):
     """item (a tuple of SliceFile, keep_images) -> Decoded."""
 
@@ -79,11 +91,7 @@ class _Groups(Dataset):
     def __getitem__(self, item) -> Decoded:
         files, keep = item
         images, slices, rejected = decode_files([(f.path, f.name, f.image_id) for f in files], self.cfg)
-        slices = slices.reset_index(drop=True)
-        inputs = network_inputs(images, slices, self.specs)
-        kept = torch.from_numpy(images[slices["cache_row"].to_numpy(np.int64)]) if keep else None
-        slices["cache_row"] = np.arange(len(slices), dtype=np.int64)  # now: the row in this group's arrays
-        return Decoded(slices, rejected, inputs, kept)
+        return decoded_from(images, slices, rejected, self.specs, keep)
 
 
 class _Handed(Sampler):
