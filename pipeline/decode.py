@@ -74,6 +74,18 @@ def network_inputs(images: np.ndarray, slices: pd.DataFrame, specs) -> dict[Inpu
     return out
 
 
+def decoded_from(images: np.ndarray, slices: pd.DataFrame, rejected: pd.DataFrame, specs,
+                 keep: bool = False) -> Decoded:
+    """decode_files' output (cache-like images, slices, rejected) -> Decoded: each spec's network input and,
+    with keep, the images in the slices' order. The web app decodes in its own processes and hands this
+    to Engine.predict_decoded."""
+    slices = slices.reset_index(drop=True)
+    inputs = network_inputs(images, slices, specs)
+    kept = torch.from_numpy(images[slices["cache_row"].to_numpy(np.int64)]) if keep else None
+    slices["cache_row"] = np.arange(len(slices), dtype=np.int64)  # now: the row in this group's arrays
+    return Decoded(slices, rejected, inputs, kept)
+
+
 class CachedSlices:
     """A prepared split's image cache as the engine's input: a group is row positions of the split's slice
     table (whole series), its images read from images.npy (memory-mapped in each worker) instead of
@@ -120,11 +132,7 @@ class _Groups(Dataset):
             images, slices, rejected = self.cache.read(group)
         else:
             images, slices, rejected = decode_files([(f.path, f.name, f.image_id) for f in group], self.cfg)
-        slices = slices.reset_index(drop=True)
-        inputs = network_inputs(images, slices, self.specs)
-        kept = torch.from_numpy(images[slices["cache_row"].to_numpy(np.int64)]) if keep else None
-        slices["cache_row"] = np.arange(len(slices), dtype=np.int64)  # now: the row in this group's arrays
-        return Decoded(slices, rejected, inputs, kept)
+        return decoded_from(images, slices, rejected, self.specs, keep)
 
 
 class _Handed(Sampler):

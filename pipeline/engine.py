@@ -198,6 +198,9 @@ class Engine:
         Batches are cut across groups, so every batch but the last is full.
         progress(n): called with the number of files of each group decoded.
         """
+        return self._stage_one(iter(self.decoder(groups, keep_images)), sink, progress)
+
+    def _stage_one(self, decoded_groups, sink: Sink, progress=None) -> Sink:
         pending: dict[InputSpec, list[torch.Tensor]] = {}
         n_pending = 0
 
@@ -211,7 +214,6 @@ class Engine:
 
         for f in self.fold_models:
             f.model.eval()
-        decoded_groups = iter(self.decoder(groups, keep_images))
         while True:
             t = time.perf_counter()
             decoded = next(decoded_groups, None)
@@ -245,9 +247,13 @@ class Engine:
         boosters, its sequence member), then the saved blend: stacking.apply's
         function on in-memory outputs instead of files.
         """
+        return self.predict_decoded(self.decoder([files], keep_images), keep_images=keep_images)
+
+    def predict_decoded(self, decoded, *, keep_images: bool = False) -> Prediction:
+        """`predict` on series decoded already (Decoded, e.g. pipeline.decode.decoded_from): the models only."""
         if self.stage_two is None:
             raise InferenceError("this engine was loaded without stage two (stage_two=False)")
-        sink = self.stage_one([files], Sink(keep_embeddings=bool(self.cfg.pca_components)), keep_images=keep_images)
+        sink = self._stage_one(iter(decoded), Sink(keep_embeddings=bool(self.cfg.pca_components)))
         t1 = time.perf_counter()
         slices = sink.slices()
         outputs = sink.outputs()
