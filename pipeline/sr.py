@@ -142,7 +142,7 @@ def build_sr(headers: list[pydicom.Dataset], table: pd.DataFrame, *, model: dict
                          "they must be the same slices in the same order")
     if len(table) == 0:
         raise ValueError("build_sr: no slices")
-    missing = [c for c in ("slice_index", "z", *LABELS) if c not in table.columns]
+    missing = [c for c in ("z", *LABELS) if c not in table.columns]
     if missing:
         raise ValueError(f"build_sr: table lacks columns {missing}")
     probs = table[list(LABELS)].to_numpy(dtype=float)
@@ -153,11 +153,13 @@ def build_sr(headers: list[pydicom.Dataset], table: pd.DataFrame, *, model: dict
     evidence = _evidence(headers)
 
     groups = []
-    for h, e, index, z, p in zip(headers, evidence, table["slice_index"], table["z"], probs):
+    # slice N is the 1-based position in z order (the table's rows), as the web viewer and the CSV number it
+    for number, (h, e, z, p) in enumerate(zip(headers, evidence, table["z"], probs), start=1):
         z = f"{float(z):g} mm" if z is not None and math.isfinite(float(z)) else "unknown z"
+        instance = f", instance {h.InstanceNumber}" if h.get("InstanceNumber") not in (None, "") else ""
         source = "" if is_uid(str(h.SOPInstanceUID)) else f" source ID {h.SOPInstanceUID}"  # the original, kept
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"slice {int(index)} ({z}){source}"),
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"slice {number} ({z}{instance}){source}"),
             measurements=[hd.sr.Measurement(name=PROBABILITY[lab], value=float(v), unit=UNIT)
                           for lab, v in zip(LABELS, p)],
             source_images=[hd.sr.SourceImageForMeasurementGroup(e.SOPClassUID, e.SOPInstanceUID)]))
@@ -170,6 +172,10 @@ def build_sr(headers: list[pydicom.Dataset], table: pd.DataFrame, *, model: dict
         + [hd.sr.Measurement(name=COUNT[lab], value=int(n), unit=SLICES) for lab, n in zip(LABELS, above)])
     summary[0].ContentSequence.append(hd.sr.TextContentItem(
         name=codes.DCM.Comment, value=NOTICE, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    summary[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=codes.DCM.Comment, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        value=f"Slices are numbered 1 to {len(table)} by position along z (foot to head), as the web viewer "
+              "and the CSV number them; each slice's DICOM InstanceNumber follows it where present."))
     mapped = [f"{k} {headers[0].get(k)}" for k in _UID_KEYS[:2] if not is_uid(str(headers[0].get(k)))]
     if mapped or any(not is_uid(str(h.SOPInstanceUID)) for h in headers):
         summary[0].ContentSequence.append(hd.sr.TextContentItem(

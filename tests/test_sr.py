@@ -89,6 +89,7 @@ def test_round_trip_and_marking(headers, table):
     assert NOTICE in raw.SeriesDescription
     texts = [i.TextValue for i in _items(raw) if i.get("ValueType") == "TEXT"]
     assert NOTICE in texts
+    assert any(t.startswith(f"Slices are numbered 1 to {N} by position along z") for t in texts)  # says which
     assert raw.Modality == "SR" and raw.SeriesNumber == 1 and raw.InstanceNumber == 1
     assert "research" in raw.Manufacturer
     # the private scheme is declared
@@ -99,8 +100,8 @@ def test_one_group_per_slice_with_the_table_values(headers, table):
     _, sr = _read_back(build_sr(headers, table, model=MODEL))
     summary, slices = _groups(sr)
     assert len(slices) == N
-    for row, header, group in zip(table.itertuples(), headers, slices):
-        assert group.tracking_identifier.startswith(f"slice {row.slice_index} ")
+    for number, (row, header, group) in enumerate(zip(table.itertuples(), headers, slices), start=1):
+        assert group.tracking_identifier.startswith(f"slice {number} (")  # 1-based, as the viewer shows it
         [source] = group.source_images
         assert source.referenced_sop_instance_uid == header.SOPInstanceUID
         assert source.referenced_sop_class_uid == header.SOPClassUID
