@@ -33,6 +33,7 @@ def headers(tmp_path) -> list[pydicom.Dataset]:
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.ImagePositionPatient = [0.0, 0.0, i * 5.0]
+        ds.InstanceNumber = 100 - i  # a scanner's numbering need not follow z
         ds.save_as(tmp_path / f"{i}.dcm")
         out.append(pydicom.dcmread(tmp_path / f"{i}.dcm", stop_before_pixels=True))
     return out
@@ -102,6 +103,7 @@ def test_one_group_per_slice_with_the_table_values(headers, table):
     assert len(slices) == N
     for number, (row, header, group) in enumerate(zip(table.itertuples(), headers, slices), start=1):
         assert group.tracking_identifier.startswith(f"slice {number} (")  # 1-based, as the viewer shows it
+        assert f", instance {header.InstanceNumber})" in group.tracking_identifier  # the scanner's beside it
         [source] = group.source_images
         assert source.referenced_sop_instance_uid == header.SOPInstanceUID
         assert source.referenced_sop_class_uid == header.SOPClassUID
@@ -226,3 +228,13 @@ def test_threshold_counts(headers, table):
     summary, _ = _groups(sr)
     counts = {m.name.value: m.value for m in summary.get_measurements() if m.name.value.endswith("N")}
     assert counts == {PROBABILITY[lab].value + "N": float((table[lab] >= 0.3).sum()) for lab in LABELS}
+
+
+def test_outputs_number_slices_from_one_with_the_instance_number_beside(headers, table):
+    from pipeline.outputs import above_threshold, numbered
+    got = numbered({"slices": table, "headers": headers})
+    assert got["slice_number"].tolist() == list(range(1, N + 1)) and "slice_index" not in got
+    assert got["instance_number"].tolist() == [100 - i for i in range(N)]
+    assert numbered({"slices": table, "headers": None})["instance_number"].isna().all()
+    runs = above_threshold(table.assign(any=[0.9, 0.1, 0.8, 0.7, 0.2]), 0.5)["any"]["runs"]
+    assert runs == [[1, 1], [3, 4]]  # slice numbers, as the page's summary shows them
