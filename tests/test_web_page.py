@@ -570,7 +570,8 @@ def test_a_reload_restores_slice_window_and_threshold(browser, result):
     page.mouse.move(view["x"] + 340, view["y"] + 320, steps=3)
     page.mouse.up()
     cap = page.inner_text("#main-view .cap")
-    page.wait_for_function("() => location.hash.includes('wl=')")
+    c, w = re.fullmatch(r"custom · C (-?\d+) W (\d+)", cap).groups()
+    page.wait_for_function(f"() => location.hash.includes('wl={c},{w}')")
     page.reload()
     wait_slice(page, 4)
     assert page.inner_text("#main-view .cap") == cap
