@@ -909,20 +909,27 @@ function showUnavailable(row, why) {
 }
 
 // The probabilities of the shown slice, beside the image.
-function renderProbs() {
+function renderProbs() {  // its rows are made once per study and updated in place on each step
   if (!state.study) return;
   const r = state.study.slices[state.row], cut = threshold(), tbody = $("slice-probs").querySelector("tbody");
-  tbody.innerHTML = "";
-  for (const label of state.study.labels) {
-    const tr = tbody.insertRow();
-    tr.dataset.label = label;
-    tr.classList.toggle("hot", r[label] >= cut);
-    tr.insertCell().textContent = label;
-    tr.insertCell().textContent = fixed(r[label]);
-    const bar = document.createElement("span");
-    bar.className = "bar"; bar.style.width = `${Math.round(100 * r[label])}%`;
-    tr.insertCell().append(bar);
+  if (tbody.rows.length !== state.study.labels.length) {
+    tbody.innerHTML = "";
+    for (const label of state.study.labels) {
+      const tr = tbody.insertRow();
+      tr.dataset.label = label;
+      tr.insertCell().textContent = label;
+      tr.insertCell();
+      const bar = document.createElement("span");
+      bar.className = "bar";
+      tr.insertCell().append(bar);
+    }
   }
+  state.study.labels.forEach((label, i) => {
+    const tr = tbody.rows[i];
+    tr.classList.toggle("hot", r[label] >= cut);
+    tr.cells[1].textContent = fixed(r[label]);
+    tr.cells[2].firstChild.style.width = `${Math.round(100 * r[label])}%`;
+  });
 }
 
 // Show one slice: its image (or "image unavailable") and, in the same step, its number, probabilities and
