@@ -54,6 +54,7 @@ from ich.cache import write_atomic
 from ich.labels import LABELS
 
 from .notice import NOTICE  # one text for every output
+from .sr_header import comments as header_comments, normalise as normalise_headers
 MANUFACTURER = "ich-reference (research)"
 SCHEME = "99RSNAICH"
 DEVICE_UID = generate_uid(prefix=None, entropy_srcs=["ich-reference device observer"])  # same every run
@@ -150,6 +151,7 @@ def build_sr(headers: list[pydicom.Dataset], table: pd.DataFrame, *, model: dict
     if bad.any():
         row = int(bad.any(axis=1).argmax())
         raise ValueError(f"build_sr: slice at row {row} has a probability outside [0, 1] (or NaN)")
+    headers, header_notes = normalise_headers(headers)  # odd dates, times, sex codes, several study UIDs
     evidence = _evidence(headers)
 
     groups = []
@@ -176,6 +178,7 @@ def build_sr(headers: list[pydicom.Dataset], table: pd.DataFrame, *, model: dict
         name=codes.DCM.Comment, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         value=f"Slices are numbered 1 to {len(table)} by position along z (foot to head), as the web viewer "
               "and the CSV number them; each slice's DICOM InstanceNumber follows it where present."))
+    summary[0].ContentSequence.extend(header_comments(header_notes))
     mapped = [f"{k} {headers[0].get(k)}" for k in _UID_KEYS[:2] if not is_uid(str(headers[0].get(k)))]
     if mapped or any(not is_uid(str(h.SOPInstanceUID)) for h in headers):
         summary[0].ContentSequence.append(hd.sr.TextContentItem(

@@ -326,7 +326,8 @@ $("show-patient").addEventListener("click", async () => {
 // The shown series: the one asked for, else the server's choice.
 function shownSeries() {
   const list = state.study.series || [];
-  return list.find((s) => (state.seriesParam === null ? s.chosen : s.index === state.seriesParam)) || null;
+  const index = state.study.series_index !== undefined ? state.study.series_index : state.seriesParam;
+  return list.find((s) => (index === null ? s.chosen : s.index === index)) || null;
 }
 
 function renderSeries() {
@@ -337,9 +338,9 @@ function renderSeries() {
   const shown = shownSeries();
   for (const s of list) {
     const li = document.createElement("li");
-    const n = s.n_slices !== undefined ? s.n_slices : s.n_files;
     const usable = s.usable !== undefined ? s.usable : s.axial;
-    const text = `Series ${s.index + 1}${s.description ? ` (${s.description})` : ""} · ${n} slices`;
+    const count = s.has_result && s.n_slices ? `${s.n_slices} slices` : `${s.n_files} files`;
+    const text = `Series ${s.index + 1}${s.description ? ` (${s.description})` : ""} · ${count}`;
     if (s.has_result) {
       const b = document.createElement("button");
       b.type = "button"; b.dataset.series = s.index; b.textContent = text;
@@ -491,9 +492,12 @@ function renderDownloads() {
     if (off) a.setAttribute("aria-disabled", "true"); else a.removeAttribute("aria-disabled");
   }
 }
-function downloadName(kind, t) {
-  const series = state.seriesParam === null ? "" : `_series${state.seriesParam + 1}`;
-  return `${state.study.tag}${series}_t${t.toFixed(2)}${kind === "chart" ? "_chart.png" : DOWNLOAD_SUFFIX[kind]}`;
+function downloadName(kind, t, response) {  // the server's name when it gives one (the same form)
+  const given = response && /filename="([^"]+)"/.exec(response.headers.get("Content-Disposition") || "");
+  if (given) return given[1];
+  const series = state.seriesParam === null ? "" : `_series${state.seriesParam}`;
+  const cut = Math.abs(t * 100 - Math.round(t * 100)) < 1e-9 ? t.toFixed(2) : `${t}`;
+  return `${state.study.tag}${series}_t${cut}${kind === "chart" ? "_chart.png" : DOWNLOAD_SUFFIX[kind]}`;
 }
 function saveBlob(blob, name) {
   const a = document.createElement("a");
@@ -516,8 +520,9 @@ async function download(kind) {
     $("download-status").textContent = `This download failed: ${plainText(body && body.error) || r.status}.`;
     return;
   }
-  saveBlob(await r.blob(), downloadName(kind, t));
-  $("download-status").textContent = `saved ${downloadName(kind, t)}`;
+  const name = downloadName(kind, t, r);
+  saveBlob(await r.blob(), name);
+  $("download-status").textContent = `saved ${name}`;
 }
 for (const a of document.querySelectorAll("#downloads a[data-kind]")) {
   a.addEventListener("click", (e) => { e.preventDefault(); if (state.study) download(a.dataset.kind); });
