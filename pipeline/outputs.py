@@ -109,8 +109,8 @@ def study_document(result: StudyResult, model: dict | None = None, threshold: fl
 def _per_slice_csv(result: StudyResult, model, threshold: float) -> bytes:
     """The per-slice rows, numbered, with the threshold they were read at as a column (a row says what it was
     cut at)."""
-    return _csv(numbered(result).assign(threshold=threshold), SLICE_NUMBERING,
-                _threshold_line(result.slices, threshold))
+    return _csv(numbered(result).assign(threshold=threshold), _threshold_line(result.slices, threshold),
+                SLICE_NUMBERING)
 
 
 def _kaggle_csv(result: StudyResult, model, threshold: float) -> bytes:

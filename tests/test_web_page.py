@@ -424,7 +424,8 @@ def test_series_on_the_first_screen_and_switched_without_upload(browser, served,
     page.wait_for_function(f"() => state.study.slices.length !== {len(ids)}")
     wait_slice(page)
     n2 = page.evaluate("() => state.study.slices.length")
-    assert n2 == 4 and posts == [] and "series=" in page.url
+    page.wait_for_function("() => location.search.includes('series=')")  # the link names the series
+    assert n2 == 4 and posts == []
     assert_one_truth(page, n2)
     assert page.get_attribute("#series-list button[aria-pressed=true]", "data-series") != "0"
     assert not page.errors, page.errors
