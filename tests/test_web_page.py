@@ -97,6 +97,12 @@ def phone_page(browser, url, path="/"):
     return open_page(browser, url, viewport=PHONE, path=path, is_mobile=True, has_touch=True, device_scale_factor=2)
 
 
+def done(page):
+    """No script error and no CSP violation on the page; then close it."""
+    assert not page.errors, page.errors
+    page.close()
+
+
 def wait_slice(page, row=None):
     """Until the view shows a slice (row, when given): its image or its "image unavailable" state."""
     want = "true" if row is None else f"document.getElementById('views').dataset.row === '{row}'"
@@ -206,8 +212,7 @@ def test_slice_image_number_probabilities_and_chart_change_together(browser, res
     page.keyboard.press("ArrowDown")
     wait_slice(page, 3)
     assert assert_one_truth(page, n)["view"] == "image" and page.is_hidden("#main-view .unavailable")
-    assert not page.errors, page.errors
-    page.close()
+    done(page)
 
 
 # ---- 2. one slice number in the page, CSV, JSON, SR and chart ---------------------------------------------
@@ -250,8 +255,7 @@ def test_one_slice_number_in_page_csv_json_sr_and_chart(browser, result):
     x, y = chart_x(page, 0)
     page.mouse.move(x + 1, y)
     assert page.inner_text("#readout").startswith("slice 1:")
-    assert not page.errors, page.errors
-    page.close()
+    done(page)
 
 
 # ---- 3. OHIF's directions; a help overlay -------------------------------------------------------------------
@@ -315,8 +319,7 @@ def test_directions_wheel_arrows_swipe_and_help(browser, result):
         ev('pointerup', 12, x + 60); ev('pointerup', 11, x - 20); }"""
     page.evaluate(pinch, [cx, cy + 50])  # two fingers apart: 40 -> 80 px, twice the zoom
     assert page.evaluate("() => state.zoom") == 2 and row(page) == 5
-    assert not page.errors, page.errors
-    page.close()
+    done(page)
 
 
 # ---- 4. the image first, at 1440x900; full screen keeps the chart and the probabilities ---------------------
@@ -403,8 +406,7 @@ def test_one_large_view_with_probabilities_and_chart_beside_it(browser, result):
         let d = 0; for (let i = 0; i < got.data.length; i += 4) d = Math.max(d, Math.abs(got.data[i] - want.data[i]));
         return d; }""")
     assert diff <= 2
-    assert not page.errors, page.errors
-    page.close()
+    done(page)
 
 
 # ---- 5. several series: all on the first screen, switched without a second upload ---------------------------
@@ -428,8 +430,7 @@ def test_series_on_the_first_screen_and_switched_without_upload(browser, served,
     assert n2 == 4 and posts == []
     assert_one_truth(page, n2)
     assert page.get_attribute("#series-list button[aria-pressed=true]", "data-series") != "0"
-    assert not page.errors, page.errors
-    page.close()
+    done(page)
 
 
 # ---- 6. a phone: the image first, then the probabilities, then the chart; nothing sticky over the image ----
@@ -455,8 +456,7 @@ def test_phone_image_first_then_probabilities_then_chart(browser, result):
     assert sticky == [], sticky
     chart_canvas = page.evaluate("() => document.getElementById('chart').width")
     assert chart["width"] >= 300 and chart_canvas >= 600  # sharp on a 2x screen
-    assert not page.errors, page.errors
-    page.close()
+    done(page)
 
 
 # ---- 7. plain words for every error; a failed upload after a good one ------------------------------------
@@ -508,8 +508,7 @@ def test_errors_in_plain_words_and_a_failed_upload_replaces_the_results(browser,
     page.wait_for_selector("#results:not([hidden])")
     reasons = page.eval_on_selector_all("#skipped tbody tr td:nth-child(2)", "tds => tds.map(t => t.textContent)")
     assert reasons and not any(CODES.search(r) for r in reasons), reasons
-    assert not page.errors, page.errors
-    page.close()
+    done(page)
 
 
 # ---- 8. downloads named by their threshold, the threshold in the CSV ----------------------------------------
@@ -539,8 +538,7 @@ def test_downloads_carry_the_threshold_in_name_and_columns(browser, result):
     page.fill("#threshold", "1")  # no download threshold: the links say they are off
     page.dispatch_event("#threshold", "input")
     assert page.get_attribute("#downloads a[data-kind=sr]", "aria-disabled") == "true"
-    assert not page.errors, page.errors
-    page.close()
+    done(page)
 
 
 # ---- 9. the URL keeps slice, window and threshold; a reload restores them ---------------------------------
@@ -576,8 +574,7 @@ def test_a_reload_restores_slice_window_and_threshold(browser, result):
     page.reload()
     wait_slice(page, 4)
     assert page.inner_text("#main-view .cap") == cap
-    assert not page.errors, page.errors
-    page.close()
+    done(page)
 
 
 # ---- 10. dark by default, a light switch, a skip link, the chart by keyboard, readout beside the chart ----
@@ -626,8 +623,7 @@ def test_theme_skip_link_keyboard_chart_and_readout(browser, result):
         assert page.get_attribute(sel, "aria-label") is None and page.inner_text(sel).strip()
     assert page.get_attribute("#threshold", "max") == "0.99"
     assert page.get_attribute("#status", "aria-live") == "polite" and page.get_attribute("#error", "role") == "alert"
-    assert not page.errors, page.errors
-    page.close()
+    done(page)
 
 
 def test_axe_has_no_violations_on_any_page_state(browser, result):
@@ -683,8 +679,7 @@ def test_a_result_pushed_out_of_memory_says_so_and_downloads_stay_on_the_page(br
     assert "no longer on the server" in page.inner_text("#main-view .unavailable")
     page.click("#gone button")
     assert page.evaluate("() => document.activeElement.id") == "files"
-    assert not page.errors, page.errors
-    page.close()
+    done(page)
 
 
 def screenshots(b, url: str, zpath: Path, wide: str, phone: str):
