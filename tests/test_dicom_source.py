@@ -186,3 +186,28 @@ def test_a_truncated_or_crafted_archive_is_one_line(prepared, tmp_path, how, mes
     assert out.returncode == 2 and message in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "test" / "slices.parquet").exists()
+
+
+def test_predict_streams_the_test_split_from_the_zip(prepared, trained, study_models, raw_zip, tmp_path):
+    """predict.py with RAW_DATA_DIR the zip and a test split prepared without images: stage one streams the
+    zip's members (no image written) and gives the cached road's per-fold-model outputs."""
+    from conftest import link_models, run_script, write_paths
+    _, _, work = trained
+    _, cfg, cached_root = study_models
+    link_models(work / "models" / "tiny", tmp_path / "models" / "tiny")
+    test = tmp_path / "clean_test"
+    prepare_split(raw_zip, test, "test", PrepareConfig(image_size=64, n_folds=3, n_jobs=1, images=False),
+                  progress=False)
+    settings = write_paths(tmp_path / "s.json", raw=raw_zip, train=prepared / "clean" / "train", test=test,
+                           root=tmp_path)
+    out = run_script("predict.py", "--settings", settings, "--config", cfg, "--stage1-only")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "stage one streamed" in out.stdout and "no image written" in out.stdout
+    for k in range(3):
+        a = pd.read_parquet(tmp_path / "models" / "tiny" / f"test_fold{k}.parquet")
+        b = pd.read_parquet(cached_root / "models" / "tiny" / f"test_fold{k}.parquet")
+        assert a["image_id"].tolist() == b["image_id"].tolist()
+        np.testing.assert_allclose(a[list(LABELS)].to_numpy(), b[list(LABELS)].to_numpy(), atol=2e-6, rtol=0)
+    assert not list(test.rglob("images.npy")) and (test / "streamed" / "zip_members.parquet").is_file()
+    sub = pd.read_csv(tmp_path / "sub" / "submission_stage1.csv")
+    assert len(sub) == len(pd.read_csv(prepared / "raw" / "stage_2_sample_submission.csv"))
