@@ -39,11 +39,10 @@ from .dicom import SAFE_ID, Rejected, max_file_bytes, read_stored
 from .folds import assign_folds
 from .image import process_slice
 from .labels import LABELS, read_labels
-from .rawdata import RawDataError, list_files, open_raw, readable  # noqa: F401 - list_files: batch predict's
+from .rawdata import (LABELS_CSV, TEST_DIR, TRAIN_DIR, RawDataError, list_files,  # noqa: F401 - TEST_DIR,
+                      open_raw, readable)                                            # list_files: for callers
 from .series import order_slices
 
-TRAIN_DIR, TEST_DIR = "stage_2_train", "stage_2_test"
-LABELS_CSV = "stage_2_train.csv"
 
 
 class PrepareError(RuntimeError):

@@ -30,6 +30,9 @@ import pandas as pd
 
 from .dicom import Rejected
 
+TRAIN_DIR, TEST_DIR = "stage_2_train", "stage_2_test"
+LABELS_CSV = "stage_2_train.csv"
+SAMPLE_CSV = "stage_2_sample_submission.csv"
 ZIP_INDEX = "zip_members.parquet"  # a split's members, beside its slice table
 INDEX_KEY = "zip_members.json"     # the archive the index was made from (path, size, mtime)
 INDEX_COLUMNS = ("name", "offset", "compress_size", "file_size", "crc", "method", "flags")
@@ -176,13 +179,12 @@ class ZipData:
 
     def _prefix(self) -> str:
         if self._root is None:
-            from .prepare import LABELS_CSV, TEST_DIR, TRAIN_DIR
             roots = set()
             for info in self._read_directory():
                 parts = PurePosixPath(info.filename).parts
                 if len(parts) >= 2 and parts[-2] in (TRAIN_DIR, TEST_DIR):
                     roots.add(parts[:-2])
-                elif parts and parts[-1] in (LABELS_CSV, "stage_2_sample_submission.csv"):
+                elif parts and parts[-1] in (LABELS_CSV, SAMPLE_CSV):
                     roots.add(parts[:-1])
             root = min(roots, key=len, default=())
             self._root = "".join(f"{p}/" for p in root)
