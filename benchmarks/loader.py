@@ -16,7 +16,8 @@ worker does; OpenCV on one thread, as models.data sets it):
     no augmentation) from the folder and the zip;
 at output sizes 256, 384 and 512. Items are drawn at random, as the sampler
 does; each rate is the best of --repeats, alternating.
-Also measured: prepare_data without images (prepare config `images: false`)
+Also measured: reading the zip members alone, inflated by ISA-L (isal) and by
+zipfile's zlib; prepare_data without images (prepare config `images: false`)
 per 1,000 slices, and the zip's size against the files'.
 Printed: per-worker items/s, the ratio to (a), and the workers each default
 experiment needs at every size of its schedule to feed the GPU rates
@@ -133,6 +134,15 @@ def main():
         base_paths = [folder / slices["file"].iloc[i] for i in picks]
         transform = build_train_transform(AugmentCfg())
 
+        from ich import rawdata
+        members = [rows["zip"].ref(int(r)) for r in slices["cache_row"].to_numpy()[picks]]
+        inflate = {}
+        for name, lib in (("isal", rawdata.fast_zlib), ("zlib", None)):
+            if name == "isal" and lib is None:
+                continue
+            saved, rawdata.fast_zlib = rawdata.fast_zlib, lib
+            inflate[name] = best_rate(lambda: [m.read(1 << 30) for m in members], len(members), args.repeats)
+            rawdata.fast_zlib = saved
         rates, base = {}, []
         for _ in range(args.repeats):  # alternate: the baseline and the loaders see the same machine
             base.append(best_rate(lambda: bare(base_paths), len(picks), 1))
@@ -154,7 +164,9 @@ def main():
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, load average {load:.1f} at the end; "
           f"{n} files of 512x512 int16, {args.items} random items per measurement, best of {args.repeats}")
     print(f"(a) bare dcmread + pixel_array: {base_rate:7.1f} slices/s per worker")
-    print(f"zip: {zip_bytes / dcm_bytes:.2f} of the files' bytes (deflate, generated data)")
+    print(f"zip: {zip_bytes / dcm_bytes:.2f} of the files' bytes (deflate, generated data); members read alone: "
+          + ", ".join(f"{k} {1000 / v:.2f} ms ({v:,.0f}/s)" for k, v in inflate.items())
+          + f", bare decode {1000 / base_rate:.2f} ms")
     print(f"prepare without images: {1000 * prep_s / n:.2f} s per 1,000 slices from the folder, "
           f"{1000 * prep_zip_s / n:.2f} s from the zip (1 worker, 512-px image settings)\n")
     print("| road | mode | output px | items/s per worker | vs (a) |")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .cache import IMAGES, read_meta
+from .cache import IMAGES, open_images, read_meta
 from .config import cache_settings, prepare_config_from
 from .dicom import Rejected
 from .prepare import TRAIN_DIR, read_one
@@ -86,3 +86,9 @@ def open_rows(clean_dir: Path, raw_dir: Path, slices: pd.DataFrame, split_dir: s
 def has_images(clean_dir: Path) -> bool:
     """Whether prepare_data wrote the image cache there (prepare config `images: true`)."""
     return (Path(clean_dir) / IMAGES).is_file()
+
+
+def split_images(clean_dir: Path, raw_dir: Path, slices: pd.DataFrame):
+    """A split's images indexed by cache_row: its cache when prepare wrote one, else read from RAW_DATA_DIR
+    (the report's examples and Grad-CAM of a clean dir prepared with images: false)."""
+    return open_images(clean_dir) if has_images(clean_dir) else open_rows(clean_dir, raw_dir, slices)

@@ -146,7 +146,13 @@ def test_zip_members_stored_deflated_and_zip64_give_the_folder_tables(prepared, 
                           np.load(prepared / "clean" / "test" / "images.npy"))
 
 
-def test_a_damaged_member_is_rejected_with_a_reason_and_the_rest_prepared(prepared, tmp_path):
+@pytest.mark.parametrize("inflater", ["isal", "zlib"])
+def test_a_damaged_member_is_rejected_with_a_reason_and_the_rest_prepared(prepared, tmp_path, monkeypatch, inflater):
+    from ich import rawdata
+    if inflater == "zlib":
+        monkeypatch.setattr(rawdata, "fast_zlib", None)  # zipfile's own reading, as without isal
+    elif rawdata.fast_zlib is None:
+        pytest.skip("isal is not installed (requirements-base.txt)")
     raw = tmp_path / "raw"
     shutil.copytree(prepared / "raw" / "stage_2_test", raw / "stage_2_test")
     zipped = zip_raw(raw, tmp_path / "data.zip")
