@@ -318,6 +318,27 @@ def test_kernel_checks_the_submission_against_the_sample(tmp_path):
             kernel.check_submission(bad, sample)
 
 
+def test_kernel_takes_the_competition_zip_as_downloaded(tmp_path, monkeypatch):
+    """An input holding the competition's .zip: RAW_DATA_DIR is the zip itself (predict.py reads its members in
+    place) and the submission is checked against the sample inside it."""
+    import zipfile
+    kernel = load_script("kernel")
+    base = tmp_path / "input" / COMP
+    base.mkdir(parents=True)
+    with zipfile.ZipFile(base / f"{COMP}.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(f"{COMP}/stage_2_sample_submission.csv", "ID,Label\nID_a_any,0.5\nID_b_any,0.5\n")
+        z.writestr(f"{COMP}/stage_2_test/ID_a.dcm", b"x")
+    monkeypatch.delenv("ICH_COMPETITION_DIR", raising=False)
+    raw = kernel.competition_dir(tmp_path / "input")
+    assert raw == base / f"{COMP}.zip"
+    good = tmp_path / "good.csv"
+    good.write_text("ID,Label\nID_a_any,0.1\nID_b_any,0.3\n")
+    assert kernel.check_submission(good, raw) == 2
+    good.write_text("ID,Label\nID_b_any,0.1\nID_a_any,0.3\n")
+    with pytest.raises(kernel.KernelError, match="ID ID_b_any where"):
+        kernel.check_submission(good, raw)
+
+
 def test_one_fold_trains_from_the_read_only_input_with_no_image_written(fake, tmp_path):
     """Stage one in a kernel's shape: the competition input read-only, prepare_data without images, then
     train.py with input.source: dicom for one fold. No image file appears anywhere under the working
