@@ -40,7 +40,8 @@ tests/test_kaggle.py runs this against a fake /kaggle tree):
   KAGGLE_INPUT        /kaggle/input
   KAGGLE_WORKING      /kaggle/working
   ICH_SCRATCH         /kaggle/tmp
-  ICH_COMPETITION_DIR $KAGGLE_INPUT/rsna-intracranial-hemorrhage-detection
+  ICH_COMPETITION_DIR $KAGGLE_INPUT/rsna-intracranial-hemorrhage-detection (its folder, or the
+                      competition .zip as downloaded: read in place, nothing extracted)
   ICH_CODE_DIR        found under $KAGGLE_INPUT (a folder with predict.py and ich/)
   ICH_WHEELS_DIR      found under $KAGGLE_INPUT (a folder with *.whl)
   ICH_CHECKPOINTS_DIR found under $KAGGLE_INPUT (a folder with ich_checkpoints.json)
