@@ -41,7 +41,10 @@ class DicomRows:
         self.position[cache_rows] = np.arange(len(cache_rows))
         zipped = bool(refs) and isinstance(refs[0], Member)
         self.archive = refs[0].archive if zipped else None
-        self.names = np.array([r.name if zipped else str(r) for r in refs], dtype=str)  # fixed width: no objects
+        self.folder = None if zipped or not refs else str(Path(refs[0]).parent)  # a split's files share it
+        if self.folder is not None and any(str(Path(r).parent) != self.folder for r in refs):
+            raise ValueError("the files of one split must share their folder")
+        self.names = np.array([r.name if zipped else Path(r).name for r in refs], dtype=str)  # fixed width
         self.members = (np.array([(r.offset, r.compress_size, r.file_size, r.crc, r.method, r.flags) for r in refs],
                                  np.int64).reshape(-1, 6) if zipped else None)
 
@@ -55,7 +58,7 @@ class DicomRows:
         if i < 0:
             raise IndexError(f"cache row {row} is no usable slice of the slice table")
         if self.archive is None:
-            return Path(str(self.names[i]))
+            return Path(self.folder) / str(self.names[i])
         return Member(self.archive, str(self.names[i]), *(int(v) for v in self.members[i]))
 
     def __getitem__(self, key) -> np.ndarray:
