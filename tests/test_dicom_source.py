@@ -70,7 +70,7 @@ def test_dicom_rows_equal_the_cache_bit_for_bit_in_every_input_mode(prepared, ra
     # the network inputs, neighbours included: the first and last slice of each series and a few inside
     s = slices.reset_index(drop=True)
     picks = sorted(set(s.groupby("series_id").head(2).index) | set(s.groupby("series_id").tail(1).index))[:40]
-    for mode, size in (("windows", 48), ("adjacent", 48), ("adjacent_windows", 64)):
+    for mode, size in (("windows", 48), ("adjacent", 48), ("adjacent_windows", 48)):  # 9 channels shrunk too
         from_cache = SliceDataset(s, clean, mode=mode, channel=1, size=size)
         from_dicom = SliceDataset(s, clean, mode=mode, channel=1, size=size, images=rows)
         for i in picks:
