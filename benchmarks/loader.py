@@ -94,6 +94,7 @@ def main():
     ap.add_argument("--patients", type=int, default=4, help="generated train patients (~40 slices a series)")
     ap.add_argument("--items", type=int, default=150, help="items per measurement")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--file-size", type=int, default=512, help="generated slices' rows and columns (the real: 512)")
     args = ap.parse_args()
     import cv2
     cv2.setNumThreads(1)
@@ -101,8 +102,9 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        print(f"generating {args.patients} patients of 512x512 slices ...", flush=True)
-        generate_dataset(tmp / "raw", n_train_patients=args.patients, n_test_patients=1, image_size=512, seed=1,
+        print(f"generating {args.patients} patients of {args.file_size}x{args.file_size} slices ...", flush=True)
+        generate_dataset(tmp / "raw", n_train_patients=args.patients, n_test_patients=1, image_size=args.file_size,
+                         seed=1,
                          n_jobs=2, n_corrupt=0, progress=False)
         folder = tmp / "raw" / "stage_2_train"
         files = sorted(folder.iterdir())
@@ -162,7 +164,7 @@ def main():
     n = summary.n_files
     load = os.getloadavg()[0]
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, load average {load:.1f} at the end; "
-          f"{n} files of 512x512 int16, {args.items} random items per measurement, best of {args.repeats}")
+          f"{n} files of {args.file_size}x{args.file_size} int16, {args.items} random items per measurement, best of {args.repeats}")
     print(f"(a) bare dcmread + pixel_array: {base_rate:7.1f} slices/s per worker")
     print(f"zip: {zip_bytes / dcm_bytes:.2f} of the files' bytes (deflate, generated data); members read alone: "
           + ", ".join(f"{k} {1000 / v:.2f} ms ({v:,.0f}/s)" for k, v in inflate.items())
