@@ -54,11 +54,11 @@ from models.experiment import load_train_table  # noqa: E402
 from synthetic import generate_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULTS = ("seresnext50_512", "resnext50_512", "efficientnet_b3_384")
+DEFAULTS = ("seresnext50_512", "resnext50_512", "resnext101_512")
 # train.py's loop on one H200 (BENCHMARKS.md "Stage one on a GPU"): (size, img/s) measured per backbone;
 # other sizes scaled by pixels, as the configs' headers project them
 GPU_RATES = {"seresnext50_32x4d": (256, 3075.0), "resnext50_32x4d": (512, 837.0),
-             "tf_efficientnet_b3": (384, 1490.0)}  # the last scaled, not measured (BENCHMARKS.md)
+             "resnext101_32x4d": (512, 509.0)}  # the last scaled by timm's throughput table, not measured
 SIZES = (256, 384, 512)
 MODES = ("windows", "adjacent")
 
