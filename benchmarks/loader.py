@@ -164,7 +164,8 @@ def main():
     n = summary.n_files
     load = os.getloadavg()[0]
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, load average {load:.1f} at the end; "
-          f"{n} files of {args.file_size}x{args.file_size} int16, {args.items} random items per measurement, best of {args.repeats}")
+          f"{n} files of {args.file_size}x{args.file_size} int16, {args.items} random items per measurement, "
+          f"best of {args.repeats}")
     print(f"(a) bare dcmread + pixel_array: {base_rate:7.1f} slices/s per worker")
     print(f"zip: {zip_bytes / dcm_bytes:.2f} of the files' bytes (deflate, generated data); members read alone: "
           + ", ".join(f"{k} {1000 / v:.2f} ms ({v:,.0f}/s)" for k, v in inflate.items())
