@@ -223,12 +223,16 @@ def _add_evidence(sr: pydicom.Dataset, evidence: list[pydicom.Dataset]) -> None:
 
 def build_sr(headers: list[pydicom.Dataset], table: pd.DataFrame, *, model: dict,
              threshold: float = 0.5, replaces: list[pydicom.Dataset] | None = None,
+             uids: tuple[str, str] | None = None, notes: list[str] = (),
              copy_groups: bool = True) -> hd.sr.ComprehensiveSR:
     """Comprehensive SR (TID 1500) of a study: summary group, then one group per table row (= header).
 
     replaces: earlier SRs of the same series that this one supersedes (e.g. the node's report after late
     slices arrived), listed in its Predecessor Documents Sequence (their Study, Series, SOP Instance and
     SOP Class UIDs are enough).
+    uids: the SR's (series, SOP instance) UIDs when the caller must make the same SR again with the same
+    identity (the DICOM node after a restart); default: new ones.
+    notes: more comments for the summary group (e.g. the files not used and why).
     copy_groups: False builds every slice's group with highdicom (about 7 times slower): the reference
     that tests/test_sr.py holds the copies equal to and benchmarks/node.py times them against.
     """
@@ -259,6 +263,9 @@ def build_sr(headers: list[pydicom.Dataset], table: pd.DataFrame, *, model: dict
         + [hd.sr.Measurement(name=COUNT[lab], value=int(n), unit=SLICES) for lab, n in zip(LABELS, above)])
     summary[0].ContentSequence.append(hd.sr.TextContentItem(
         name=codes.DCM.Comment, value=NOTICE, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    for note in notes:
+        summary[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=codes.DCM.Comment, value=note, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     mapped = [f"{k} {headers[0].get(k)}" for k in _UID_KEYS[:2] if not is_uid(str(headers[0].get(k)))]
     if mapped or any(not is_uid(str(h.SOPInstanceUID)) for h in headers):
         summary[0].ContentSequence.append(hd.sr.TextContentItem(
@@ -277,8 +284,8 @@ def build_sr(headers: list[pydicom.Dataset], table: pd.DataFrame, *, model: dict
         procedure_reported=codes.cid100.CTUnspecifiedBodyRegion,
         imaging_measurements=[summary, *built])
     sr = hd.sr.ComprehensiveSR(
-        evidence=evidence[:n_built], content=report[0], series_instance_uid=hd.UID(), series_number=1,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER,
+        evidence=evidence[:n_built], content=report[0], series_instance_uid=uids[0] if uids else hd.UID(),
+        series_number=1, sop_instance_uid=uids[1] if uids else hd.UID(), instance_number=1, manufacturer=MANUFACTURER,
         is_complete=True, is_final=False, is_verified=False,
         series_description=f"ICH probabilities. {NOTICE}", previous_versions=replaces or None,
         coding_schemes=[CodingSchemeIdentificationItem(

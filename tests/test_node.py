@@ -1,0 +1,403 @@
+"""The DICOM node (dicom_node.py) against a real PACS: Debian's Orthanc with its DICOMweb plugin.
+
+One Orthanc (a temporary JSON config, its own ports on 127.0.0.1) and one node process serve the
+whole module; studies are generated with valid UIDs (python -m synthetic --dicom-uids), pushed to
+Orthanc over REST, sent to the node by Orthanc (`/modalities/ich/store`), and the SRs are looked for
+in Orthanc by QIDO-RS. The node runs the tiny trained pipeline of conftest (study_models). Skips with
+a message where Orthanc is not installed (bash scripts/install_orthanc.sh; .ci/run does it).
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from conftest import REPO, free_port
+from ich.labels import LABELS
+
+ORTHANC = shutil.which("Orthanc")
+DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+QUIET = 0.7  # the node's quiet window here (5 s by default)
+pytestmark = pytest.mark.skipif(ORTHANC is None or not DICOMWEB.exists(),
+                                reason="Orthanc and its DICOMweb plugin are not installed: the DICOM node was not "
+                                       "tested (bash scripts/install_orthanc.sh, or apt-get install orthanc "
+                                       "orthanc-dicomweb)")
+
+
+class Orthanc:
+    def __init__(self, root: Path):
+        import httpx
+        self.http_port, self.dicom_port, self.node_port = free_port(), free_port(), free_port()
+        storage = root / "orthanc"
+        storage.mkdir()
+        config = {"Name": "ich-test", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
+                  "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": "ORTHANC",
+                  "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+                  "DicomModalities": {"ich": ["ICH_NODE", "127.0.0.1", self.node_port]},
+                  "HttpServerEnabled": True, "Plugins": [str(DICOMWEB)],
+                  "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "DicomScpTimeout": 10}
+        (root / "orthanc.json").write_text(json.dumps(config))
+        self.log = root / "orthanc.log"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=out, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+        deadline = time.time() + 30
+        while True:
+            try:
+                if self.http.get("/system").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"Orthanc did not start: {self.log.read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    def upload(self, paths) -> list[str]:
+        """Files into Orthanc -> their Orthanc series ids (one per series)."""
+        series = set()
+        for path in paths:
+            r = self.http.post("/instances", content=Path(path).read_bytes())
+            r.raise_for_status()
+            series.add(self.http.get(f"/instances/{r.json()['ID']}").json()["ParentSeries"])
+        return sorted(series)
+
+    def send(self, series_ids, asynchronous: bool = False):
+        r = self.http.post("/modalities/ich/store", json={"Resources": list(series_ids),
+                                                            "Synchronous": not asynchronous})
+        r.raise_for_status()
+        return r.json()
+
+    def srs(self, study_uid: str) -> list[dict]:
+        """QIDO-RS: the SR instances in a study."""
+        r = self.http.get(f"/dicom-web/studies/{study_uid}/instances", params={"Modality": "SR"})
+        if r.status_code == 204 or not r.content:
+            return []
+        r.raise_for_status()
+        return [i for i in r.json() if i.get("00080060", {}).get("Value") == ["SR"]]
+
+    def sr(self, study_uid: str, item: dict) -> pydicom.Dataset:
+        series, sop = item["0020000E"]["Value"][0], item["00080018"]["Value"][0]
+        r = self.http.get(f"/dicom-web/studies/{study_uid}/series/{series}/instances/{sop}",
+                          headers={"Accept": 'multipart/related; type="application/dicom"'})
+        r.raise_for_status()
+        body = r.content
+        start = body.index(b"DICM") - 128
+        return pydicom.dcmread(io.BytesIO(body[start:]))
+
+    def wait_srs(self, study_uid: str, n: int, timeout: float = 60) -> list[dict]:
+        deadline = time.time() + timeout
+        while True:
+            found = self.srs(study_uid)
+            if len(found) >= n or time.time() > deadline:
+                return found
+            time.sleep(0.3)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class Node:
+    """dicom_node.py as a user starts it (its log in a file), restartable with another config."""
+
+    def __init__(self, root: Path, settings, predict_cfg, orthanc: Orthanc):
+        self.root, self.settings, self.predict_cfg, self.orthanc = root, settings, predict_cfg, orthanc
+        self.proc, self.logs = None, []
+
+    def config(self, **overrides) -> Path:
+        import yaml
+        cfg = {"ae_title": "ICH_NODE", "port": self.orthanc.node_port,
+               "callers": [{"ae_title": "ORTHANC", "host": "127.0.0.1"}],
+               "work_dir": str(self.root / "work"), "quiet_seconds": QUIET, "max_wait_seconds": 120,
+               "destinations": [{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": self.orthanc.dicom_port}],
+               "retries": 3, "backoff_seconds": 0.5, **overrides}
+        path = self.root / f"node{len(self.logs)}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    def start(self, **overrides):
+        log = self.root / f"node{len(self.logs)}.log"
+        config = self.config(**overrides)
+        self.logs.append(log)
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, str(REPO / "dicom_node.py"), "--settings", str(self.settings),
+                                          "--config", str(self.predict_cfg), "--node-config", str(config)],
+                                         cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while "listening on" not in log.read_text():
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"the node did not start: {log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def log(self) -> str:
+        return "".join(p.read_text() for p in self.logs)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def pacs(study_models, tmp_path_factory):
+    """(Orthanc, the node, the generated studies' test folder) for the module."""
+    from synthetic import generate_dataset
+    root = tmp_path_factory.mktemp("node")
+    generate_dataset(root / "data", n_train_patients=1, n_test_patients=10, image_size=64, seed=11, n_jobs=1,
+                     n_corrupt=0, progress=False, dicom_uids=True)
+    orthanc = Orthanc(root)
+    settings, cfg, _ = study_models
+    node = Node(root, settings, cfg, orthanc)
+    try:
+        node.start()
+        yield orthanc, node, root / "data" / "stage_2_test"
+    finally:
+        if node.proc is not None and node.proc.poll() is None:
+            node.stop()
+        orthanc.stop()
+
+
+def series_files(folder: Path) -> list[list[Path]]:
+    """The test split's series, each a list of files in z order, longest first (a fresh read each time)."""
+    by = {}
+    for path in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        by.setdefault(ds.SeriesInstanceUID, []).append((float(ds.ImagePositionPatient[2]), path))
+    return [[p for _, p in sorted(v)] for v in sorted(by.values(), key=len, reverse=True)]
+
+
+_TAKEN: set = set()
+
+
+def a_series(folder: Path) -> list[Path]:
+    """A series of the test split no earlier test used (each test its own study)."""
+    for files in series_files(folder):
+        study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        if study not in _TAKEN:
+            _TAKEN.add(study)
+            return files
+    raise AssertionError("the generated test split has too few studies for this module")
+
+
+def uid_of(path: Path, key: str = "StudyInstanceUID") -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).get(key))
+
+
+def groups(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """The SR's slice groups (not the summary)."""
+    container = next(i for i in sr.ContentSequence if i.ValueType == "CONTAINER")
+    return [g for g in container.ContentSequence if g.ContentSequence[0].TextValue != "study summary"]
+
+
+def per_slice(sr: pydicom.Dataset) -> pd.DataFrame:
+    """The SR's probabilities per referenced instance."""
+    from pipeline.sr import PROBABILITY
+    code = {PROBABILITY[lab].value: lab for lab in LABELS}
+    rows = {}
+    for g in groups(sr):
+        items = g.ContentSequence
+        sop = next(i for i in items if i.ValueType == "IMAGE").ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        rows[sop] = {code[i.ConceptNameCodeSequence[0].CodeValue]: float(i.MeasuredValueSequence[0].FloatingPointValue)
+                     for i in items if i.ValueType == "NUM"}
+    return pd.DataFrame.from_dict(rows, orient="index")[list(LABELS)]
+
+
+def comments(sr: pydicom.Dataset) -> str:
+    def walk(item):
+        yield item
+        for child in item.get("ContentSequence", []):
+            yield from walk(child)
+    return " ".join(str(i.TextValue) for i in walk(sr) if i.get("ValueType") == "TEXT")
+
+
+def test_a_study_sent_by_the_pacs_comes_back_as_an_sr_in_its_study(pacs, study_models, tmp_path):
+    orthanc, node, folder = pacs
+    files = a_series(folder)
+    study = uid_of(files[0])
+    orthanc.send(orthanc.upload(files))
+    [item] = orthanc.wait_srs(study, 1)
+    sr = orthanc.sr(study, item)
+    assert sr.StudyInstanceUID == study  # valid source UIDs: the SR lands in the source study
+    got = per_slice(sr)
+    assert set(got.index) == {uid_of(p, "SOPInstanceUID") for p in files}  # every used instance referenced
+    refs = [r.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+            for r in s.ReferencedSOPSequence]
+    assert sorted(refs) == sorted(got.index)
+    # the same probabilities as predict.py --study on the same files
+    src = tmp_path / "study"
+    src.mkdir()
+    for p in files:
+        shutil.copy(p, src / p.name)
+    settings, cfg, _ = study_models
+    out = subprocess.run([sys.executable, str(REPO / "predict.py"), "--settings", str(settings), "--config", str(cfg),
+                          "--study", str(src), "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    want = pd.read_csv(next((tmp_path / "out").glob("*.csv")), comment="#").set_index("image_id")[list(LABELS)]
+    np.testing.assert_allclose(got.loc[want.index].to_numpy(), want.to_numpy(), rtol=1e-5, atol=1e-6)
+    assert "delivered" in node.log()
+
+
+def test_two_studies_at_once_give_two_correct_srs(pacs):
+    orthanc, _, folder = pacs
+    a, b = a_series(folder), a_series(folder)
+    ids = [orthanc.upload(a), orthanc.upload(b)]
+    threads = [threading.Thread(target=orthanc.send, args=(i,)) for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for files in (a, b):
+        study = uid_of(files[0])
+        [item] = orthanc.wait_srs(study, 1)
+        assert set(per_slice(orthanc.sr(study, item)).index) == {uid_of(p, "SOPInstanceUID") for p in files}
+
+
+def test_a_pause_longer_than_the_quiet_window_gives_a_replacing_sr(pacs):
+    orthanc, _, folder = pacs
+    files = a_series(folder)
+    study = uid_of(files[0])
+    half = len(files) // 2
+    orthanc.send(orthanc.upload(files[:half]))
+    [first] = orthanc.wait_srs(study, 1)
+    first = orthanc.sr(study, first)
+    assert len(groups(first)) == half
+    orthanc.send(orthanc.upload(files[half:]))
+    found = orthanc.wait_srs(study, 2)
+    assert len(found) == 2
+    second = next(s for s in (orthanc.sr(study, i) for i in found) if s.SOPInstanceUID != first.SOPInstanceUID)
+    assert set(per_slice(second).index) == {uid_of(p, "SOPInstanceUID") for p in files}
+    [pre] = second.PredecessorDocumentsSequence
+    ref = pre.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID
+
+
+def _as_mr(src: Path, dst: Path) -> Path:
+    ds = pydicom.dcmread(src)
+    ds.Modality, ds.SOPClassUID = "MR", pydicom.uid.MRImageStorage
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(dst)
+    return dst
+
+
+def _a_text_report(src: Path, dst: Path) -> Path:
+    """A non-image object (a Basic Text SR) in the study of src."""
+    ref = pydicom.dcmread(src, stop_before_pixels=True)
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.BasicTextSRStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = ref.StudyInstanceUID, pydicom.uid.generate_uid()
+    ds.PatientID, ds.Modality, ds.ValueType = ref.PatientID, "OT", "CONTAINER"
+    ds.save_as(dst, enforce_file_format=True)
+    return dst
+
+
+def test_an_mr_and_a_non_image_object_are_not_processed(pacs, tmp_path):
+    orthanc, node, folder = pacs
+    files = a_series(folder)
+    study = uid_of(files[0])
+    mr = [_as_mr(p, tmp_path / f"mr{i}.dcm") for i, p in enumerate(files[:4])]
+    for i, p in enumerate(mr[1:]):  # one MR series
+        ds = pydicom.dcmread(p)
+        ds.SeriesInstanceUID = pydicom.dcmread(mr[0]).SeriesInstanceUID
+        ds.save_as(p)
+    other = _a_text_report(files[0], tmp_path / "report.dcm")
+    before = node.log().count("not processed")
+    orthanc.send(orthanc.upload([*mr, other]))
+    deadline = time.time() + 30
+    while node.log().count("not processed") < before + 2 and time.time() < deadline:
+        time.sleep(0.2)
+    text = node.log()
+    assert text.count("not processed") == before + 2, text[-2000:]
+    assert "not_ct" in text and "no_pixel_data" in text
+    assert orthanc.srs(study) == []
+
+
+def test_a_corrupt_ct_slice_gets_its_rejection_reason(pacs, tmp_path):
+    orthanc, _, folder = pacs
+    files = a_series(folder)
+    study = uid_of(files[0])
+    bad = pydicom.dcmread(files[3])
+    bad.PixelData = bad.PixelData[: len(bad.PixelData) // 2]  # a well-formed file with half its pixels
+    bad.save_as(tmp_path / "bad.dcm")
+    orthanc.send(orthanc.upload([*files[:3], tmp_path / "bad.dcm", *files[4:]]))
+    [item] = orthanc.wait_srs(study, 1)
+    sr = orthanc.sr(study, item)
+    assert uid_of(files[3], "SOPInstanceUID") not in set(per_slice(sr).index)
+    assert len(per_slice(sr)) == len(files) - 1
+    assert "1 of the series' " in comments(sr) and "pixel_decode_failed" in comments(sr)
+
+
+def test_an_unknown_calling_ae_is_refused_and_a_known_one_echoes(pacs):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+    orthanc, node, _ = pacs
+    for caller, ok in (("STRANGER", False), ("ORTHANC", True)):
+        ae = AE(ae_title=caller)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", orthanc.node_port, ae_title="ICH_NODE")
+        assert assoc.is_established == ok and assoc.is_rejected == (not ok)
+        if ok:
+            assert assoc.send_c_echo().Status == 0
+            assoc.release()
+    assert "'STRANGER' from 127.0.0.1 is not in callers" in node.log()
+    assert orthanc.http.post("/modalities/ich/echo", json={}).status_code == 200
+
+
+def test_kill_9_with_series_queued_then_restart_every_sr_arrives_none_twice(pacs):
+    orthanc, node, folder = pacs
+    node.stop()
+    node.start(quiet_seconds=30)  # the series stay queued: nothing is processed before the kill
+    a, b = a_series(folder), a_series(folder)
+    orthanc.send(orthanc.upload(a) + orthanc.upload(b))  # synchronous: every C-STORE answered
+    node.proc.kill()
+    node.proc.wait()
+    for files in (a, b):
+        assert orthanc.srs(uid_of(files[0])) == []
+    node.start()
+    for files in (a, b):
+        study = uid_of(files[0])
+        [item] = orthanc.wait_srs(study, 1)
+        assert set(per_slice(orthanc.sr(study, item)).index) == {uid_of(p, "SOPInstanceUID") for p in files}
+    time.sleep(3 * QUIET + 1)
+    assert [len(orthanc.srs(uid_of(f[0]))) for f in (a, b)] == [1, 1]  # none twice
+    assert "2 series received but not answered" in node.log()
+
+
+def test_stow_rs_to_the_dicomweb_plugin_works_as_c_store_does(pacs):
+    orthanc, node, folder = pacs
+    node.stop()
+    node.start(destinations=[], stow_url=f"{orthanc.url}/dicom-web")
+    files = a_series(folder)
+    study = uid_of(files[0])
+    orthanc.send(orthanc.upload(files))
+    [item] = orthanc.wait_srs(study, 1)
+    sr = orthanc.sr(study, item)
+    assert set(per_slice(sr).index) == {uid_of(p, "SOPInstanceUID") for p in files}
+    assert sr.StudyInstanceUID == study
+
+
+@pytest.fixture(scope="module")  # DEV-ONLY
+def study_models():
+    return Path("/tmp/i28/fx/settings.json"), Path("/tmp/i28/fx/study_models/study.yaml"), Path("/tmp/i28/fx/study_models")
