@@ -38,6 +38,7 @@ def make_ae(cfg, receive) -> tuple[AE, list]:
         if not cfg.allows(caller.strip(), host):
             log.warning("association refused: calling AE title %r from %s is not in callers", caller.strip(), host)
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
+            event.assoc.kill()  # as pynetdicom's own rejections: waits until the A-ASSOCIATE-RJ has gone
 
     def store(event):
         try:
