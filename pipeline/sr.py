@@ -53,6 +53,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.datadict import tag_for_keyword
 from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DS
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -156,15 +157,19 @@ def _slice_text(h, index, z) -> str:
     return f"slice {int(index)} ({z}){source}"
 
 
+_VARYING = frozenset({"ContentSequence", "MeasuredValueSequence", "ReferencedSOPSequence"})  # hold a slice's values
+
+
 def _shallow_tree(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """A copy of ds with new datasets and sequences all the way down that shares the leaf elements.
+    """A copy of ds, new datasets down the sequences that hold a slice's values (`_VARYING`), sharing every
+    other element (the code sequences, the leaf elements).
 
     Safe because the copies' differing values are set as new elements (`_set`), never by changing a
-    shared one; about 50 times cheaper than copy.deepcopy or building the group again with highdicom.
+    shared one; many times cheaper than copy.deepcopy or building the group again with highdicom.
     """
     out = pydicom.Dataset()
     for elem in ds:
-        if elem.VR == "SQ":
+        if elem.VR == "SQ" and elem.keyword in _VARYING:
             elem = DataElement(elem.tag, "SQ", Sequence([_shallow_tree(item) for item in elem.value]))
         out._dict[elem.tag] = elem  # no private tags in these items: __setitem__'s checks have nothing to do
     return out
@@ -303,6 +308,7 @@ def build_sr(headers: list[pydicom.Dataset], table: pd.DataFrame, *, model: dict
     return sr
 
 
+_CHARSET = Tag(0x0008, 0x0005)
 _ITEM, _ITEM_END, _SEQ_END = b"\xfe\xff\x00\xe0\xff\xff\xff\xff", b"\xfe\xff\x0d\xe0\0\0\0\0", b"\xfe\xff\xdd\xe0\0\0\0\0"
 
 
@@ -327,15 +333,30 @@ class _Encoder:
                 _ITEM + self.dataset(item, encodings) + _ITEM_END for item in elem.value) + _SEQ_END
         key = id(elem)
         if key not in self.done:
-            fp = DicomBytesIO()
-            fp.is_little_endian, fp.is_implicit_VR = True, False
-            write_data_element(fp, elem, encodings)
-            self.done[key] = (elem, fp.getvalue())  # elem kept: its id stays its own while cached
+            self.done[key] = (elem, self._leaf(elem, encodings))  # elem kept: its id stays its own while cached
         return self.done[key][1]
 
+    @staticmethod
+    def _leaf(elem, encodings) -> bytes:
+        value, tag = elem.value, struct.pack("<HH", elem.tag.group, elem.tag.element)
+        if elem.VR == "UI" and isinstance(value, str) and value:  # the UIDs that differ in each copy
+            data = value.encode("ascii")
+            data += b"\0" * (len(data) % 2)
+            return tag + b"UI" + struct.pack("<H", len(data)) + data
+        if elem.VR == "FD" and isinstance(value, float):  # the exact probabilities
+            return tag + b"FD\x08\0" + struct.pack("<d", value)
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        write_data_element(fp, elem, encodings)
+        return fp.getvalue()
+
     def dataset(self, ds: pydicom.Dataset, encodings) -> bytes:
-        encodings = ds.get("SpecificCharacterSet") or encodings
-        return b"".join(self.element(e, encodings) for e in ds if not (e.tag.element == 0 and e.tag.group > 6))
+        items = ds._dict
+        charset = items.get(_CHARSET)
+        if charset is not None:
+            encodings = ds[_CHARSET].value or encodings
+        return b"".join(self.element(ds[tag] if items[tag].is_raw else items[tag], encodings)
+                        for tag in sorted(items) if not (tag.element == 0 and tag.group > 6))
 
 
 def sr_bytes(ds: pydicom.Dataset) -> bytes:

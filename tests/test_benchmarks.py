@@ -137,3 +137,10 @@ def test_streaming_benchmark(study_models):
     assert m and float(m.group(1)) < 1e-5, out
     assert re.search(r"cached road: .* images on disk\s+[1-9][\d.]* MB", out)
     assert re.search(r"streamed road: .* images on disk\s+0.0 MB", out)
+
+
+def test_node_benchmark_sr_build():
+    out = bench("node.py", "--sr-only")
+    for n in (40, 200):
+        m = re.search(rf"SR build \+ encode, {n} slices: before ([\d.]+) ms/slice .* after ([\d.]+) ms/slice", out)
+        assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, out
