@@ -4,7 +4,7 @@ Why an outbox on disk: a PACS may be down or busy for minutes, and the node may 
 SR waits; an SR is written to `outbox/` before its series counts as answered (node.spool), each
 target it still owes is kept beside it, and a sender thread works through them with exponential
 backoff (`backoff_seconds`, doubled after each failure, `retries` times). An SR that still could not
-be sent moves to `failed/` with a log line: never lost, never sent twice (a target is dropped from the
+be sent moves to `failed/` with a log line (each target has its own `retries`): never lost, never sent twice (a target is dropped from the
 list once it has answered success; after a crash between the two, the same SR - same SOP Instance
 UID - is sent again, which a PACS stores once).
 """
@@ -116,6 +116,7 @@ class Outbox:
                                 " ".join(str(exc).split())[:200])
                     break
                 state["targets"].remove(target)
+                state["attempts"], state["next"] = 0, 0  # each target has its own retries
                 _write_json(meta_path, state)
             if not state["targets"]:
                 log.info("SR %s delivered", meta_path.stem)

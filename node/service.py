@@ -32,7 +32,7 @@ from pipeline.study import check_chosen
 
 from .deliver import Outbox
 from .scp import OUT_OF_RESOURCES, make_ae
-from .spool import Spool, sr_uids
+from .spool import Spool, digest, sr_uids
 
 log = logging.getLogger("ich.node")
 
@@ -69,11 +69,11 @@ class DicomNode:
 
     # --- receiving -----------------------------------------------------------------------------
     def receive(self, study: str, series: str, sop: str, data: bytes) -> int:
-        from .spool import digest
         key = digest(study, series)
         with self.lock:
             size, files = self.sizes.get(key, [0, 0])
-            if (size + len(data) > self.cfg.max_series_mb << 20 or files + 1 > self.cfg.max_series_files
+            if not self.spool.has(study, series, sop) and (
+                    size + len(data) > self.cfg.max_series_mb << 20 or files + 1 > self.cfg.max_series_files
                     or self.spool_bytes + len(data) > self.cfg.max_spool_mb << 20):
                 log.warning("C-STORE refused (out of resources): series %s or the spool is at its cap", key[:8])
                 return OUT_OF_RESOURCES

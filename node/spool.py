@@ -18,9 +18,9 @@ import json
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 
-from pydicom.uid import generate_uid
 
 STATE = "series.json"
 
@@ -45,6 +45,9 @@ class Spool:
 
     def folder(self, key: str) -> Path:
         return self.root / key
+
+    def has(self, study: str, series: str, sop: str) -> bool:
+        return (self.folder(digest(study, series)) / f"{digest(sop)}.dcm").exists()
 
     def add(self, study: str, series: str, sop: str, data: bytes) -> tuple[str, bool]:
         """Write one instance -> (series key, whether it is new to the series: not a copy sent again)."""
@@ -106,6 +109,6 @@ class Spool:
 def sr_uids(key: str, instances: list[Path]) -> tuple[str, str]:
     """(series, SOP instance) UIDs of the SR that answers these instances of a series: the same inputs,
     the same UIDs, so an SR made again after a crash replaces itself in the PACS instead of adding one."""
-    names = sorted(p.stem for p in instances)
-    return (generate_uid(prefix=None, entropy_srcs=["ich-node series", key, *names]),
-            generate_uid(prefix=None, entropy_srcs=["ich-node sr", key, *names]))
+    names = "\\".join(sorted(p.stem for p in instances))
+    return tuple(f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, f'ich-node {what} {key} {names}').int}"
+                 for what in ("series", "sr"))

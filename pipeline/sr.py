@@ -56,7 +56,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DS
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from ich.cache import write_atomic
 from ich.labels import LABELS
@@ -64,7 +64,7 @@ from ich.labels import LABELS
 from .notice import NOTICE  # one text for every output
 MANUFACTURER = "ich-reference (research)"
 SCHEME = "99RSNAICH"
-DEVICE_UID = generate_uid(prefix=None, entropy_srcs=["ich-reference device observer"])  # same every run
+DEVICE_UID = f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, 'ich-reference device observer').int}"  # same every run
 _WORDS = {"epidural": ("EDH", "epidural hemorrhage"),
           "intraparenchymal": ("IPH", "intraparenchymal hemorrhage"),
           "intraventricular": ("IVH", "intraventricular hemorrhage"),
