@@ -8,6 +8,7 @@ a message where Orthanc is not installed (bash scripts/install_orthanc.sh; .ci/r
 """
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -28,8 +29,35 @@ QUIET = 0.7  # the node's quiet window here (5 s by default)
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"{MISSING}: the DICOM node was not tested")
 
 
+class Hook:
+    """A webhook receiver: the JSON bodies POSTed to it."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        got = self.got = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ich"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
 @pytest.fixture(scope="module")
-def pacs(study_models, tmp_path_factory):
+def hook():
+    receiver = Hook()
+    yield receiver
+    receiver.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pacs(study_models, hook, tmp_path_factory):
     """(Orthanc, the node, the generated studies' test folder) for the module."""
     from synthetic import generate_dataset
     root = tmp_path_factory.mktemp("node")
@@ -39,7 +67,7 @@ def pacs(study_models, tmp_path_factory):
     settings, cfg, _ = study_models
     node = Node(root, settings, cfg, orthanc, quiet=QUIET)
     try:
-        node.start()
+        node.start(webhook_url=hook.url)
         yield orthanc, node, root / "data" / "stage_2_test"
     finally:
         if node.proc is not None and node.proc.poll() is None:
@@ -100,7 +128,7 @@ def comments(sr: pydicom.Dataset) -> str:
     return " ".join(str(i.TextValue) for i in walk(sr) if i.get("ValueType") == "TEXT")
 
 
-def test_a_study_sent_by_the_pacs_comes_back_as_an_sr_in_its_study(pacs, study_models, tmp_path):
+def test_a_study_sent_by_the_pacs_comes_back_as_an_sr_in_its_study(pacs, study_models, hook, tmp_path):
     orthanc, node, folder = pacs
     files = a_series(folder)
     study = uid_of(files[0])
@@ -124,7 +152,12 @@ def test_a_study_sent_by_the_pacs_comes_back_as_an_sr_in_its_study(pacs, study_m
     assert out.returncode == 0, out.stderr[-2000:]
     want = pd.read_csv(next((tmp_path / "out").glob("*.csv")), comment="#").set_index("image_id")[list(LABELS)]
     np.testing.assert_allclose(got.loc[want.index].to_numpy(), want.to_numpy(), rtol=1e-5, atol=1e-6)
-    assert "delivered" in node.log()
+    assert "delivered" in node.log() and study not in node.log()  # no UIDs in the log
+    # the webhook's notice
+    [notice] = [n for n in hook.got if n["study"] == study]
+    assert notice["series"] == uid_of(files[0], "SeriesInstanceUID") and notice["sr_sop_instance"] == sr.SOPInstanceUID
+    assert notice["any_probability"] == pytest.approx(want["any"].max(), abs=1e-5)
+    assert notice["above_threshold"] == bool(want["any"].max() >= 0.5) and notice["slices"] == len(files)
 
 
 def test_two_studies_at_once_give_two_correct_srs(pacs):
