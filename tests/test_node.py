@@ -271,6 +271,24 @@ def test_an_unknown_calling_ae_is_refused_and_a_known_one_echoes(pacs):
     assert orthanc.http.post("/modalities/ich/echo", json={}).status_code == 200
 
 
+def test_a_dataset_without_its_uids_is_refused(pacs):
+    """DICOM's refusal (0xA900) for a dataset that lacks its series UID; odd content is never refused."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+    orthanc, node, folder = pacs
+    ds = pydicom.dcmread(series_files(folder)[-1][0])
+    del ds.SeriesInstanceUID
+    ae = AE(ae_title="ORTHANC")
+    ae.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", orthanc.node_port, ae_title="ICH_NODE")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(ds).Status == 0xA900
+    finally:
+        assoc.release()
+    assert "C-STORE refused: the dataset lacks its study, series or SOP instance UID" in node.log()
+
+
 def test_kill_9_with_series_queued_then_restart_every_sr_arrives_none_twice(pacs):
     orthanc, node, folder = pacs
     node.proc.kill()  # idle: nothing to lose (and no time spent on a clean stop)
