@@ -20,13 +20,9 @@ from pathlib import Path
 
 import pydicom
 
+from .spool import write_json
+
 log = logging.getLogger("ich.node")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 def c_store(cfg, dest, ds: pydicom.Dataset) -> None:
@@ -82,7 +78,7 @@ class Outbox:
         tmp = path.with_name(f".{path.name}.part")
         tmp.write_bytes(data)
         os.replace(tmp, path)
-        _write_json(self.dir / f"{name}.json", {"targets": self.targets(), "attempts": 0, "next": 0,
+        write_json(self.dir / f"{name}.json", {"targets": self.targets(), "attempts": 0, "next": 0,
                                                 "notice": notice})
         self.wake.set()
 
@@ -117,7 +113,7 @@ class Outbox:
                     break
                 state["targets"].remove(target)
                 state["attempts"], state["next"] = 0, 0  # each target has its own retries
-                _write_json(meta_path, state)
+                write_json(meta_path, state)
             if not state["targets"]:
                 log.info("SR %s delivered", meta_path.stem)
                 sr_path.unlink()
@@ -127,12 +123,12 @@ class Outbox:
             if state["attempts"] > self.cfg.retries:
                 log.error("SR %s could not be sent after %d attempts: kept in %s", meta_path.stem,
                           state["attempts"], self.failed)
-                _write_json(meta_path, state)
+                write_json(meta_path, state)
                 os.replace(sr_path, self.failed / sr_path.name)
                 os.replace(meta_path, self.failed / meta_path.name)
                 continue
             state["next"] = time.time() + self.cfg.backoff_seconds * 2 ** (state["attempts"] - 1)
-            _write_json(meta_path, state)
+            write_json(meta_path, state)
             wait = min(wait, self.cfg.backoff_seconds)
         return wait
 

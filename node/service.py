@@ -51,7 +51,6 @@ class DicomNode:
         self.stopping = threading.Event()
         self.server = None
         self.threads: list[threading.Thread] = []
-        self.processed = 0
         self._recover()
 
     def _recover(self) -> None:
@@ -128,7 +127,6 @@ class DicomNode:
             finally:
                 with self.lock:
                     self.queued.discard(key)
-                self.processed += 1
 
     def process(self, key: str) -> None:
         t0 = time.time()

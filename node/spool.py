@@ -29,7 +29,8 @@ def digest(*parts: str) -> str:
     return hashlib.sha256("\\".join(parts).encode()).hexdigest()[:20]
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
+    """Through a temporary name and a rename: a crash leaves the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.part")
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
@@ -55,7 +56,7 @@ class Spool:
         folder = self.folder(key)
         if not folder.is_dir():
             folder.mkdir()
-            _write_json(folder / STATE, {"study": study, "series": series, "answered": [], "srs": []})
+            write_json(folder / STATE, {"study": study, "series": series, "answered": [], "srs": []})
         path = folder / f"{digest(sop)}.dcm"
         new = not path.exists()
         tmp = folder / f".{path.name}.part"
@@ -80,7 +81,7 @@ class Spool:
         state["answered_at"] = time.time()
         if sr is not None:
             state["srs"].append(sr)
-        _write_json(self.folder(key) / STATE, state)
+        write_json(self.folder(key) / STATE, state)
 
     def keys(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir())

@@ -160,9 +160,15 @@ def test_a_study_sent_by_the_pacs_comes_back_as_an_sr_in_its_study(pacs, study_m
     assert notice["above_threshold"] == bool(want["any"].max() >= 0.5) and notice["slices"] == len(files)
 
 
-def test_two_studies_at_once_give_two_correct_srs(pacs):
+def test_two_studies_at_once_give_two_correct_srs(pacs, tmp_path):
+    """... one of them RLE-compressed: the node takes every transfer syntax the decoder reads."""
     orthanc, _, folder = pacs
     a, b = a_series(folder), a_series(folder)
+    for i, path in enumerate(b):
+        ds = pydicom.dcmread(path)
+        ds.compress(pydicom.uid.RLELossless, generate_instance_uid=False)
+        ds.save_as(tmp_path / f"{i}.dcm")
+    b = [tmp_path / f"{i}.dcm" for i in range(len(b))]
     ids = [orthanc.upload(a), orthanc.upload(b)]
     threads = [threading.Thread(target=orthanc.send, args=(i,)) for i in ids]
     for t in threads:
