@@ -332,9 +332,3 @@ def test_stow_rs_to_the_dicomweb_plugin_works_as_c_store_does(pacs):
     sr = orthanc.sr(study, item)
     assert set(per_slice(sr).index) == {uid_of(p, "SOPInstanceUID") for p in files}
     assert sr.StudyInstanceUID == study
-
-
-
-@pytest.fixture(scope="module")  # DEV-ONLY
-def study_models():
-    return Path("/tmp/i28/fx/settings.json"), Path("/tmp/i28/fx/study_models/study.yaml"), Path("/tmp/i28/fx/study_models")
