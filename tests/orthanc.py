@@ -111,9 +111,13 @@ class Orthanc:
 class Node:
     """dicom_node.py as a user starts it (its log in a file), restartable with another config."""
 
-    def __init__(self, root: Path, settings, predict_cfg, orthanc: Orthanc, quiet: float = 0.7):
+    def __init__(self, root: Path, settings, predict_cfg, orthanc: Orthanc, quiet: float = 0.7,
+                 web: bool = False):
+        """web: run the web app beside the node (dicom_node.py --web-port), at self.web_url."""
         self.root, self.settings, self.predict_cfg, self.orthanc = root, settings, predict_cfg, orthanc
         self.quiet = quiet
+        self.web_port = free_port() if web else None
+        self.web_url = f"http://127.0.0.1:{self.web_port}" if web else None
         self.proc, self.logs, self.overrides = None, [], {}
 
     def config(self, **overrides) -> Path:
@@ -134,7 +138,8 @@ class Node:
         self.logs.append(log)
         with open(log, "w") as out:
             self.proc = subprocess.Popen([sys.executable, str(REPO / "dicom_node.py"), "--settings", str(self.settings),
-                                          "--config", str(self.predict_cfg), "--node-config", str(config)],
+                                          "--config", str(self.predict_cfg), "--node-config", str(config),
+                                          *(["--web-port", str(self.web_port)] if self.web_port else [])],
                                          cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 120
         while "listening on" not in log.read_text():

@@ -65,7 +65,7 @@ def pacs(study_models, hook, tmp_path_factory):
                      n_corrupt=0, progress=False, dicom_uids=True)
     orthanc = Orthanc(root)
     settings, cfg, _ = study_models
-    node = Node(root, settings, cfg, orthanc, quiet=QUIET)
+    node = Node(root, settings, cfg, orthanc, quiet=QUIET, web=True)  # the web app beside it
     try:
         node.start(webhook_url=hook.url)
         yield orthanc, node, root / "data" / "stage_2_test"
@@ -158,6 +158,11 @@ def test_a_study_sent_by_the_pacs_comes_back_as_an_sr_in_its_study(pacs, study_m
     assert notice["series"] == uid_of(files[0], "SeriesInstanceUID") and notice["sr_sop_instance"] == sr.SOPInstanceUID
     assert notice["any_probability"] == pytest.approx(want["any"].max(), abs=1e-5)
     assert notice["above_threshold"] == bool(want["any"].max() >= 0.5) and notice["slices"] == len(files)
+    # ... and its viewer link opens the result in the web app running beside the node
+    assert notice["viewer"].startswith(f"{node.web_url}/?result=") and notice["viewer"] in node.log()
+    shown = orthanc.http.get(f"{node.web_url}/api/studies/{notice['viewer'].split('=')[1]}").json()
+    assert [s["file"] for s in shown["slices"]] and len(shown["slices"]) == len(files)
+    np.testing.assert_allclose([[s[lab] for lab in LABELS] for s in shown["slices"]], got.to_numpy(), rtol=1e-6)
 
 
 def test_two_studies_at_once_give_two_correct_srs(pacs, tmp_path):
