@@ -100,3 +100,38 @@ def test_the_outbox_retries_with_backoff_then_keeps_what_it_could_not_send(tmp_p
         kept = sorted(p.name for p in (tmp_path / "work" / "failed").iterdir())
         assert kept == ["abc-1.dcm", "abc-1.json"]
         assert json.loads((tmp_path / "work" / "failed" / "abc-1.json").read_text())["targets"] == ["dimse:0", "webhook"]
+
+
+def _scheduled(node: DicomNode, feed, seconds: float = 5) -> float:
+    """Run the node's scheduler while feed(i) sends instances; -> seconds until a series was queued."""
+    import threading
+    thread = threading.Thread(target=node._schedule, daemon=True)
+    thread.start()
+    t0, i = time.monotonic(), 0
+    try:
+        while node.queue.empty() and time.monotonic() - t0 < seconds:
+            feed(i)
+            i += 1
+            time.sleep(0.05)
+        return time.monotonic() - t0
+    finally:
+        node.stopping.set()
+        thread.join()
+
+
+def test_a_series_is_complete_after_the_quiet_window_or_the_longest_wait(tmp_path):
+    quiet = DicomNode(config(tmp_path / "a", quiet_seconds=0.6, max_wait_seconds=30), run=None, model={})
+    took = _scheduled(quiet, lambda i: i < 5 and quiet.receive("1.2", "1.2.3", f"1.2.3.{i}", b"x"))
+    assert 0.2 + 0.6 <= took < 3  # the last of five instances 50 ms apart at 0.2 s, then the quiet window
+    busy = DicomNode(config(tmp_path / "b", quiet_seconds=0.6, max_wait_seconds=1.5), run=None, model={})
+    took = _scheduled(busy, lambda i: busy.receive("1.2", "1.2.3", f"1.2.3.{i}", b"x"))  # never quiet
+    assert 1.5 <= took < 4 and busy.queue.get_nowait() == next(iter(busy.queued))
+
+
+def test_the_queue_in_front_of_the_model_is_bounded(tmp_path):
+    node = DicomNode(config(tmp_path, quiet_seconds=0.2, max_queued=1), run=None, model={})
+    for series in ("1.2.3", "1.2.4"):
+        node.receive("1.2", series, f"{series}.1", b"x")
+    _scheduled(node, lambda i: None)
+    time.sleep(0.1)
+    assert node.queue.qsize() == 1 and len(node.pending) == 1  # the other waits on disk, not in memory
