@@ -131,7 +131,8 @@ class Node:
         path.write_text(yaml.safe_dump(cfg))
         return path
 
-    def start(self, **overrides):
+    def start(self, web: bool = True, **overrides):
+        """Start dicom_node.py with the config's overrides (web: with the web app, when this node has one)."""
         self.overrides = overrides
         log = self.root / f"node{len(self.logs)}.log"
         config = self.config(**overrides)
@@ -139,7 +140,7 @@ class Node:
         with open(log, "w") as out:
             self.proc = subprocess.Popen([sys.executable, str(REPO / "dicom_node.py"), "--settings", str(self.settings),
                                           "--config", str(self.predict_cfg), "--node-config", str(config),
-                                          *(["--web-port", str(self.web_port)] if self.web_port else [])],
+                                          *(["--web-port", str(self.web_port)] if self.web_port and web else [])],
                                          cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 120
         while "listening on" not in log.read_text():

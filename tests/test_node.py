@@ -304,14 +304,14 @@ def test_kill_9_with_series_queued_then_restart_every_sr_arrives_none_twice(pacs
     orthanc, node, folder = pacs
     node.proc.kill()  # idle: nothing to lose (and no time spent on a clean stop)
     node.proc.wait()
-    node.start(quiet_seconds=30)  # the series stay queued: nothing is processed before the kill
+    node.start(web=False, quiet_seconds=30)  # the series stay queued: nothing is processed before the kill
     a, b = a_series(folder), a_series(folder)
     orthanc.send(orthanc.upload(a) + orthanc.upload(b))  # synchronous: every C-STORE answered
     node.proc.kill()
     node.proc.wait()
     for files in (a, b):
         assert orthanc.srs(uid_of(files[0])) == []
-    node.start(**stow_only(orthanc))  # the restarted node sends by STOW-RS (tested on its own below)
+    node.start(web=False, **stow_only(orthanc))  # the restarted node sends by STOW-RS (tested on its own below)
     for files in (a, b):
         study = uid_of(files[0])
         [item] = orthanc.wait_srs(study, 1)
@@ -329,7 +329,7 @@ def test_stow_rs_to_the_dicomweb_plugin_works_as_c_store_does(pacs):
     orthanc, node, folder = pacs
     if node.overrides != stow_only(orthanc):  # the kill -9 test leaves the node so; alone, this restarts it
         node.stop()
-        node.start(**stow_only(orthanc))
+        node.start(web=False, **stow_only(orthanc))
     files = a_series(folder)
     study = uid_of(files[0])
     orthanc.send(orthanc.upload(files))
