@@ -35,6 +35,7 @@ from .scp import OUT_OF_RESOURCES, make_ae
 from .spool import Spool, digest, sr_uids
 
 log = logging.getLogger("ich.node")
+MAX_TRIES = 3  # a series whose processing fails (not for its content: that is a StudyError) is tried this often
 
 
 class DicomNode:
@@ -46,6 +47,7 @@ class DicomNode:
         self.lock = threading.Lock()
         self.pending: dict[str, list[float]] = {}  # key -> [first, last] arrival of unanswered instances
         self.queued: set[str] = set()
+        self.failures: dict[str, int] = {}
         self.sizes: dict[str, list[int]] = {}  # key -> [bytes, files]
         self.spool_bytes = 0
         self.stopping = threading.Event()
@@ -122,8 +124,17 @@ class DicomNode:
                 continue
             try:
                 self.process(key)
-            except Exception:  # noqa: BLE001 - one series' failure must not stop the node
-                log.exception("series %s: processing failed; its instances stay in the spool", key[:8])
+                self.failures.pop(key, None)
+            except Exception as exc:  # noqa: BLE001 - one series' failure must not stop the node
+                n = self.failures[key] = self.failures.get(key, 0) + 1
+                again = n < MAX_TRIES  # a busy model (the web app's queue) passes; a broken series does not
+                log.error("series %s: processing failed (%s)%s", key[:8], type(exc).__name__,
+                          "; tried again after the quiet window" if again else
+                          f" {n} times: its instances stay in the spool until the next start")
+                if again:
+                    with self.lock:
+                        now = time.monotonic()
+                        self.pending.setdefault(key, [now, now])
             finally:
                 with self.lock:
                     self.queued.discard(key)

@@ -135,3 +135,32 @@ def test_the_queue_in_front_of_the_model_is_bounded(tmp_path):
     _scheduled(node, lambda i: None)
     time.sleep(0.1)
     assert node.queue.qsize() == 1 and len(node.pending) == 1  # the other waits on disk, not in memory
+
+
+def test_a_failing_series_is_tried_again_then_left_for_the_next_start(tmp_path, caplog, monkeypatch):
+    import threading
+
+    import node.service as service
+    calls = []
+
+    def run(files):
+        calls.append(files)
+        raise RuntimeError("the model is busy")
+
+    monkeypatch.setattr(service, "choose_series", lambda listed: listed)  # no model, no DICOM here
+    monkeypatch.setattr(service, "check_chosen", lambda files, what: None)
+    node = DicomNode(config(tmp_path, quiet_seconds=0.1), run=run, model={})
+    node.receive("1.2", "1.2.3", "1.2.3.1", b"x")
+    threads = [threading.Thread(target=t, daemon=True) for t in (node._schedule, node._work)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 10
+    while len(calls) < service.MAX_TRIES and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    node.stopping.set()
+    for t in threads:
+        t.join()
+    assert len(calls) == service.MAX_TRIES  # tried again, then left alone
+    assert "until the next start" in caplog.text and not node.pending
+    assert DicomNode(config(tmp_path), run=None, model={}).pending  # the next start takes it up again
