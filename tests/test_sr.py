@@ -274,3 +274,15 @@ def test_a_replacing_sr_names_the_one_it_replaces(headers, table):
     assert study.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
     assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (first.SOPClassUID, first.SOPInstanceUID)
     assert "PredecessorDocumentsSequence" not in first
+
+
+@pytest.mark.parametrize("charset, name", [("ISO_IR 100", "Müller^Jürgen"), ("ISO_IR 192", "山田^太郎")])
+def test_a_patient_name_in_another_character_set_survives(headers, table, charset, name):
+    for h in headers:
+        h.SpecificCharacterSet, h.PatientName = charset, name
+    sr = build_sr(headers, table, model=MODEL)
+    raw = pydicom.dcmread(io.BytesIO(sr_bytes(sr)))  # (the validators' output is not UTF-8 here)
+    assert raw.SpecificCharacterSet == charset and str(raw.PatientName) == name
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, sr, enforce_file_format=True)
+    assert raw == pydicom.dcmread(io.BytesIO(buf.getvalue()))  # as pydicom's own writer encodes it
