@@ -73,6 +73,8 @@ class DicomNode:
         key = digest(study, series)
         with self.lock:
             size, files = self.sizes.get(key, [0, 0])
+            if self.spool_bytes + len(data) > self.cfg.max_spool_mb << 20:
+                self._clean_locked(0)  # answered series make room before an instance is refused
             if not self.spool.has(study, series, sop) and (
                     size + len(data) > self.cfg.max_series_mb << 20 or files + 1 > self.cfg.max_series_files
                     or self.spool_bytes + len(data) > self.cfg.max_spool_mb << 20):
@@ -107,14 +109,18 @@ class DicomNode:
 
     def _clean(self) -> None:
         with self.lock:
-            gone = [k for k in self.spool.keys() if k not in self.pending and k not in self.queued]
-            n = 0
-            for key in gone:
-                if self.spool.clean_one(key, self.cfg.keep_answered_seconds):
-                    self.spool_bytes -= self.sizes.pop(key, [0, 0])[0]
-                    n += 1
+            n = self._clean_locked(self.cfg.keep_answered_seconds)
         if n:
             log.info("%d answered series deleted from the spool", n)
+
+    def _clean_locked(self, keep_seconds: float) -> int:
+        """Delete the answered series with nothing new for keep_seconds (self.lock held); -> how many."""
+        n = 0
+        for key in self.spool.keys():
+            if key not in self.pending and key not in self.queued and self.spool.clean_one(key, keep_seconds):
+                self.spool_bytes -= self.sizes.pop(key, [0, 0])[0]
+                n += 1
+        return n
 
     def _work(self) -> None:
         while not self.stopping.is_set():

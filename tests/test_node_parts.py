@@ -59,6 +59,12 @@ def test_instances_past_the_caps_are_refused_out_of_resources(tmp_path):
     assert node.receive("1.2", "1.2.5", "1.2.5.1", b"x" * (1 << 20)) == OUT_OF_RESOURCES  # the spool's cap
     assert node.receive("1.2", "1.2.3", "1.2.3.0", b"x") == 0  # the same instance again: no new file
     assert len(list((tmp_path / "work" / "spool").rglob("*.dcm"))) == 2
+    # answered series make room before an instance is refused
+    key = next(iter(node.pending))
+    node.spool.answer(key, node.spool.instances(key), None)
+    del node.pending[key]
+    assert node.receive("1.2", "1.2.5", "1.2.5.1", b"x" * ((1 << 20) - 1)) == 0
+    assert not node.spool.folder(key).exists()
 
 
 def _sr_bytes() -> bytes:
