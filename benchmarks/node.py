@@ -119,6 +119,7 @@ def main():
     if args.sr_only:
         return
 
+    import pydicom
     from orthanc import MISSING, Node, Orthanc
     if MISSING:
         sys.exit(MISSING)
@@ -137,7 +138,7 @@ def main():
             trips = []
             for files in data[:args.repeats]:
                 ids = orthanc.upload(files)
-                study = str(__import__("pydicom").dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+                study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
                 t = time.time()
                 orthanc.send(ids)
                 found = orthanc.wait_srs(study, 1, timeout=300)
@@ -163,7 +164,7 @@ def main():
                 s.start()
             for s in senders:
                 s.join()
-            uids = [str(__import__("pydicom").dcmread(f[0], stop_before_pixels=True).StudyInstanceUID) for f in four]
+            uids = [str(pydicom.dcmread(f[0], stop_before_pixels=True).StudyInstanceUID) for f in four]
             arrived = [bool(orthanc.wait_srs(u, 1, timeout=600)) for u in uids]
             done.set()
             watcher.join()
