@@ -26,6 +26,7 @@ def main(argv=None):
     from ich.settings import load_settings
     from ich.study import StudyError
     from models import runtime as rt
+    from models.checkpoint import CheckpointError
     from models.predict_split import InferenceError
     from node.config import load_node_config
     from node.service import DicomNode, engine_runner
@@ -36,19 +37,22 @@ def main(argv=None):
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    with friendly_errors(InferenceError, StackingError, StudyError, FileNotFoundError, OSError):
+    with friendly_errors(InferenceError, CheckpointError, StackingError, StudyError, FileNotFoundError, OSError):
         settings = load_settings(args.settings)
         cfg = load_predict_config(args.config)
         node_cfg = load_node_config(args.node_config, settings.logs_dir)
         if args.web_port:  # the web app's engine (loaded once) runs the node's series too
             from web.app import create_app, quiet_logs
             from web.engine import load_engine
+            from web.store import stored_study
 
-            web_engine = load_engine(args.settings, args.config)
-            app = create_app(web_engine)
             quiet_logs()
+            web_engine = load_engine(args.settings, args.config)
+            app = create_app(engine=web_engine)
+            store = app.state.server.store
             node_cfg.viewer_url = node_cfg.viewer_url or f"http://127.0.0.1:{args.web_port}"
-            node = DicomNode(node_cfg, web_engine.run, web_engine.model, store_add=app.state.store.add)
+            node = DicomNode(node_cfg, web_engine.predict_files, web_engine.model,
+                             store_add=lambda result: store.add(stored_study(result)))
             close = web_engine.close
         else:
             runtime = rt.setup(cfg.amp, True)
@@ -63,7 +67,8 @@ def main(argv=None):
         if args.web_port:
             import uvicorn
             print(f"web app on {node_cfg.viewer_url}/", flush=True)
-            uvicorn.run(app, host="127.0.0.1", port=args.web_port, log_level="warning")  # until SIGTERM/Ctrl-C
+            uvicorn.run(app, host="127.0.0.1", port=args.web_port, log_level="warning", log_config=None,
+                        lifespan="on")  # until SIGTERM/Ctrl-C
         else:
             stop = threading.Event()
             signal.signal(signal.SIGTERM, lambda *a: stop.set())

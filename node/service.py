@@ -40,7 +40,8 @@ MAX_TRIES = 3  # a series whose processing fails (not for its content: that is a
 
 class DicomNode:
     def __init__(self, cfg, run, model: dict, *, store_add=None):
-        """run(StudyFiles) -> predict_study's result; store_add(result) -> id in the web app's store."""
+        """run(StudyFiles) -> pipeline.result.StudyResult (predict_study's); store_add(result) -> its id in the
+        web app's store (dicom_node.py --web-port)."""
         self.cfg, self.run, self.model, self.store_add = cfg, run, model, store_add
         self.spool, self.outbox = Spool(cfg.work_dir), Outbox(cfg.work_dir, cfg)
         self.queue: queue.Queue = queue.Queue(maxsize=cfg.max_queued)
@@ -161,7 +162,7 @@ class DicomNode:
                      " ".join(str(exc).split()))
             self.spool.answer(key, instances, None)
             return
-        skipped = result["skipped"]
+        skipped = result.skipped
         notes = [f"{len(skipped)} of the series' {len(instances)} files not used: {reason_summary(skipped)}"] \
             if skipped else []
         replaces = []
@@ -171,10 +172,10 @@ class DicomNode:
             ds.StudyInstanceUID, ds.SeriesInstanceUID = last["study"], last["series"]
             ds.SOPInstanceUID, ds.SOPClassUID = last["sop"], last["class"]
             replaces = [ds]
-        sr = build_sr(result["headers"], result["slices"], model=self.model, threshold=self.cfg.threshold,
+        sr = build_sr(result.headers, result.slices, model=self.model, threshold=self.cfg.threshold,
                       replaces=replaces, uids=sr_uids(key, instances), notes=notes)
         data = sr_bytes(sr)
-        probs = result["slices"][list(LABELS)]
+        probs = result.slices[list(LABELS)]
         top = float(probs["any"].max())
         notice = {"study": str(sr.StudyInstanceUID), "series": str(state["series"]),
                   "sr_sop_instance": str(sr.SOPInstanceUID), "any_probability": round(top, 6),
@@ -182,7 +183,6 @@ class DicomNode:
                   "slices": len(probs), "files_not_used": len(skipped), "replaces": bool(replaces),
                   "viewer": None}
         if self.store_add is not None:
-            result["created"] = time.time()
             study_id = self.store_add(result)
             if self.cfg.viewer_url:
                 notice["viewer"] = f"{self.cfg.viewer_url.rstrip('/')}/?result={study_id}"

@@ -71,6 +71,7 @@ from ich.cache import write_atomic
 from ich.labels import LABELS
 
 from .notice import NOTICE  # one text for every output
+from .sr_header import comments as header_comments, normalise as normalise_headers
 MANUFACTURER = "ich-reference (research)"
 SCHEME = "99RSNAICH"
 DEVICE_UID = f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, 'ich-reference device observer').int}"  # same every run
@@ -263,6 +264,7 @@ def build_sr(headers: list[pydicom.Dataset], table: pd.DataFrame, *, model: dict
     if bad.any():
         row = int(bad.any(axis=1).argmax())
         raise ValueError(f"build_sr: slice at row {row} has a probability outside [0, 1] (or NaN)")
+    headers, header_notes = normalise_headers(headers)  # odd dates, times, sex codes, several study UIDs
     evidence = _evidence(headers)
     indices, zs = table["slice_index"].tolist(), table["z"].tolist()
 
@@ -277,6 +279,7 @@ def build_sr(headers: list[pydicom.Dataset], table: pd.DataFrame, *, model: dict
         + [hd.sr.Measurement(name=COUNT[lab], value=int(n), unit=SLICES) for lab, n in zip(LABELS, above)])
     summary[0].ContentSequence.append(hd.sr.TextContentItem(
         name=codes.DCM.Comment, value=NOTICE, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    summary[0].ContentSequence.extend(header_comments(header_notes))
     for note in notes:
         summary[0].ContentSequence.append(hd.sr.TextContentItem(
             name=codes.DCM.Comment, value=note, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
