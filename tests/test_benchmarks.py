@@ -160,3 +160,10 @@ def test_loader_benchmark():
     workers = re.findall(r"^\| (\w+) \| (windows|adjacent) \| (\d+) \| [\d,]+ \| (\d+) \|$", out, flags=re.M)
     assert {w[0] for w in workers} == {"seresnext50_512", "resnext50_512", "resnext101_512"}
     assert "prepare without images:" in out and "members read alone:" in out and "targets:" in out
+
+
+def test_node_benchmark_sr_build():
+    out = bench("node.py", "--sr-only")
+    for n in (40, 200):
+        m = re.search(rf"SR build \+ encode, {n} slices: before ([\d.]+) ms/slice .* after ([\d.]+) ms/slice", out)
+        assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, out
