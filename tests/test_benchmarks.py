@@ -149,3 +149,21 @@ def test_streaming_benchmark(study_models):
     assert m and float(m.group(1)) < 1e-5, out
     assert re.search(r"cached road: .* images on disk\s+[1-9][\d.]* MB", out)
     assert re.search(r"streamed road: .* images on disk\s+0.0 MB", out)
+
+
+def test_loader_benchmark():
+    """benchmarks/loader.py: the bare decode, every road x mode x size, the workers table and the targets line."""
+    out = bench("loader.py", "--patients", "2", "--items", "4", "--repeats", "1", "--file-size", "64")
+    assert re.search(r"\(a\) bare dcmread \+ pixel_array:\s+[\d.]+ slices/s per worker", out)
+    rows = re.findall(r"^\| (cache|folder|zip) \| ([a-z ]+) \| (\d+) \| [\d,.]+ \| [\d.]+x \|$", out, flags=re.M)
+    assert len(rows) == 3 * 2 * 3 + 2  # 3 roads x 2 modes x 3 sizes, and the decode alone of folder and zip
+    workers = re.findall(r"^\| (\w+) \| (windows|adjacent) \| (\d+) \| [\d,]+ \| (\d+) \|$", out, flags=re.M)
+    assert {w[0] for w in workers} == {"seresnext50_512", "resnext50_512", "resnext101_512"}
+    assert "prepare without images:" in out and "members read alone:" in out and "targets:" in out
+
+
+def test_node_benchmark_sr_build():
+    out = bench("node.py", "--sr-only")
+    for n in (40, 200):
+        m = re.search(rf"SR build \+ encode, {n} slices: before ([\d.]+) ms/slice .* after ([\d.]+) ms/slice", out)
+        assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, out

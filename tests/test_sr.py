@@ -239,3 +239,64 @@ def test_outputs_number_slices_from_one_with_the_instance_number_beside(headers,
     assert numbered(SimpleNamespace(slices=table, headers=None))["instance_number"].isna().all()
     runs = above_threshold(table.assign(any=[0.9, 0.1, 0.8, 0.7, 0.2]), 0.5)["any"]["runs"]
     assert runs == [[1, 1], [3, 4]]  # slice numbers, as the page's summary shows them
+
+
+def _without_made_uids(ds: pydicom.Dataset) -> dict:
+    """The dataset as JSON without what each build makes anew (its own UIDs, dates, tracking UIDs)."""
+    out = ds.to_json_dict()
+    for key in ("00080018", "0020000E", "00080012", "00080013", "00080023", "00080033", "0040A032", "0018A001"):
+        out.pop(key, None)
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("0040A040", {}).get("Value") == ["UIDREF"]:
+                node.pop("0040A124", None)  # a tracking UID
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(out)
+    return out
+
+
+@pytest.mark.parametrize("kaggle_ids", [False, True])
+def test_copied_slice_groups_equal_highdicoms_own(headers, table, kaggle_ids):
+    """The fast build (highdicom's first slice group, copied for the others; the shared items written
+    once) gives the same SR as highdicom building every group and pydicom writing it."""
+    if kaggle_ids:
+        for i, h in enumerate(headers):
+            h.SOPInstanceUID, h.StudyInstanceUID, h.SeriesInstanceUID = f"ID_{i:03d}ab9f", "ID_st0c1", "ID_se0c1"
+    fast, _ = _read_back(build_sr(headers, table, model=MODEL))
+    reference = build_sr(headers, table, model=MODEL, copy_groups=False)
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, reference, enforce_file_format=True)
+    slow = pydicom.dcmread(io.BytesIO(buf.getvalue()))
+    assert _without_made_uids(fast) == _without_made_uids(slow)
+    assert len(fast.ContentSequence[-1].ContentSequence) == N + 1  # summary + one group a slice
+    uids = [i.UID for i in _items(fast) if i.get("ValueType") == "UIDREF"
+            and i.ConceptNameCodeSequence[0].CodeValue == "112040"]
+    assert len(set(uids)) == len(uids) == N + 1  # every group its own tracking UID
+
+
+def test_a_replacing_sr_names_the_one_it_replaces(headers, table):
+    first, _ = _read_back(build_sr(headers, table, model=MODEL))
+    second, _ = _read_back(build_sr(headers, table, model=MODEL, replaces=[first]))
+    [study] = second.PredecessorDocumentsSequence
+    assert study.StudyInstanceUID == first.StudyInstanceUID
+    [ref] = study.ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert study.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+    assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (first.SOPClassUID, first.SOPInstanceUID)
+    assert "PredecessorDocumentsSequence" not in first
+
+
+@pytest.mark.parametrize("charset, name", [("ISO_IR 100", "Müller^Jürgen"), ("ISO_IR 192", "山田^太郎")])
+def test_a_patient_name_in_another_character_set_survives(headers, table, charset, name):
+    for h in headers:
+        h.SpecificCharacterSet, h.PatientName = charset, name
+    sr = build_sr(headers, table, model=MODEL)
+    raw = pydicom.dcmread(io.BytesIO(sr_bytes(sr)))  # (the validators' output is not UTF-8 here)
+    assert raw.SpecificCharacterSet == charset and str(raw.PatientName) == name
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, sr, enforce_file_format=True)
+    assert raw == pydicom.dcmread(io.BytesIO(buf.getvalue()))  # as pydicom's own writer encodes it

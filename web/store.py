@@ -62,6 +62,16 @@ class StoredStudy:
         return bool(kept)
 
 
+def stored_study(result: StudyResult) -> StoredStudy:
+    """One series predicted outside an upload (a DICOM node's, dicom_node.py --web-port), kept as an upload is:
+    its study's CT series listed, this one chosen and the only one with a result."""
+    series = [{**s, "description": None, "usable": s["series_id"] == result.series_id,
+               "reason": None if s["series_id"] == result.series_id else "not sent as this series"}
+              for s in result.series]
+    chosen = next(s["index"] for s in series if s["usable"])
+    return StoredStudy(results={chosen: result}, series=series, chosen=chosen, timings={})
+
+
 class StudyStore:
     def __init__(self, max_studies: int = 8, max_bytes: int | None = None):
         self.max_studies, self.max_bytes = max_studies, max_bytes
