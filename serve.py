@@ -29,6 +29,7 @@ def main(argv=None):
     import uvicorn
 
     from ich.study import StudyError
+    from models.checkpoint import CheckpointError
     from models.predict_split import InferenceError
     from stacking.run import StackingError
     from web.app import create_app, quiet_logs
@@ -49,7 +50,7 @@ def main(argv=None):
               "--allow-host NAME for each name or address clients use", flush=True)
     # the app's lifespan loads the models (a missing checkpoint: one line on stderr, and the server stops)
     app = create_app(settings=settings, work=work, model_paths=(args.settings, args.config),
-                     load_errors=(InferenceError, StackingError, StudyError, FileNotFoundError, RuntimeError),
+                     load_errors=(InferenceError, CheckpointError, StackingError, StudyError, FileNotFoundError, RuntimeError),
                      on_ready=lambda model: print(
                          f"serving on http://{args.host}:{args.port}/  ({model['stage_two']}: "
                          f"{', '.join(model['experiments'])})  - research use only, not for clinical use", flush=True))

@@ -19,7 +19,8 @@ embeddings: a `Sink` decides where they go), and `predict` pairs fold
 model k with stage-two member k as stacking.apply does from files.
 
 Three users: the study path (pipeline.study: predict.py --study and the
-web app), predict.py's test set without an image cache (pipeline.batch),
+web app), predict.py's test set (pipeline.batch: streamed from the test
+DICOMs, or read from a test image cache, `cache`, one loop either way),
 and through it the Kaggle kernel.
 """
 from __future__ import annotations
@@ -36,10 +37,11 @@ from ich.cache import read_meta
 from ich.config import PrepareConfig, cache_settings, prepare_config_from
 from models.config import ExperimentCfg
 from models.inference import forward, is_compiled, padded
-from models.predict_split import InferenceError, load_fold_model, require_fold_checkpoints
+from models.checkpoint import load_fold_model
+from models.predict_split import InferenceError, check_cache, require_fold_checkpoints
 from models.runtime import Runtime
 
-from .decode import Decoded, Decoder, InputSpec, SliceFile
+from .decode import CachedSlices, Decoded, Decoder, InputSpec, SliceFile
 
 
 @dataclass
@@ -115,7 +117,9 @@ class Engine:
     """Every fold model of a predict config's experiments (and its saved stage two), loaded once."""
 
     def __init__(self, cfg, model_dir: Path, runtime: Runtime, *, stage_two: bool = True, num_workers: int = 0,
-                 batch_size: int | None = None, train_dir: Path | None = None):
+                 batch_size: int | None = None, train_dir: Path | None = None, cache: CachedSlices | None = None):
+        """cache: read the images from a prepared split's cache instead of decoding DICOMs (its image
+        settings must be the checkpoints'); groups are then that cache's row groups (CachedSlices.groups)."""
         self.cfg, self.runtime, self.model_dir = cfg, runtime, Path(model_dir)
         self.batch_size = int(batch_size or cfg.batch_size)
         self.fold_models: list[FoldModel] = []
@@ -141,7 +145,9 @@ class Engine:
                 if missing:
                     raise InferenceError(f"stage two {cfg.name} pairs fold models {sorted(missing)} of {exp} "
                                          f"that {self.model_dir / exp} lacks: rerun predict.py with this config")
-        self.decoder = Decoder(self.prepare_cfg, [f.spec for f in self.fold_models], num_workers)
+        if cache is not None:
+            check_cache(self.image_settings, cache.clean_dir)
+        self.decoder = Decoder(self.prepare_cfg, [f.spec for f in self.fold_models], num_workers, cache)
         if num_workers:
             self.decoder.start()
 

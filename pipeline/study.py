@@ -25,9 +25,9 @@ import pandas as pd
 import pydicom
 
 from ich.labels import LABELS
+from ich.stage_one import fold_checkpoints
 from ich.study import (MIN_SLICES, NO_DEADLINE, Deadline, StudyError, StudyFiles, check_chosen,  # noqa: F401
                        choose_series, reason_summary, study_files)
-from models.predict_split import fold_checkpoints
 from stacking.run import STAGE_TWO
 
 from .decode import SliceFile

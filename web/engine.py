@@ -96,7 +96,7 @@ class WebEngine:
         """The first experiment's fold models, loaded once more from the checkpoints the engine loaded, in
         float32 and never compiled (Grad-CAM hooks a layer and needs gradients in full precision)."""
         from models.gradcam import target_layer
-        from models.predict_split import load_fold_model
+        from models.checkpoint import load_fold_model
 
         exp = self.cfg.experiments[0]
         models = []
