@@ -370,7 +370,7 @@ def main():
             return [request(port, "/api/health", headers={"Host": f"evil@{HOST}:{port}"})[0]], ""
 
         def case_422():
-            status, body, _ = request(port, "/api/studies/x/slices/abc/image.png")
+            status, body, _ = request(port, "/api/studies?series=no", method="POST")
             return [status], f"body keys {sorted(json.loads(body))}"
 
         def case_held():
