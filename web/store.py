@@ -12,6 +12,7 @@ network's windows), then whole results go, the newest last.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import secrets
 import threading
@@ -20,6 +21,15 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from pipeline.result import StudyResult
+
+def give_back() -> None:
+    """Return freed memory to the system: glibc keeps the heap of a dropped result for reuse, so the
+    server's RSS would stay at its peak after the results that made it are gone."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
 
 CAMS_KEPT = 64  # Grad-CAM maps (PNG bytes) kept per upload; the page asks for one slice and label at a time
 
@@ -82,9 +92,13 @@ class StudyStore:
         study_id = secrets.token_urlsafe(12)  # random: says nothing of the patient, cannot be guessed
         with self._lock:
             self._items[study_id] = study
+            n = len(self._items)
             while len(self._items) > self.max_studies:
                 self._items.popitem(last=False)
             self._fit()
+            dropped = n - len(self._items)
+        if dropped:
+            give_back()
         return study_id
 
     def _fit(self) -> None:
@@ -115,7 +129,10 @@ class StudyStore:
 
     def forget(self, study_id: str) -> bool:
         with self._lock:
-            return self._items.pop(study_id, None) is not None
+            gone = self._items.pop(study_id, None) is not None
+        if gone:
+            give_back()
+        return gone
 
     def __len__(self) -> int:
         return len(self._items)
