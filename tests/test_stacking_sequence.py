@@ -165,6 +165,8 @@ def test_stage_two_with_both_members_end_to_end_and_saved(stage_one):
     ({"sequence": {"hiden": 32}}, "unknown sequence setting"),
     ({"sequence": {"dropout": 1.0}}, "sequence.dropout must be a number in"),
     ({"sequence": {"device": "tpu"}}, "sequence.device must be auto, cpu or cuda"),
+    ({"sequence": {"optimizer": "lion"}}, "sequence.optimizer must be adamw or adam"),
+    ({"pca_alignment": "test"}, "pca_alignment must be procrustes or sign"),
 ])
 def test_bad_member_configs_are_one_line_errors(tmp_path, bad, message):
     path = tmp_path / "p.yaml"
@@ -179,6 +181,16 @@ def test_shipped_configs_turn_the_member_on():
     for name in ("default", "demo"):
         cfg = load_predict_config(REPO / "configs" / "predict" / f"{name}.yaml")
         assert cfg.members == ["lightgbm", "sequence"], name
+
+
+def test_member_optimizers_are_the_configs_choices():
+    import inspect
+    from stacking import config
+    assert set(sequence.OPTIMIZERS) == {"adamw", "adam"}
+    assert all(f"'{name}'" in inspect.getsource(config.check_members) or f'"{name}"' in
+               inspect.getsource(config.check_members) for name in sequence.OPTIMIZERS)
+    net = torch.nn.Linear(2, 1)
+    assert isinstance(sequence.create_optimizer(net.parameters(), {**FAST, "optimizer": "adam"}), torch.optim.Adam)
 
 
 def test_padding_never_reaches_a_real_slice():
