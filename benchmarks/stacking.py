@@ -139,8 +139,12 @@ def _platt(logit: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
-def make_split(rng, n_rows: int, id_start: int, n_exp: int, emb_dim: int, phi: float = 0.9) -> dict:
-    """One split in series order: slice table (with labels), stage-one probs and embeddings per experiment."""
+def make_split(rng, n_rows: int, id_start: int, n_exp: int, emb_dim: int, phi: float = 0.9,
+               mixes: list | None = None) -> dict:
+    """One split in series order: slice table (with labels), stage-one probs and embeddings per experiment.
+
+    mixes[e]: experiment e's map from its logits to its embedding (6, emb_dim), the same network for
+    both splits: the test split passes the train split's (returned under "mixes")."""
     lengths = _series_lengths(rng, n_rows)
     n_series = len(lengths)
     per_patient = rng.choice([1, 2, 3], size=n_series, p=[0.7, 0.22, 0.08])
@@ -179,7 +183,7 @@ def make_split(rng, n_rows: int, id_start: int, n_exp: int, emb_dim: int, phi: f
     evidence = gain * np.repeat(visible, lengths, axis=0).astype(np.float32) * t
     shared_series = rng.normal(0, 1, (n_series, 6))
     shared_slice = rng.normal(0, 1, (n_rows, 6)).astype(np.float32)
-    probs, embs = [], []
+    probs, embs, own = [], [], []
     for e in range(n_exp):
         rho = 0.6  # noise shared between the experiments (same images, similar networks)
         white = rho * shared_slice + math.sqrt(1 - rho ** 2) * rng.normal(0, 1, (n_rows, 6)).astype(np.float32)
@@ -193,7 +197,8 @@ def make_split(rng, n_rows: int, id_start: int, n_exp: int, emb_dim: int, phi: f
                  + 1.0 * ar + 0.3 * fresh)
         probs.append(_platt(logit, y).astype(np.float32))
         if emb_dim:
-            mix = rng.normal(0, 1, (6, emb_dim)).astype(np.float32) / math.sqrt(6)
+            own.append(rng.normal(0, 1, (6, emb_dim)).astype(np.float32) / math.sqrt(6))  # drawn either way
+            mix = own[-1] if mixes is None else mixes[e]
             emb = logit.astype(np.float32) @ mix + rng.normal(0, 1.5, (n_rows, emb_dim)).astype(np.float32)
             embs.append(emb.astype(np.float16))
     del shared_slice
@@ -213,7 +218,7 @@ def make_split(rng, n_rows: int, id_start: int, n_exp: int, emb_dim: int, phi: f
     # prepare_data writes rows sorted by (series_id, z): random series ids make that a shuffle of series
     order = np.lexsort((index, table["series_id"].to_numpy()))
     table = table.iloc[order].reset_index(drop=True)
-    return {"table": table, "probs": [p[order] for p in probs], "embs": [e[order] for e in embs]}
+    return {"table": table, "probs": [p[order] for p in probs], "embs": [e[order] for e in embs], "mixes": own}
 
 
 def generate(seed: int, n_exp: int, emb_dim: int, n_train: int = N_TRAIN, n_test: int = N_TEST,
@@ -221,7 +226,7 @@ def generate(seed: int, n_exp: int, emb_dim: int, n_train: int = N_TRAIN, n_test
     """phi: the correlation of stage one's slice noise between neighbouring slices (0: independent)."""
     rng = np.random.default_rng(seed)
     train = make_split(rng, n_train, 0, n_exp, emb_dim, phi)
-    test = make_split(rng, n_test, 10_000_000, n_exp, emb_dim, phi)
+    test = make_split(rng, n_test, 10_000_000, n_exp, emb_dim, phi, mixes=train["mixes"])
     test["labels"] = test["table"][["image_id", *LABELS]]
     test["table"] = test["table"].drop(columns=list(LABELS))
     # patient-grouped folds: patients in random order, dealt round-robin

@@ -64,7 +64,9 @@ def run_set(set_dir: Path, cfg) -> dict:
     if len(members) > 1:
         rows["blend"] = (oof_blend, test_blend)
     scores = {name: (weighted_log_loss(y, o), weighted_log_loss(y_test, t)) for name, (o, t) in rows.items()}
-    return {"scores": scores, "weights": {n: weights[i].round(2).tolist() for i, n in enumerate(members)},
+    per_fold = {name: [weighted_log_loss(y[folds == k], o[folds == k]) for k in np.unique(folds)]
+                for name, (o, _) in rows.items()}
+    return {"scores": scores, "per_fold": per_fold, "weights": {n: weights[i].round(2).tolist() for i, n in enumerate(members)},
             "train_rows": len(train), "test_rows": len(test), "seconds": seconds}
 
 
@@ -90,11 +92,16 @@ def main():
             cfg = apply_overrides(load_predict_config(args.config), pairs)
             r = run_set(Path(set_dir), cfg)
             r.update(set=Path(set_dir).name, variant=name)
+            first = next((x for x in results if x["set"] == r["set"]), None)
             results.append(r)
             cell = lambda k: "{:.4f} / {:.4f}".format(*r["scores"][k]) if k in r["scores"] else "-"  # noqa: E731
             print(f"| {r['set']} | {name} | {r['train_rows']}/{r['test_rows']} | "
                   + " | ".join(cell(k) for k in ("prior", "stage one", "lightgbm", "sequence", "blend"))
                   + f" | {r['weights'].get('sequence', '-')} | {r['seconds']:.0f} |", flush=True)
+            if first is not None:  # against the set's first variant: LightGBM's OOF gain per fold
+                gain = np.subtract(first["per_fold"]["lightgbm"], r["per_fold"]["lightgbm"])
+                print(f"|   | {name} vs {first['variant']}: LightGBM OOF gain per fold {np.round(gain, 4).tolist()}, "
+                      f"mean {gain.mean():+.4f}, spread (std) {gain.std(ddof=1):.4f} |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
