@@ -41,6 +41,7 @@ DEFAULT_SEQUENCE = {
     "lr": 0.002,
     "weight_decay": 0.0001,
     "batch_size": 32,      # series per step
+    "flip": False,         # train on series read either way, predict the mean of both (as the 1st place)
     "device": "auto",      # auto (CUDA when torch sees one) | cpu | cuda
     "num_threads": 0,      # torch CPU threads (0: torch's default)
     "seed": 0,
@@ -140,6 +141,7 @@ def check_members(cfg: PredictCfg, where: str) -> None:
          f"sequence.weight_decay must be a number >= 0, got {sp['weight_decay']!r}")
     need(number(sp["dropout"]) and 0 <= sp["dropout"] < 1, where,
          f"sequence.dropout must be a number in [0, 1), got {sp['dropout']!r}")
+    need(isinstance(sp["flip"], bool), where, f"sequence.flip must be true or false, got {sp['flip']!r}")
     need(sp["optimizer"] in ("adamw", "adam"), where,
          f"sequence.optimizer must be adamw or adam, got {sp['optimizer']!r}")
     need(sp["device"] in ("auto", "cpu", "cuda"), where,

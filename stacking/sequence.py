@@ -196,9 +196,10 @@ class _Data:
     def tensor(self, a) -> torch.Tensor:
         return a if torch.is_tensor(a) else torch.from_numpy(np.array(a, dtype=np.float32)).to(self.device)
 
-    def logits(self, net: SeriesNet, series: Series, which: np.ndarray):
+    def logits(self, net: SeriesNet, series: Series, which: np.ndarray, flip: bool = False):
         """Logits (B, T, 6) of a batch of series padded to its longest, their rows (B, T) of X
-        (padding: any row) and the mask of real slices (B, T)."""
+        (padding: any row) and the mask of real slices (B, T). flip: the network reads each series
+        reversed (its outputs put back in slice order), as if the head were scanned the other way."""
         lengths = series.lengths[which]
         index = torch.as_tensor(series.index[which, :int(lengths.max())], device=self.device)
         mask = index >= 0
@@ -206,7 +207,8 @@ class _Data:
         x = self.X[rows]
         if self.mean is not None:
             x = (x - self.mean) / self.std
-        out = net(x, torch.as_tensor(lengths))
+        n = torch.as_tensor(lengths)
+        out = reverse_padded(net(reverse_padded(x, n), n), n) if flip else net(x, n)
         if self.base is not None:
             out = out + self.base[rows]
         return out, rows, mask
@@ -220,12 +222,16 @@ def _loss(out, y, mask):
 
 
 @torch.no_grad()
-def predict(net: SeriesNet, data: _Data, series: Series, n_rows: int, batch_size: int) -> np.ndarray:
-    """Probabilities (n_rows, 6) of every row of `series` (other rows NaN)."""
+def predict(net: SeriesNet, data: _Data, series: Series, n_rows: int, batch_size: int,
+            flip: bool = False) -> np.ndarray:
+    """Probabilities (n_rows, 6) of every row of `series` (other rows NaN); flip: the mean logit of each
+    series read forwards and reversed (test-time augmentation of a member trained with `flip`)."""
     net.eval()
     out = np.full((n_rows, len(LABELS)), np.nan)
     for which in series.batches(batch_size):
         logits, rows, mask = data.logits(net, series, which)
+        if flip:
+            logits = (logits + data.logits(net, series, which, flip=True)[0]) / 2
         out[rows[mask].cpu().numpy()] = torch.sigmoid(logits[mask].double()).cpu().numpy()
     return out
 
@@ -270,8 +276,8 @@ def fit_predict(slices: pd.DataFrame, X: np.ndarray, y: np.ndarray, folds: np.nd
     trained = epochs
     for t in range(epochs):
         for i, m in enumerate(members):
-            m.epoch(np.random.default_rng([params["seed"], m.k, t]), params["batch_size"])
-            curves[i, t] = m.validate(y_valid, params["batch_size"])
+            m.epoch(np.random.default_rng([params["seed"], m.k, t]), params["batch_size"], params["flip"])
+            curves[i, t] = m.validate(y_valid, params)
         bar.update(1)
         bar.set_postfix(valid=f"{curves[:, t].mean():.4f}")
         if pick_pairs(curves[:, :t + 1], patience)[1].all():
@@ -342,10 +348,12 @@ class _Fold:
         return cls(k, held, data, norm, train_series, Series.of(slices, held), net,
                    create_optimizer(net.parameters(), params), averaged, len(X))
 
-    def epoch(self, rng: np.random.Generator, batch_size: int) -> None:
+    def epoch(self, rng: np.random.Generator, batch_size: int, flip: bool = False) -> None:
+        """One pass over the training series; flip: each batch read reversed with probability 1/2."""
         self.net.train()
         for which in self.train_series.batches(batch_size, rng):
-            out, rows, mask = self.data.logits(self.net, self.train_series, which)
+            reverse = flip and rng.random() < 0.5
+            out, rows, mask = self.data.logits(self.net, self.train_series, which, flip=reverse)
             loss = _loss(out, self.data.y[rows], mask)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -353,8 +361,9 @@ class _Fold:
             self.averaged.update_parameters(self.net)
         self.snapshots.append(copy.deepcopy(self.averaged.module.state_dict()))
 
-    def validate(self, y_valid: np.ndarray, batch_size: int) -> float:
-        p = predict(self.averaged.module, self.data, self.valid_series, self.n_rows, batch_size)[self.held]
+    def validate(self, y_valid: np.ndarray, params: dict) -> float:
+        p = predict(self.averaged.module, self.data, self.valid_series, self.n_rows, params["batch_size"],
+                    params["flip"])[self.held]
         return _weighted_log_loss(p, y_valid[self.held])
 
     def kept(self, epochs: int) -> Member:
@@ -363,7 +372,7 @@ class _Fold:
     def predict_at(self, epochs: int, params: dict) -> np.ndarray:
         """Fold k's probabilities from the averaged weights after `epochs` epochs."""
         net = build(self.kept(epochs), params, self.data.device)
-        return predict(net, self.data, self.valid_series, self.n_rows, params["batch_size"])[self.held]
+        return predict(net, self.data, self.valid_series, self.n_rows, params["batch_size"], params["flip"])[self.held]
 
 
 def build(member: Member, params: dict, device) -> SeriesNet:
@@ -379,4 +388,5 @@ def apply_member(member: Member, params: dict, slices: pd.DataFrame, X: np.ndarr
     if X.shape[1] != member.n_inputs:
         raise ValueError(f"the sequence member was trained on {member.n_inputs} inputs per slice, got {X.shape[1]}")
     data = _Data(X, base, None, device, (member.mean, member.std))
-    return predict(build(member, params, device), data, Series.of(slices), len(X), params["batch_size"])
+    return predict(build(member, params, device), data, Series.of(slices), len(X), params["batch_size"],
+                   params.get("flip", False))
