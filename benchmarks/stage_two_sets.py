@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Stage two on several generated sets: prior / stage one / LightGBM / sequence member / blend, honest OOF
-and test, per config variant.
+and test, per config variant; "grid blend" is the blend as it was before the shrinkage and the nesting
+(grid weights, cross-fitted on the members' honest OOF), for comparison.
 
 Each set is a SETTINGS.json whose folders hold a finished stage one (prepare_data.py, train.py and
 predict.py --stage1-only, which writes each fold model's test outputs) on a `python -m synthetic` set,
@@ -63,6 +64,9 @@ def run_set(set_dir: Path, cfg) -> dict:
     rows.update({name: (m.oof, m.test) for name, m in members.items()})
     if len(members) > 1:
         rows["blend"] = (oof_blend, test_blend)
+        oof = {n: m.oof for n, m in members.items()}  # the blend before: grid weights, first-order cross-fit
+        rows["grid blend"] = (blend.cross_fit(y, folds, oof)[0],
+                              blend.apply(blend.fit_weights(y, oof), {n: m.test for n, m in members.items()}))
     scores = {name: (weighted_log_loss(y, o), weighted_log_loss(y_test, t)) for name, (o, t) in rows.items()}
     per_fold = {name: [weighted_log_loss(y[folds == k], o[folds == k]) for k in np.unique(folds)]
                 for name, (o, _) in rows.items()}
@@ -85,7 +89,7 @@ def main():
     torch.set_num_threads(1)
     results = []
     print("| set | variant | rows train/test | " + " | ".join(
-        f"{r} OOF / test" for r in ("prior", "stage one", "lightgbm", "sequence", "blend")) + " | blend weights "
+        f"{r} OOF / test" for r in ("prior", "stage one", "lightgbm", "sequence", "blend", "grid blend")) + " | blend weights "
           "(sequence, per label) | s |", flush=True)
     for set_dir in args.set_dir:
         for name, pairs in map(parse_variant, args.variant or ["default:"]):
@@ -96,7 +100,7 @@ def main():
             results.append(r)
             cell = lambda k: "{:.4f} / {:.4f}".format(*r["scores"][k]) if k in r["scores"] else "-"  # noqa: E731
             print(f"| {r['set']} | {name} | {r['train_rows']}/{r['test_rows']} | "
-                  + " | ".join(cell(k) for k in ("prior", "stage one", "lightgbm", "sequence", "blend"))
+                  + " | ".join(cell(k) for k in ("prior", "stage one", "lightgbm", "sequence", "blend", "grid blend"))
                   + f" | {r['weights'].get('sequence', '-')} | {r['seconds']:.0f} |", flush=True)
             if first is not None:  # against the set's first variant: LightGBM's OOF gain per fold
                 gain = np.subtract(first["per_fold"]["lightgbm"], r["per_fold"]["lightgbm"])
