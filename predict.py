@@ -20,11 +20,12 @@ def main(argv=None):
     from ich.prepare import PrepareError
     from ich.study import StudyError
     from ich.submission import SubmissionError
+    from models.checkpoint import CheckpointError
     from models.predict_split import InferenceError
     from stacking.config import load_predict_config
     from stacking.run import StackingError
 
-    with friendly_errors(SubmissionError, InferenceError, StackingError, StudyError, PrepareError,
+    with friendly_errors(SubmissionError, InferenceError, CheckpointError, StackingError, StudyError, PrepareError,
                          FileNotFoundError):
         settings = load_settings(args.settings)
         cfg = load_predict_config(args.config)

@@ -4,7 +4,7 @@ one study's stage one, and test slices per second (the Kaggle kernel's pace).
 
 No trained checkpoint and no pretrained file is needed: every experiment of
 `--config` (default: the shipped default stack, seresnext50_512 +
-resnext50_512 + efficientnet_b3_384, 5 fold models each) gets `--folds`
+resnext50_512 + resnext101_512, 5 fold models each) gets `--folds`
 fold checkpoints of random weights in a temporary folder, in train.py's
 format, with the image settings of `--prepare` (configs/prepare/512.yaml:
 the cache the stack is trained on). A generated study of `--slices` slices
@@ -38,9 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def random_checkpoints(cfg, prepare, root: Path, folds: int) -> Path:
     """MODEL_CHECKPOINT_DIR/<experiment>/fold{k}.pt of random weights, as train.py writes them."""
-    import torch
-
     from ich.cache import FORMAT_VERSION, image_settings
+    from ich.stage_one import fold_checkpoint
+    from models.checkpoint import save_fold
     from models.config import load_experiment
     from models.data import input_channels
     from models.net import SliceNet
@@ -51,8 +51,8 @@ def random_checkpoints(cfg, prepare, root: Path, folds: int) -> Path:
         net = SliceNet(ecfg.model.backbone, None, ecfg.model.dropout, chans)
         (root / exp).mkdir(parents=True)
         for k in range(folds):
-            torch.save({"state_dict": net.state_dict(), "config": ecfg.to_dict(), "fold": k, "in_chans": chans,
-                        "image_settings": settings}, root / exp / f"fold{k}.pt")
+            save_fold(fold_checkpoint(root / exp, k), net, ecfg, fold=k, epoch=ecfg.train.epochs, score=0.0,
+                      image_settings=settings, provenance=None)
     return root
 
 

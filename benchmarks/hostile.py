@@ -1,28 +1,31 @@
 #!/usr/bin/env python
-"""serve.py's memory under hostile uploads (issue 19): peak RSS above the idle server, per case.
+"""serve.py under a hostile client, case by case, with a normal user uploading a study beside each attack.
 
-Starts serve.py on a free port of 127.0.0.1 with the given model, warms it
-with one valid study, then sends, one at a time, while the server's VmRSS is
-sampled every 20 ms:
+Starts serve.py on a free port of 127.0.0.1 (loopback only) with the given
+model and its default bounds (web/settings.py), warms it with one valid
+study, times that study's upload when idle, then runs each case of
+BENCHMARKS.md's hostile table for a bounded time. Per case it measures:
+- the server's peak RSS above idle, its process and every process under it
+  (the upload readers, the forkserver) together, sampled every 50 ms;
+- the normal user's upload time during the attack against idle (or its
+  503 and Retry-After, where the server says it is full);
+- the statuses the attack got (a 500 is a failure), files left in the
+  server's folder after the case, and the RSS above idle once the results
+  the attack made are deleted (nothing may stay).
+Targets: <= 300 MB above idle, the normal upload <= 3x idle (or a prompt
+503 with Retry-After), no 500, 0 files left, nothing retained.
 
-- zip bomb: 1,500 entries of 1 MiB of zeros (1.5 GiB unpacked, within the
-  2 GiB cap; 1.5 MB zipped), then the same with a DICOM preamble ('DICM')
-  before the zeros, then the issue's 60 x 1 MiB;
-- deflate bomb: the valid study plus one DICOM file in the Deflated Explicit
-  VR syntax whose data set inflates to 1.5 GiB (1.5 MB on disk);
-- chunked bypass: `Content-Length: 10` with `Transfer-Encoding: chunked`
-  and a 1.1 GiB body, and the same body chunked without a length.
+The hostile files are generated here (tests/hostile.py and below), at the
+issue's sizes unless an option scales them. Every loop is bounded; nothing
+is sent anywhere but 127.0.0.1.
 
-Prints one line per case: status, seconds, peak RSS above idle (MB); the
-target is <= 300 MB. The hostile files are generated (tests/hostile.py).
-
-    .venv/bin/python benchmarks/hostile.py --settings SETTINGS.demo.json --config configs/predict/demo.yaml \\
-        --study data/demo/study_demo.zip
+    .venv/bin/python benchmarks/hostile.py --settings S.json --config study.yaml --study study.zip
 """
 from __future__ import annotations
 
 import argparse
-import select
+import io
+import json
 import shutil
 import socket
 import subprocess
@@ -30,26 +33,55 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import numpy as np
+import pydicom
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from hostile import deflate_bomb, stop, zip_bomb, zip_of  # noqa: E402
 
+HOST = "127.0.0.1"
+
+
+# --- the server's memory -----------------------------------------------------------------------------------
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*") if Path(f"/proc/{p}/task").is_dir() else []:
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return out
+
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """The server process and every process under it, MB."""
+    return sum(_rss_kb(p) for p in _tree(pid)) / 1024
 
 
 class Peak:
     def __init__(self, pid):
-        self.pid, self.peak, self.stop = pid, 0.0, threading.Event()
+        self.pid, self.peak, self.done = pid, 0.0, threading.Event()
 
     def __enter__(self):
         self.peak = rss_mb(self.pid)
@@ -58,124 +90,335 @@ class Peak:
         return self
 
     def watch(self):
-        while not self.stop.is_set():
+        while not self.done.is_set():
             self.peak = max(self.peak, rss_mb(self.pid))
-            time.sleep(0.02)
+            time.sleep(0.05)
 
     def __exit__(self, *exc):
-        self.stop.set()
+        self.done.set()
         self.thread.join()
 
 
+# --- HTTP ------------------------------------------------------------------------------------------------
 def multipart(name: str, data: bytes, boundary: str = "hostilebench") -> tuple[bytes, str]:
     head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
             "Content-Type: application/octet-stream\r\n\r\n").encode()
     return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def post(port: int, name: str, data: bytes, timeout: float = 600) -> tuple[int, str]:
-    body, ctype = multipart(name, data)
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/api/studies", data=body, method="POST",
-                                 headers={"Content-Type": ctype})
+def request(port: int, path: str, *, data: bytes | None = None, name: str = "study.zip", method: str | None = None,
+            headers: dict | None = None, timeout: float = 300) -> tuple[int, bytes, dict]:
+    body, ctype = multipart(name, data) if data is not None else (None, None)
+    req = urllib.request.Request(f"http://{HOST}:{port}{path}", data=body, method=method or ("POST" if body else "GET"),
+                                 headers={**({"Content-Type": ctype} if ctype else {}), **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()[:160].decode("utf-8", "replace")
+            return r.status, r.read(), dict(r.headers)
     except urllib.error.HTTPError as e:
-        return e.code, e.read()[:160].decode("utf-8", "replace")
+        return e.code, e.read(), dict(e.headers)
+    except (OSError, TimeoutError) as e:
+        return 0, str(type(e).__name__).encode(), {}
 
 
-def chunked(port: int, gib: float, content_length: bool) -> tuple[int, str]:
-    """A chunked upload of `gib` GiB of zeros in one file part, with or without `Content-Length: 10`."""
-    head, ctype = multipart("big.dcm", b"")
-    prefix, suffix = head[:-len(b"\r\n--hostilebench--\r\n")], b"\r\n--hostilebench--\r\n"
-    with socket.create_connection(("127.0.0.1", port), timeout=600) as s:
-        s.sendall((f"POST /api/studies HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\n"
-                   + ("Content-Length: 10\r\n" if content_length else "")
-                   + "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode())
-        block = bytes(1 << 20)
-        reply = b""
+def upload(port: int, data: bytes, name: str = "study.zip") -> tuple[int, dict]:
+    status, body, _ = request(port, "/api/studies", data=data, name=name)
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, {}
+
+
+# --- hostile files -----------------------------------------------------------------------------------------
+def _save(ds) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def slices_like(template: bytes, n: int, size: int, *, series: str, private_mib: int = 0, name: str | None = None,
+                j2k: bytes | None = None) -> dict:
+    """n slices of one new series, size x size (zeros, native), or with the given JPEG 2000 pixel data;
+    private_mib: a private OB element of that many MiB in each."""
+    ds = pydicom.dcmread(io.BytesIO(template))
+    ds.Rows = ds.Columns = size
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    if j2k is not None:
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEG2000Lossless
+        ds.PixelData = pydicom.encaps.encapsulate([j2k])
+        ds["PixelData"].VR = "OB"
+    else:
+        ds.PixelData = bytes(2 * size * size)
+    if private_mib:
+        ds.add_new(0x00111010, "OB", bytes(private_mib << 20))
+    if name is not None:
+        ds.PatientName = name
+    ds.SeriesInstanceUID = series
+    out = {}
+    for i in range(n):
+        ds.SOPInstanceUID = f"{series}.{i + 1}"
+        ds.ImagePositionPatient = [0, 0, 5.0 * i]
+        out[f"{series}/{i:04d}.dcm"] = _save(ds)
+    return out
+
+
+def j2k_codestream(size: int, says: int | None = None) -> bytes:
+    """A JPEG 2000 codestream of size x size zeros; says: its SIZ rewritten to that size (image and tile)."""
+    ds = pydicom.Dataset()
+    ds.Rows = ds.Columns = size
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.SamplesPerPixel = 16, 16, 15, 1, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.compress(pydicom.uid.JPEG2000Lossless, np.zeros((size, size), np.int16))
+    code = bytearray(next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1)))
+    if says:
+        at = code.find(b"\xff\x4f\xff\x51")
+        for k in range(4):  # Xsiz, Ysiz, (XOsiz, YOsiz stay 0), XTsiz, YTsiz
+            if k in (0, 1):
+                code[at + 8 + 4 * k:at + 12 + 4 * k] = says.to_bytes(4, "big")
+        code[at + 24:at + 28] = says.to_bytes(4, "big")
+        code[at + 28:at + 32] = says.to_bytes(4, "big")
+    return bytes(code)
+
+
+def slow_bodies(port: int, n: int, seconds: float, statuses: list) -> None:
+    """n uploads that send 1 byte every few seconds, for `seconds`; each one's status (0: none before the end)."""
+    socks = []
+    body, ctype = multipart("slow.zip", b"x" * 1000)
+    for _ in range(n):
         try:
-            s.sendall(b"%x\r\n%s\r\n" % (len(prefix), prefix))
-            for i in range(int(gib * 1024)):
-                if i % 16 == 0 and select.select([s], [], [], 0)[0]:
-                    reply = s.recv(65536)  # answered before the body ended: what it should do
-                    break
-                s.sendall(b"%x\r\n%s\r\n" % (len(block), block))
-            else:
-                s.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(suffix), suffix))
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+            s = socket.create_connection((HOST, port), timeout=5)
+            s.sendall((f"POST /api/studies HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: {ctype}\r\n"
+                       f"Content-Length: {len(body)}\r\n\r\n").encode() + body[:1])
+            s.setblocking(False)
+            socks.append([s, 1, b""])
+        except OSError:
+            statuses.append(0)
+    end = time.time() + seconds
+    while time.time() < end:
+        for item in socks:
+            s, sent, reply = item
+            try:
+                item[2] += s.recv(4096)
+            except (BlockingIOError, OSError):
+                pass
+            if not item[2] and sent < len(body):
+                try:
+                    s.send(body[sent:sent + 1])
+                    item[1] += 1
+                except OSError:
+                    pass
+        time.sleep(5)
+    for s, _, reply in socks:
         try:
-            while chunk := s.recv(65536):
-                reply += chunk
-        except (ConnectionResetError, TimeoutError):
+            reply += s.recv(4096)
+        except OSError:
             pass
-    line = reply.split(b"\r\n", 1)[0].decode("latin-1")
-    body = reply.split(b"\r\n\r\n", 1)[-1][:160].decode("utf-8", "replace")
-    return int(line.split()[1]) if len(line.split()) > 1 else 0, body
+        statuses.append(int(reply.split()[1]) if reply.startswith(b"HTTP/") else 0)
+        s.close()
 
 
+# --- the run -----------------------------------------------------------------------------------------------
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", default="SETTINGS.demo.json")
     ap.add_argument("--config", default="configs/predict/demo.yaml")
     ap.add_argument("--study", required=True, help="a zip of one valid study (e.g. the demo's)")
-    ap.add_argument("--deflate-gib", type=float, default=1.5)
-    ap.add_argument("--chunked-gib", type=float, default=1.1)
+    ap.add_argument("--seconds", type=float, default=30, help="how long each flood lasts")
+    ap.add_argument("--only", default=None, help="run the cases whose name holds this text")
     args = ap.parse_args()
     study = Path(args.study).read_bytes()
+    with zipfile.ZipFile(io.BytesIO(study)) as z:
+        members = {m: z.read(m) for m in z.namelist()}
+    template = next(v for k, v in members.items() if v[128:132] == b"DICM")
+    three = dict(list((k, v) for k, v in members.items() if v[128:132] == b"DICM")[:3])
 
-    port = socket.socket()
-    port.bind(("127.0.0.1", 0))
-    port_no = port.getsockname()[1]
-    port.close()
-    work = tempfile.mkdtemp(prefix="ich_bench_hostile_")
-    log = open(Path(work) / "serve.log", "w")
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port = s.getsockname()[1]
+    work = Path(tempfile.mkdtemp(prefix="ich_bench_hostile_"))
+    log_path = work / "serve.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--settings", args.settings, "--config",
-                             args.config, "--port", str(port_no), "--work-dir", work + "/w"], cwd=REPO,
+                             args.config, "--port", str(port), "--work-dir", str(work / "w")], cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT)
+    rows = []
     try:
         deadline = time.time() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port_no}/api/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    sys.exit("serve.py did not start:\n" + Path(log.name).read_text()[-3000:])
-                time.sleep(0.5)
-        status, _ = post(port_no, "study.zip", study)
-        assert status == 201, status
+        while request(port, "/api/health", timeout=2)[0] != 200:
+            if proc.poll() is not None or time.time() > deadline:
+                sys.exit("serve.py did not start:\n" + log_path.read_text()[-3000:])
+            time.sleep(0.5)
+        assert upload(port, study)[0] == 201
+        idle_times = []
+        for _ in range(3):
+            t0 = time.time()
+            status, doc = upload(port, study)
+            idle_times.append(time.time() - t0)
+            request(port, f"/api/studies/{doc['id']}", method="DELETE")
+        idle_s = float(np.median(idle_times))
         idle = rss_mb(proc.pid)
-        print(f"idle server after one study: {idle:.0f} MB RSS")
-        with zipfile.ZipFile(__import__("io").BytesIO(study)) as z:
-            members = {m: z.read(m) for m in z.namelist()}
-        deflated = zip_of({**members, "BOMB.dcm": deflate_bomb(int(args.deflate_gib * 1024))}, zipfile.ZIP_STORED)
-        payloads = {  # made before the clock starts
-            "zip bomb: 1,500 x 1 MiB of zeros": ("bomb.zip", zip_bomb(1500)),
-            "zip bomb: 1,500 x (DICM + 1 MiB of zeros)": ("bomb.zip", zip_bomb(1500, dicom_like=True)),
-            "zip bomb: 60 x 1 MiB (the issue's repro)": ("bomb.zip", zip_of(
-                {f"z/{i:03d}": bytes(1 << 20) for i in range(60)})),
-            "zip bomb: 4,000 x 1 MiB (4 GB written before)": ("bomb.zip", zip_bomb(4000)),
-            f"deflate bomb: one file inflating to {args.deflate_gib:g} GiB ({len(deflated) >> 20} MB zipped) "
-            "in the study": ("study.zip", deflated),
+        print(f"idle: {idle:.0f} MB RSS (server and its processes), a normal upload {idle_s:.2f} s", flush=True)
+        made: list[str] = []  # result ids the attack made: deleted after its case
+
+        def keep(status, doc):
+            if status == 201 and doc.get("id"):
+                made.append(doc["id"])
+            return status
+
+        def flood(fn, clients: int, seconds: float) -> list[int]:
+            statuses, end = [], time.time() + seconds
+
+            def one(k):
+                while time.time() < end:
+                    statuses.append(fn(k))
+            with ThreadPoolExecutor(clients) as ex:
+                list(ex.map(one, range(clients)))
+            return statuses
+
+        def viewer_study(size: int, n: int) -> str:
+            status, doc = upload(port, zip_of(slices_like(template, n, size, series="1.2.826.0.1.3680043.8.498.77")))
+            assert status == 201, (status, doc)
+            made.append(doc["id"])
+            return doc["id"]
+
+        def case_log_marker():
+            data = zip_of(slices_like(template, 4, 64, series="1.2.826.0.1.3680043.8.498.5", name="MKsolo"))
+            status, doc = upload(port, data)
+            statuses = [keep(status, doc)]
+            statuses.append(request(port, f"/api/studies/{doc['id']}/download/sr")[0])
+            time.sleep(0.5)
+            found = "MKsolo" in log_path.read_text()
+            return statuses, f"marker in the log: {'YES' if found else 'no'}"
+
+        def case_thumbnails():
+            code = j2k_codestream(4096)
+            extra = {}
+            for i in range(200):
+                extra.update(slices_like(template, 1, 4096, series=f"1.2.826.0.1.3680043.8.498.{1000 + i}", j2k=code))
+            return [keep(*upload(port, zip_of({**three, **extra})))], ""
+
+        def case_j2k_header():
+            code = j2k_codestream(64, says=16384)
+            files = slices_like(template, 5, 512, series="1.2.826.0.1.3680043.8.498.6", j2k=code)
+            return [keep(*upload(port, zip_of(files)))], f"{max(map(len, files.values()))} B a file"
+
+        def case_sources():
+            data = zip_of(slices_like(template, 7, 4096, series="1.2.826.0.1.3680043.8.498.7"))
+            return [keep(*upload(port, data)) for _ in range(8)], f"{len(data) >> 10} kB a zip"
+
+        def case_fat_headers():
+            data = zip_of(slices_like(template, 10, 64, series="1.2.826.0.1.3680043.8.498.8", private_mib=100))
+            return [keep(*upload(port, data)) for _ in range(2)], f"{len(data) >> 10} kB a zip"
+
+        def case_big_series():
+            data = zip_of(slices_like(template, 60, 4096, series="1.2.826.0.1.3680043.8.498.9"))
+            return [keep(*upload(port, data))], f"{len(data) >> 10} kB zip"
+
+        def case_png_flood(clients):
+            sid = viewer_study(4096, 4)
+            return flood(lambda k: request(port, f"/api/studies/{sid}/slices/{k % 4}/hu.png")[0], clients,
+                         args.seconds), ""
+
+        def case_cam_flood():
+            sid = viewer_study(512, 40)
+            labels = ["any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"]
+            count = iter(range(10**6))
+            return flood(lambda k: request(port, f"/api/studies/{sid}/slices/{(n := next(count)) % 40}/cam.png?label="
+                                                 f"{labels[(n // 40) % 6]}")[0], 40, args.seconds), ""
+
+        def case_slow_bodies():
+            statuses = []
+            slow_bodies(port, 300, args.seconds, statuses)
+            return statuses, ""
+
+        def case_slow_reading():
+            element = b"\x09\x00\x10\x00UN\x00\x00\x00\x00\x00\x00"  # an empty private element, 12 bytes
+            slow = zip_of({f"slow/{i:03d}": b"\0" * 128 + b"DICM" + element * 90000 for i in range(100)})
+            big = bytes(100 << 20)
+            with ThreadPoolExecutor(12) as ex:
+                jobs = [ex.submit(upload, port, slow) for _ in range(2)]
+                time.sleep(1)
+                jobs += [ex.submit(upload, port, big, "big.dcm") for _ in range(10)]
+                return [keep(*j.result()) for j in jobs], f"{len(slow) >> 20} MB a slow zip"
+
+        def case_sr_odd():
+            files = slices_like(template, 4, 64, series="1.2.826.0.1.3680043.8.498.10")
+            for i, k in enumerate(list(files)):
+                ds = pydicom.dcmread(io.BytesIO(files[k]))
+                ds.StudyDate, ds.StudyTime, ds.PatientSex = "2024-05-06", "10:30", "Q"
+                if i % 2:
+                    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.11"
+                files[k] = _save(ds)
+            status, doc = upload(port, zip_of(files))
+            return [keep(status, doc), request(port, f"/api/studies/{doc.get('id')}/download/sr")[0]], ""
+
+        def case_host():
+            return [request(port, "/api/health", headers={"Host": f"evil@{HOST}:{port}"})[0]], ""
+
+        def case_422():
+            status, body, _ = request(port, "/api/studies/x/slices/abc/image.png")
+            return [status], f"body keys {sorted(json.loads(body))}"
+
+        def case_held():
+            statuses = [upload(port, zip_bomb(4000), "bomb.zip")[0]]
+            statuses.append(keep(*upload(port, zip_of({**members, "BOMB.dcm": deflate_bomb(1536)},
+                                                      zipfile.ZIP_STORED))))
+            return statuses, ""
+
+        cases = {
+            "patient name in the log (one-part name, SR download)": case_log_marker,
+            "thumbnails: 3 slices + 200 one-slice series of 4096^2 JPEG 2000": case_thumbnails,
+            "JPEG 2000 larger than its header (5 files, 512^2 said, 16384^2 coded)": case_j2k_header,
+            "sources kept: 8 zips of 7 x 4096^2 slices": case_sources,
+            "headers keep whole files: 10 slices x 100 MiB private element, twice": case_fat_headers,
+            "big series over the cap: 60 x 4096^2 slices": case_big_series,
+            f"viewer PNG flood: hu.png of 4096^2, 8 clients, {args.seconds:g} s": lambda: case_png_flood(8),
+            f"viewer PNG flood: hu.png of 4096^2, 16 clients, {args.seconds:g} s": lambda: case_png_flood(16),
+            f"Grad-CAM flood: 40 clients, distinct maps, {args.seconds:g} s": case_cam_flood,
+            f"slow bodies: 300 uploads at 1 byte / 5 s, {args.seconds:g} s": case_slow_bodies,
+            "slow file reading: 2 zips of 100 x 90,000 empty elements + 10 x 100 MB uploads": case_slow_reading,
+            "SR download on odd headers": case_sr_odd,
+            "Host: evil@127.0.0.1": case_host,
+            "422 error shape": case_422,
+            "held: zip bomb 4,000 x 1 MiB, deflate bomb 1.5 GiB": case_held,
         }
-        cases = {what: (lambda name=name, data=data: post(port_no, name, data)) for what, (name, data) in payloads.items()}
-        cases.update({
-            f"chunked bypass: Content-Length 10 + chunked, {args.chunked_gib:g} GiB": lambda: chunked(
-                port_no, args.chunked_gib, True),
-            f"chunked without a length, {args.chunked_gib:g} GiB": lambda: chunked(port_no, args.chunked_gib, False),
-        })
-        for what, send in cases.items():
+        for what, run in cases.items():
+            if args.only and args.only not in what:
+                continue
+            made.clear()
             before = rss_mb(proc.pid)
+            normal = {}
+
+            def user():
+                time.sleep(1.0)  # the attack is under way
+                t0 = time.time()
+                status, body, headers = request(port, "/api/studies", data=study)
+                normal.update(status=status, seconds=time.time() - t0, retry=headers.get("Retry-After"))
+                if status == 201:
+                    request(port, f"/api/studies/{json.loads(body)['id']}", method="DELETE")
+
             t0 = time.time()
             with Peak(proc.pid) as peak:
-                status, text = send()
-            print(f"{what}: HTTP {status} in {time.time() - t0:.1f} s, peak RSS {peak.peak:.0f} MB = "
-                  f"{peak.peak - idle:+.0f} MB above idle ({peak.peak - before:+.0f} above the start of the case)"
-                  f"  [{' '.join(text.split())[:100]}]", flush=True)
-        status, _ = post(port_no, "study.zip", study)
-        print(f"a valid study afterwards: HTTP {status}; server RSS {rss_mb(proc.pid):.0f} MB")
+                u = threading.Thread(target=user)
+                u.start()
+                statuses, note = run()
+                u.join()
+            seconds = time.time() - t0
+            for sid in made:
+                request(port, f"/api/studies/{sid}", method="DELETE")
+            time.sleep(1)
+            left = sum(1 for p in (work / "w").rglob("*") if p.is_file())
+            counts = {s: statuses.count(s) for s in sorted(set(statuses))}
+            row = {"case": what, "statuses": counts, "seconds": round(seconds, 1),
+                   "peak_above_idle_mb": round(peak.peak - idle), "before_mb": round(before - idle),
+                   "after_delete_above_idle_mb": round(rss_mb(proc.pid) - idle),
+                   "normal_status": normal.get("status"), "normal_s": round(normal.get("seconds", 0), 2),
+                   "normal_ratio": round(normal.get("seconds", 0) / idle_s, 1), "retry_after": normal.get("retry"),
+                   "files_left": left, "note": note}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        print(f"serve.py alive at the end: {proc.poll() is None}")
     finally:
         stop(proc, timeout=30)
         log.close()

@@ -3,14 +3,16 @@
 
 For each backbone, a fold checkpoint saved the way models/trainer.py saves it
 (state dict + config; random weights) is loaded back with
-models.predict_split.load_fold_model (compiled as predict.py compiles it:
+models.checkpoint.load_fold_model (compiled as predict.py compiles it:
 train.compile auto = on CUDA only), then, with and without horizontal-flip TTA:
 (a) model alone: the forward pass(es) and probabilities on one uint8 batch
     already on the device, nothing else: the limit;
 (b) predict path: models.inference.predict over the real dataset and
     DataLoader (make_dataset + make_loader: cache read, resize, uint8
-    batches, pinned copies), probabilities and float16 embeddings kept as
-    predict_test keeps them;
+    batches, pinned copies), probabilities and float16 embeddings kept
+    (the validation and OOF loop; predict.py's test split now runs through
+    the engine, pipeline.batch.stage_one_test: benchmarks/streaming.py and
+    benchmarks/engine_stack.py time that one);
 and, once, (c) loader alone: the same DataLoader without the model.
 Every rate counts images (with TTA each image takes two forward passes) over
 the batches after --warmup batches; start-up (checkpoint load, compiling,
@@ -50,7 +52,7 @@ from models.config import from_dict, load_experiment  # noqa: E402
 from models.data import with_neighbors  # noqa: E402
 from models.inference import forward, is_compiled, make_loader, predict  # noqa: E402
 from models.net import SliceNet  # noqa: E402
-from models.predict_split import load_fold_model  # noqa: E402
+from models.checkpoint import load_fold_model, save_fold  # noqa: E402
 from models.trainer import make_dataset  # noqa: E402
 
 N_TEST = 121_232
@@ -94,8 +96,7 @@ def experiment_cfg(args, backbone: str):
 def save_checkpoint(path: Path, cfg, in_chans: int) -> None:
     """As models/trainer.py writes fold{k}.pt: weights + the experiment config (+ bookkeeping)."""
     model = SliceNet(cfg.model.backbone, None, cfg.model.dropout, in_chans)
-    torch.save({"state_dict": model.state_dict(), "config": cfg.to_dict(), "fold": 0, "epoch": 1,
-                "val_wlogloss": 0.0, "in_chans": in_chans}, path)
+    save_fold(path, model, cfg, fold=0, epoch=1, score=0.0, image_settings=None, provenance=None)
 
 
 @torch.no_grad()
@@ -149,7 +150,7 @@ def prepare_test_set(tmp: Path, args, cache_size: int) -> tuple[Path, pd.DataFra
                      image_size=max(256, cache_size), seed=5, n_jobs=2, progress=False)
     test_dir = tmp / "clean" / "test"
     prepare_split(tmp / "raw", test_dir, "test", PrepareConfig(image_size=cache_size, n_jobs=2), progress=False)
-    slices = with_neighbors(pd.read_parquet(test_dir / "slices.parquet"))  # as predict_test
+    slices = with_neighbors(pd.read_parquet(test_dir / "slices.parquet"))  # as the OOF pass
     n = (args.warmup + args.batches) * args.batch
     table = pd.concat([slices] * -(-n // len(slices)), ignore_index=True).iloc[:n]  # the same slices again
     return test_dir, table
@@ -205,7 +206,7 @@ def main():
             if runtime.wants_compile(cfg.train.compile):
                 model.compile_backbone()
             dataset = make_dataset(cfg, table, test_dir, cfg.final_size, train=False)
-            loader = make_loader(dataset, runtime, args.batch, args.workers, persistent=True)  # as predict_test
+            loader = make_loader(dataset, runtime, args.batch, args.workers, persistent=True)  # as the OOF pass
             if loader_row is None:
                 loader_row = loader_alone(make_loader(dataset, runtime, args.batch, args.workers), clock,
                                           args.warmup)

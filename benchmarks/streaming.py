@@ -5,9 +5,10 @@ every fold model on the cache) against streamed (the in-memory engine, pipeline.
 For one predict config's trained models and a raw test split (default: the
 settings' RAW_DATA_DIR), in a temporary folder:
 - cached: `prepare_split` (the train cache's image settings, `--workers`
-  processes) into a fresh test cache, then `predict_test` per experiment;
-- streamed: `pipeline.batch.stream_test` (header scan, decode in `--workers`
-  DataLoader workers, every fold model per batch).
+  processes) into a fresh test cache, then `pipeline.batch.stage_one_test`
+  on it (the engine reading the cache's rows);
+- streamed: the same `stage_one_test` without a test cache (header scan,
+  decode in `--workers` DataLoader workers, every fold model per batch).
 Reported: seconds, test slices per second (files / wall time, decode
 included on both roads) and the disk each road wrote for images (the cache)
 and in all under the test clean dir; and the largest difference between the
@@ -62,8 +63,7 @@ def main():
     from ich.prepare import TEST_DIR, prepare_split
     from ich.settings import load_settings
     from models import runtime as rt
-    from models.predict_split import predict_test
-    from pipeline.batch import stream_test
+    from pipeline.batch import stage_one_test
     from stacking.config import load_predict_config
 
     settings = load_settings(args.settings)
@@ -83,10 +83,10 @@ def main():
         prepare_split(raw, tmp / "cached_test", "test", prep, progress=False)
         t_prep = time.perf_counter() - t
         models_c = model_tree(settings.model_checkpoint_dir, tmp / "models_cached", cfg.experiments)
+        cached_settings = dataclasses.replace(settings, raw_data_dir=raw, test_clean_dir=tmp / "cached_test",
+                                              model_checkpoint_dir=models_c)
         t = time.perf_counter()
-        for exp in cfg.experiments:
-            predict_test(models_c / exp, tmp / "cached_test", runtime, batch_size=cfg.batch_size,
-                         num_workers=args.workers, progress=False, log=lambda *a: None)
+        stage_one_test(cfg, cached_settings, runtime, progress=False, log=lambda *a: None)
         t_stage1 = time.perf_counter() - t
         cache_bytes = (tmp / "cached_test" / IMAGES).stat().st_size
         cached_all = folder_bytes(tmp / "cached_test")
@@ -96,7 +96,7 @@ def main():
         streamed_settings = dataclasses.replace(settings, raw_data_dir=raw, test_clean_dir=tmp / "streamed_test",
                                                 model_checkpoint_dir=models_s)
         t = time.perf_counter()
-        stream_test(cfg, streamed_settings, runtime, progress=False, log=lambda *a: None)
+        stage_one_test(cfg, streamed_settings, runtime, progress=False, log=lambda *a: None)
         t_stream = time.perf_counter() - t
         streamed_all = folder_bytes(tmp / "streamed_test")
         images_streamed = sum(p.stat().st_size for p in (tmp / "streamed_test").rglob(IMAGES))

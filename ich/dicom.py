@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pydicom
+import pydicom.encaps
 from pydicom.errors import InvalidDicomError
 
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
@@ -335,7 +336,7 @@ def _open(path, stop_before_pixels: bool, size: int | None = None):
     except Exception as exc:  # noqa: BLE001 - any parse failure is a reason, not a crash
         raise Rejected("unreadable", f"{type(exc).__name__}: {exc}") from exc
     with _failing_as("unreadable"):  # pydicom parses values lazily: errors surface on first access
-        _fill_transfer_syntax(ds)
+        fill_transfer_syntax(ds)
         _check_not_cut(ds, None if stop_before_pixels else size)
     return ds
 
@@ -358,7 +359,7 @@ def _open_bare(path, stop_before_pixels: bool):
     return ds
 
 
-def _fill_transfer_syntax(ds) -> None:
+def fill_transfer_syntax(ds) -> None:
     """Without a file meta (or a TransferSyntaxUID in it) pydicom parses the data set but
     refuses to decode its pixels; the encoding it detected while parsing is the answer."""
     meta = getattr(ds, "file_meta", None)
@@ -544,6 +545,7 @@ def read_stored(path, max_pixels: int = MAX_PIXELS) -> tuple[SliceHeader, np.nda
             _check_pixels_whole(ds)
             stored = _native_pixels(ds, header, values)
             if stored is None:
+                _check_codestream(ds, header)
                 if ds.file_meta.get("TransferSyntaxUID") == pydicom.uid.RLELossless:
                     # pylibjpeg-rle (Rust) panics on some damaged streams, printing a Rust
                     # backtrace from the worker; pydicom's own decoder raises a plain error
@@ -578,6 +580,45 @@ def _check_declared_shape(header: SliceHeader, v: dict, max_pixels: int) -> None
         raise Rejected("bad_shape", f"Rows x Columns {rows} x {cols}")
     if rows * cols > max_pixels:
         raise Rejected("bad_shape", f"declares {rows} x {cols} pixels, more than max_pixels ({max_pixels:,})")
+
+
+def codestream_shape(data: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) a JPEG 2000 (SIZ) or JPEG / JPEG-LS (SOF) codestream declares in its
+    first bytes; None when `data` is neither (RLE has no shape of its own) or ends first."""
+    at = data.find(b"\xff\x4f\xff\x51", 0, 4096)  # SOC + SIZ, raw or inside a JP2 box
+    if at >= 0 and len(data) >= at + 42:
+        x, y, x0, y0 = (int.from_bytes(data[at + 8 + 4 * i:at + 12 + 4 * i], "big") for i in range(4))
+        return y - y0, x - x0, int.from_bytes(data[at + 40:at + 42], "big")
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7):
+            if pos + 10 > len(data):
+                return None
+            return (int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 7:pos + 9], "big"),
+                    data[pos + 9])
+        pos += 2 + length
+    return None
+
+
+def _check_codestream(ds, header: SliceHeader) -> None:
+    """A compressed slice must decode to the shape its header declares: the decoder allocates what the
+    codestream says, and 790 bytes of JPEG 2000 can say 16384 x 16384 under a header of 512 x 512."""
+    if not getattr(ds.get_item(PIXEL_DATA), "value", b"")[:4] == b"\xfe\xff\x00\xe0":
+        return  # not encapsulated
+    frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1), b"")
+    shape = codestream_shape(bytes(frame[:4096]))
+    if shape is not None and shape != (header.rows, header.cols, 1):
+        raise Rejected("bad_shape", f"the compressed image is {shape[0]} x {shape[1]} ({shape[2]} component(s)); "
+                                    f"its header declares {header.rows} x {header.cols}")
 
 
 def _native_pixels(ds, header: SliceHeader, v: dict) -> np.ndarray | None:

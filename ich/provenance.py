@@ -18,8 +18,11 @@ Where it lives, chosen so that each file still loads as it always did:
   record travels with the file and pandas reads the table unchanged;
 - `submission.csv`: a sidecar `submission.provenance.json`, because the CSV
   itself must stay exactly what Kaggle accepts.
-`read_provenance(path)` reads any of them. No torch import here: stage two
-and the submission run without it.
+`read_provenance(path)` reads the parquet files and sidecars; a checkpoint's
+record is read by the checkpoint format's owner, models.checkpoint
+(read_provenance there), so a damaged checkpoint fails there the one way
+every checkpoint reader does. No torch import here: stage two and the
+submission run without it.
 """
 from __future__ import annotations
 
@@ -106,11 +109,11 @@ def write_sidecar(path: Path, provenance: dict) -> Path:
 
 
 def read_provenance(path: Path) -> dict | None:
-    """The record of a fold{k}.pt, a parquet file or a file with a sidecar; None when it has none."""
+    """The record of a parquet file or a file with a sidecar; None when it has none.
+    (A fold{k}.pt's: models.checkpoint.read_provenance.)"""
     path = Path(path)
     if path.suffix == ".pt":
-        import torch
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("provenance")
+        raise ValueError(f"{path} is a checkpoint: read its record with models.checkpoint.read_provenance")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         raw = (pq.read_schema(path).metadata or {}).get(PARQUET_KEY)

@@ -218,6 +218,61 @@ def _split_planes(slices: list) -> tuple[list, list]:
     return [s for s, k in zip(slices, keep) if k], [s for s, k in zip(slices, keep) if not k]
 
 
+MIN_SLICES = 3  # one or two slices are no series: stage two reads each slice's neighbors along z
+
+
+def check_chosen(files: StudyFiles, what: str = "the upload") -> None:
+    """StudyError, in plain words, when the files hold no series the models can read: how many files,
+    the reasons with counts and a few names as given; never a server path."""
+    if not files.chosen:
+        n = len(files.skipped)
+        if n == 0:
+            raise StudyError(f"{what} holds no files")
+        raise StudyError(f"no axial CT series found in {what}: {n} file{'s' * (n != 1)} not used: "
+                         + reason_summary(files.skipped))
+    if len(files.chosen) < MIN_SLICES:
+        raise StudyError(f"the chosen CT series has {len(files.chosen)} slice(s): the models read a series "
+                         f"along z (at least {MIN_SLICES} slices; a head CT has dozens); upload the whole series")
+
+
+@dataclass
+class StudyHeaders:
+    """Every file's header, read once (`read_headers`): the slices of each CT series in its main plane,
+    those in another plane, the files set aside with reasons, and the series list (`choose_series`'s order)."""
+    by_series: dict
+    off_plane: dict
+    skipped: list
+    series: list
+
+
+def read_headers(files: list[tuple[str, Path]], *, max_pixels: int = MAX_PIXELS, skipped: list | None = None,
+                 deadline: Deadline = NO_DEADLINE) -> StudyHeaders:
+    """Read every header (ich.dicom.read_header's caps); group the CT slices by series and order the series:
+    axial first, then by slice count (most first), then by UID."""
+    by_series, skipped, off_plane = {}, list(skipped or []), {}
+    for name, path in files:
+        deadline.check()
+        try:
+            header = read_header(path, max_pixels=max_pixels)
+        except Rejected as exc:
+            skipped.append({"file": name, "reason": exc.reason, "detail": exc.detail})
+            continue
+        by_series.setdefault(header.series_id, []).append((name, path, header))
+    for s in list(by_series):
+        by_series[s], off_plane[s] = _split_planes(by_series[s])
+    series = [{"series_id": s, "n_files": len(v), "axial": _is_axial(v[0][2].orientation)}
+              for s, v in by_series.items()]
+    series.sort(key=lambda s: (not s["axial"], -s["n_files"], s["series_id"]))
+    for i, s in enumerate(series):
+        s["index"] = i
+    return StudyHeaders(by_series, off_plane, skipped, series)
+
+
+def series_pixels(headers: StudyHeaders, index: int) -> int:
+    """Rows x Columns summed over one series' slices, as their headers declare them."""
+    return sum(h.rows * h.cols for _, _, h in headers.by_series[headers.series[index]["series_id"]])
+
+
 def choose_series(files: list[tuple[str, Path]], *, max_pixels: int = MAX_PIXELS,
                   series_index: int | None = None, skipped: list | None = None,
                   deadline: Deadline = NO_DEADLINE) -> StudyFiles:
@@ -235,22 +290,14 @@ def choose_series(files: list[tuple[str, Path]], *, max_pixels: int = MAX_PIXELS
     as in prepare_data). skipped: files already set aside (a zip's non-DICOM
     members), listed first.
     """
-    by_series, skipped, off_plane = {}, list(skipped or []), {}
-    for name, path in files:
-        deadline.check()
-        try:
-            header = read_header(path, max_pixels=max_pixels)
-        except Rejected as exc:
-            skipped.append({"file": name, "reason": exc.reason, "detail": exc.detail})
-            continue
-        by_series.setdefault(header.series_id, []).append((name, path, header))
-    for s in list(by_series):
-        by_series[s], off_plane[s] = _split_planes(by_series[s])
-    series = [{"series_id": s, "n_files": len(v), "axial": _is_axial(v[0][2].orientation)}
-              for s, v in by_series.items()]
-    series.sort(key=lambda s: (not s["axial"], -s["n_files"], s["series_id"]))
-    for i, s in enumerate(series):
-        s["index"] = i
+    headers = read_headers(files, max_pixels=max_pixels, skipped=skipped, deadline=deadline)
+    return pick_series(headers, series_index)
+
+
+def pick_series(headers: StudyHeaders, series_index: int | None = None) -> StudyFiles:
+    """One series of headers read once (choose_series's rule, or series_index) as StudyFiles."""
+    by_series, off_plane, series = headers.by_series, headers.off_plane, headers.series
+    skipped = list(headers.skipped)
     if series_index is not None:
         if not 0 <= series_index < len(series):
             raise StudyError(f"series {series_index} does not exist: the study has {len(series)} CT series "

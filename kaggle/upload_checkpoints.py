@@ -49,6 +49,8 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from ich import stage_one  # noqa: E402
+
 TEMPLATE = HERE / "datasets" / "checkpoints" / "dataset-metadata.json"
 MANIFEST = "ich_checkpoints.json"
 PLACEHOLDER = "<your-username>"
@@ -83,7 +85,7 @@ def experiment_files(exp_dir: Path, folds: list[int], need_emb: bool) -> list[st
     """Names of the files of one experiment to stage; StageError naming everything missing."""
     required = ["oof.parquet"]
     for k in folds:
-        required += [f"fold{k}.pt", f"fold{k}.oof.parquet"]
+        required += [stage_one.fold_checkpoint(exp_dir, k).name, stage_one.fold_oof(exp_dir, k).name]
     if need_emb:
         required.append("oof_emb.npy")
     missing = [n for n in required if not (exp_dir / n).is_file()]

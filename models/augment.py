@@ -38,7 +38,29 @@ from torch.utils.data import get_worker_info
 from .config import AugmentCfg
 
 
-def build_train_transform(cfg: AugmentCfg) -> A.Compose | None:
+class ByLabel:
+    """Two pipelines, picked per image by its `any` label: a positive slice gets every step but the
+    erasing, a negative slice all of them (augment.erasing_on: negatives). CoarseDropout's holes can
+    cover a small lesion whose label stays positive, teaching the network that a slice with no visible
+    blood bleeds; on a negative slice no hole can change the label. Called as models.data.SliceDataset
+    calls a transform, plus `positive`."""
+
+    by_label = True
+
+    def __init__(self, negative: A.Compose, positive: A.Compose | None):
+        self.negative, self.positive = negative, positive
+
+    def __call__(self, *, image: np.ndarray, positive: bool = False) -> dict:
+        if positive:
+            return self.positive(image=image) if self.positive is not None else {"image": image}
+        return self.negative(image=image)
+
+    def set_random_seed(self, seed: int) -> None:
+        seed_transform(self.negative, _derive(seed, 1))
+        seed_transform(self.positive, _derive(seed, 2))
+
+
+def build_train_transform(cfg: AugmentCfg) -> A.Compose | ByLabel | None:
     steps = []
     if cfg.hflip > 0:
         steps.append(A.HorizontalFlip(p=cfg.hflip))
@@ -56,9 +78,12 @@ def build_train_transform(cfg: AugmentCfg) -> A.Compose | None:
         steps.append(A.RandomBrightnessContrast(brightness_limit=cfg.contrast_limit,
                                                 contrast_limit=cfg.contrast_limit, p=cfg.contrast))
     if cfg.erasing > 0:
-        steps.append(A.CoarseDropout(num_holes_range=(1, max(1, cfg.erasing_holes)),
-                                     hole_height_range=(0.02, cfg.erasing_size),
-                                     hole_width_range=(0.02, cfg.erasing_size), fill=0, p=cfg.erasing))
+        erase = A.CoarseDropout(num_holes_range=(1, max(1, cfg.erasing_holes)),
+                                hole_height_range=(0.02, cfg.erasing_size),
+                                hole_width_range=(0.02, cfg.erasing_size), fill=0, p=cfg.erasing)
+        if cfg.erasing_on == "negatives":
+            return ByLabel(A.Compose([*steps, erase]), A.Compose(steps) if steps else None)
+        steps.append(erase)
     return A.Compose(steps) if steps else None
 
 

@@ -47,6 +47,8 @@ class AugmentCfg:
     erasing: float = 0.0             # probability of random erasing (CoarseDropout)
     erasing_holes: int = 4
     erasing_size: float = 0.2        # max hole side, fraction of the image size
+    erasing_on: str = "negatives"    # negatives: never erase on a slice labelled `any` (a hole can hide a small
+                                     # lesion whose label stays positive); all: every slice
 
 
 @dataclass
@@ -177,6 +179,8 @@ def _validate(cfg: ExperimentCfg, where: str) -> None:
     need(cfg.input.mode in ("windows", "adjacent", "adjacent_windows"),
          "input.mode must be windows, adjacent or adjacent_windows")
     need(cfg.sampler.kind in ("all", "balanced"), "sampler.kind must be all or balanced")
+    need(cfg.augment.erasing_on in ("negatives", "all"),
+         f"augment.erasing_on must be negatives or all, got {cfg.augment.erasing_on!r}")
     need(cfg.optim.name in OPTIMIZERS, f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {cfg.optim.name!r}")
     need(cfg.optim.schedule in SCHEDULES,
          f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.optim.schedule!r}")

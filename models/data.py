@@ -144,7 +144,8 @@ class SliceDataset(EpochAware, Dataset):
         i = self.start_item(key)
         img = self.image(i)
         if self.transform is not None:
-            img = self.transform(image=img)["image"]
+            by_label = {"positive": bool(self.labels[i, -1])} if getattr(self.transform, "by_label", False) else {}
+            img = self.transform(image=img, **by_label)["image"]
         x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
         return x, torch.tensor(self.labels[i]), i
 

@@ -21,20 +21,21 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ich import provenance
 from ich.cache import read_meta, save_npy_atomic, write_atomic
 from ich.labels import LABELS
 from ich.metric import per_label_log_loss, prior_baseline, weighted_log_loss
+from ich.stage_one import fold_checkpoint
 
 from . import plots
+from .checkpoint import CheckpointError, read
 from .config import ExperimentCfg
 from .data import with_neighbors
 from .inference import make_loader, predict
 from .net import weights_file
 from .runtime import Runtime
-from .trainer import CheckpointError, FoldData, make_dataset, train_fold
+from .trainer import FoldData, make_dataset, train_fold
 
 
 class TrainError(RuntimeError):
@@ -122,6 +123,7 @@ def run_experiment(cfg: ExperimentCfg, *, clean_dir: Path, model_dir: Path, logs
         data = FoldData(train=slices[slices["fold"] != k], valid=slices[slices["fold"] == k], clean_dir=clean_dir)
         try:
             model, history = train_fold(cfg, k, data, out_dir, runtime, resume=resume, progress=progress, log=log)
+            kept = read(fold_checkpoint(out_dir, k), runtime.device)
         except CheckpointError as exc:
             raise TrainError(str(exc)) from None
         valid_set = make_dataset(cfg, data.valid, clean_dir, cfg.final_size, train=False)
@@ -131,7 +133,6 @@ def run_experiment(cfg: ExperimentCfg, *, clean_dir: Path, model_dir: Path, logs
             return predict(model, loader, runtime, tta_hflip=cfg.train.tta_hflip, desc=desc, progress=progress)
 
         last_probs, emb = held_out(f"fold {k} oof (last epoch)")
-        kept = torch.load(out_dir / f"fold{k}.pt", map_location=runtime.device, weights_only=True)
         probs = last_probs
         if kept["epoch"] != cfg.train.epochs:  # train.checkpoint: best kept an earlier epoch
             model.load_state_dict(kept["state_dict"])

@@ -109,7 +109,7 @@ def explain(examples: list[dict], *, slices: pd.DataFrame, clean_dir: Path, chec
     """
     from .data import SliceDataset, with_neighbors
     from .runtime import Runtime
-    from .predict_split import load_fold_model
+    from .checkpoint import load_fold_model
 
     runtime = runtime or Runtime(device=torch.device("cpu"))
     table = with_neighbors(slices)

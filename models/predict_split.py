@@ -1,45 +1,20 @@
-"""Stage one on a whole split (the test set): every fold model of an experiment, one output each.
+"""What stage one on a test split checks before it runs: fold models there, caches that match.
 
-Writes, in MODEL_CHECKPOINT_DIR/<experiment>/ (ARCHITECTURE.md, contract 2):
-- `test_fold{k}.parquet` (image_id + six probabilities, test slices.parquet
-  order) and `test_fold{k}_emb.npy` (float16 pooled embeddings, rows
-  aligned): fold model k alone. Stage two builds its test features from
-  each of these sets separately, because each OOF row came from one fold
-  model too; a mean of fold models is a distribution no booster trained on.
-- `test.parquet`: the mean over fold models, for a stage-one-only
-  submission and the report; stage two never reads it.
-- `test_meta.json`: what produced them. A rerun reuses the outputs only when
-  the key matches: the checkpoints' bytes (a retrained fold, a changed TTA
-  or normalization, which live in the checkpoint, all change it), the test
-  cache's image settings and files, and the test image IDs.
-
-Every fact the predictions depend on comes from the checkpoint: the
-experiment config (input mode, size, flip TTA), the normalization and the
-sampler correction (model buffers), and the train cache's image settings,
-which the test cache must match.
+The loop itself is the in-memory engine's (pipeline.engine), whatever the
+test images' source (a test cache or the test DICOMs), and contract 2's
+test files are written by their owner, ich.stage_one. The checks live here,
+beside stage one, because everything they compare comes from the
+checkpoints (models.checkpoint): the experiment config, the train cache's
+image settings, the reproducibility record.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-import time
 from pathlib import Path
 
-import pandas as pd
-import torch
+from ich.cache import image_settings, read_meta
+from ich.stage_one import fold_checkpoints
 
-from ich.cache import image_settings, read_meta, save_npy_atomic, write_atomic
-from ich.labels import LABELS
-
-from .config import from_dict
-from .data import with_neighbors
-from .inference import is_compiled, make_loader, predict
-from .net import SliceNet
-from .runtime import Runtime
-from .trainer import make_dataset
-
-META = "test_meta.json"
+from .checkpoint import read_provenance
 
 
 class InferenceError(RuntimeError):
@@ -52,6 +27,14 @@ def check_same_cache(train_dir: Path, test_dir: Path) -> None:
     if train is None or test is None:
         raise InferenceError(f"no cache_meta.json in {train_dir if train is None else test_dir}: run prepare_data.py")
     _compare(image_settings(train), test, f"the train cache ({train_dir})", test_dir)
+
+
+def check_cache(trained: dict, test_dir: Path) -> None:
+    """A test cache read by fold models trained on images with `trained` settings (their checkpoints')."""
+    test = read_meta(test_dir)
+    if test is None:
+        raise InferenceError(f"no cache_meta.json in {test_dir}: run prepare_data.py --split test")
+    _compare(trained, test, "the cache the fold models were trained on", test_dir)
 
 
 def _compare(trained: dict, test_meta: dict, what: str, test_dir: Path) -> None:
@@ -70,10 +53,9 @@ def training_records(model_dir: Path, experiments, train_dir: Path) -> dict[str,
     different file lists, or from another train cache than `train_dir`:
     stage two joins their OOF rows slice by slice, and one submission must
     come from one data set. (Caches that differ in image settings are caught
-    against the test cache, check_same_cache and _compare.) Checkpoints from
-    before the record existed carry none and are not compared.
+    against the test cache, check_same_cache and check_cache.) Checkpoints
+    from before the record existed carry none and are not compared.
     """
-    from ich.provenance import read_provenance
     records, digests = {}, {}
     for exp in experiments:
         found = []
@@ -95,153 +77,14 @@ def training_records(model_dir: Path, experiments, train_dir: Path) -> dict[str,
     return records
 
 
-def fold_checkpoints(exp_dir: Path) -> dict[int, Path]:
-    """{k: fold{k}.pt} of an experiment (resume states fold{k}.last.pt excluded)."""
-    found = {}
-    for path in exp_dir.glob("fold*.pt"):
-        m = re.fullmatch(r"fold(\d+)\.pt", path.name)
-        if m:
-            found[int(m.group(1))] = path
-    return dict(sorted(found.items()))
-
-
 def require_fold_checkpoints(exp_dir: Path) -> dict[int, Path]:
     """fold_checkpoints(exp_dir), which must not be empty: else an InferenceError saying to train first.
 
-    The one place that says so: test inference (predict_test), a study and
-    the web viewer's models all need an experiment's fold models.
+    The one place that says so: test inference, a study and the web
+    viewer's models all need an experiment's fold models.
     """
     exp_dir = Path(exp_dir)
     checkpoints = fold_checkpoints(exp_dir)
     if not checkpoints:
         raise InferenceError(f"no fold checkpoints in {exp_dir}: run train.py for {exp_dir.name} first")
     return checkpoints
-
-
-def load_fold_model(path: Path, runtime: Runtime, reuse=None):
-    """A fold checkpoint -> (model on the device, its experiment config, the checkpoint dict without weights).
-
-    No pretrained file is needed: the weights, the normalization and the
-    sampler correction all come from the checkpoint. `reuse`: a model an
-    earlier call returned; when it has the same architecture, the weights are
-    copied into it in place and it is returned. A compiled backbone keeps its
-    compiled code that way (torch.compile treats the weights as inputs), so
-    the fold models of an experiment compile once, not once each.
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a damaged file: name it, in one line
-        raise InferenceError(f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}): it is damaged or "
-                             "incomplete; retrain that fold (train.py --folds K --force)") from None
-    cfg = from_dict(state["config"], where=str(path))
-    info = {k: v for k, v in state.items() if k != "state_dict"}
-    arch = (cfg.model.backbone, int(state.get("in_chans", 3)), cfg.model.dropout)
-    model = reuse if reuse is not None and getattr(reuse, "arch", None) == arch else None
-    if model is None:
-        model = SliceNet(cfg.model.backbone, None, cfg.model.dropout, arch[1])  # weights: below
-    missing = {"mean", "std", "neg_keep"} - set(state["state_dict"])
-    if missing:
-        raise InferenceError(f"{path} was written by an older version that did not store "
-                             f"{', '.join(sorted(missing))} with the weights: retrain it (train.py --force)")
-    model.load_state_dict(state["state_dict"])  # in place: a reused model stays on its device, compiled
-    if model is reuse:
-        return model, cfg, info
-    model.arch = arch
-    model = model.to(runtime.device)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model, cfg, info
-
-
-def file_digest(path: Path) -> str:
-    """SHA-1 of a file's bytes (a checkpoint's: what its test outputs are tied to)."""
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def outputs_key(checkpoints: dict[int, Path], test_dir: Path, image_ids) -> dict:
-    """What the test outputs depend on; equal keys mean equal outputs (up to float noise)."""
-    meta = read_meta(test_dir) or {}
-    ids = hashlib.sha1("\0".join(map(str, image_ids)).encode()).hexdigest()
-    return {"checkpoints": {str(k): file_digest(p) for k, p in checkpoints.items()},
-            "test_cache": {**image_settings(meta), "n_files": meta.get("n_files"),
-                           "files_digest": meta.get("files_digest")},
-            "image_ids": ids}
-
-
-def output_paths(exp_dir: Path, k: int) -> tuple[Path, Path]:
-    return exp_dir / f"test_fold{k}.parquet", exp_dir / f"test_fold{k}_emb.npy"
-
-
-def _reusable(exp_dir: Path, key: dict, folds) -> bool:
-    try:
-        stored = json.loads((exp_dir / META).read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    files = [p for k in folds for p in output_paths(exp_dir, k)] + [exp_dir / "test.parquet"]
-    return stored == key and all(p.is_file() for p in files)
-
-
-def split_loader(loaders: dict, cfg, slices, test_dir: Path, runtime: Runtime, batch_size: int, num_workers: int):
-    """The test DataLoader for a fold model's input settings, one per settings for all fold models.
-
-    Its workers persist between the fold models' passes: started once per
-    experiment instead of once per fold model.
-    """
-    key = (cfg.input.mode, cfg.input.adjacent_channel, cfg.final_size)
-    if key not in loaders:
-        dataset = make_dataset(cfg, slices, test_dir, cfg.final_size, train=False)
-        loaders[key] = make_loader(dataset, runtime, batch_size, num_workers, persistent=True)
-    return loaders[key]
-
-
-def predict_test(exp_dir: Path, test_dir: Path, runtime: Runtime, *, batch_size: int = 64, num_workers: int = 2,
-                 force: bool = False, progress: bool = True, log=print) -> pd.DataFrame:
-    """Every fold model of one experiment on the test split; returns the fold mean (test.parquet's table)."""
-    slices_path = test_dir / "slices.parquet"
-    if not slices_path.is_file():
-        raise InferenceError(f"{slices_path} not found: run prepare_data.py --split test first")
-    slices = with_neighbors(pd.read_parquet(slices_path))
-    checkpoints = require_fold_checkpoints(exp_dir)
-    key = outputs_key(checkpoints, test_dir, slices["image_id"])
-    if not force and _reusable(exp_dir, key, checkpoints):
-        log(f"{exp_dir.name}: stage-one test predictions reused ({exp_dir / 'test.parquet'}; same checkpoints, "
-            "test cache and images)")
-        return pd.read_parquet(exp_dir / "test.parquet")
-    (exp_dir / META).unlink(missing_ok=True)  # outputs being replaced are never taken for current ones
-    test_meta = read_meta(test_dir)
-    t0 = time.time()
-    mean, tta = 0.0, set()
-    model, loaders = None, {}
-    for k, path in checkpoints.items():
-        model, cfg, info = load_fold_model(path, runtime, reuse=model)
-        if runtime.wants_compile(cfg.train.compile) and not is_compiled(model):
-            model.compile_backbone()
-        if "image_settings" in info:
-            _compare(info["image_settings"], test_meta, f"the cache {path.name} was trained on", test_dir)
-        loader = split_loader(loaders, cfg, slices, test_dir, runtime, batch_size, num_workers)
-        probs, emb = predict(model, loader, runtime, tta_hflip=cfg.train.tta_hflip,
-                             desc=f"{exp_dir.name} fold {k} test", progress=progress)
-        tta.add(cfg.train.tta_hflip)
-        if getattr(model, "compile_note", None) and runtime.is_main:
-            log(f"{exp_dir.name} fold {k}: {model.compile_note}")
-        mean = mean + probs / len(checkpoints)
-        if runtime.is_main:
-            table = pd.DataFrame(probs, columns=list(LABELS))
-            table.insert(0, "image_id", slices["image_id"].to_numpy())
-            probs_path, emb_path = output_paths(exp_dir, k)
-            save_npy_atomic(emb_path, emb)
-            write_atomic(probs_path, lambda p, t=table: t.to_parquet(p, index=False))
-    table = pd.DataFrame(mean, columns=list(LABELS))
-    table.insert(0, "image_id", slices["image_id"].to_numpy())
-    if runtime.is_main:
-        write_atomic(exp_dir / "test.parquet", lambda p: table.to_parquet(p, index=False))
-        write_atomic(exp_dir / META, lambda p: p.write_text(json.dumps(key, indent=1)))
-        seconds = max(time.time() - t0, 1e-9)
-        log(f"{exp_dir.name}: stage one on {len(slices)} test images with {len(checkpoints)} fold models "
-            f"in {seconds:.0f} s ({len(slices) * len(checkpoints) / seconds:.0f} img/s per fold model"
-            f"{', flip TTA' if True in tta else ''})")
-    return table

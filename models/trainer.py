@@ -19,7 +19,7 @@ state; BatchNorm statistics measured again, `recompute_batchnorm`), and the
 model train_fold returns, which the OOF predictions use, is that average:
 OOF, test and a study all load or use the same averaged model.
 Every file is written atomically (temporary file + rename): a kill mid-save
-leaves the previous good file. All load with torch.load(weights_only=True).
+leaves the previous good file. Their format, writer and reader: models.checkpoint.
 
 The loss, the optimizer (models.optim: optim.name, optim.schedule) and the
 fp16 loss scaler come from build_criterion, build_optimizer and
@@ -53,10 +53,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ich import provenance
-from ich.cache import image_settings, read_meta, write_atomic
+from ich.cache import image_settings, read_meta
 from ich.labels import LABELS
 from ich.metric import per_label_log_loss, prior_baseline, weighted_log_loss
+from ich.stage_one import fold_checkpoint, resume_state
 
+from . import checkpoint
 from .augment import EpochSeeder, build_train_transform
 from .config import ExperimentCfg
 from .data import EpochSampler, SliceDataset, input_channels
@@ -126,14 +128,6 @@ def build_optimizer(cfg: ExperimentCfg, model: SliceNet, runtime: Runtime, *, lr
 def build_scaler(runtime: Runtime) -> torch.amp.GradScaler:
     """Loss scaling for fp16 autocast (bf16 and full precision need none: a disabled scaler passes through)."""
     return torch.amp.GradScaler(enabled=runtime.amp_dtype == torch.float16)
-
-
-class CheckpointError(RuntimeError):
-    """A resume state that cannot be read; the message names it and says what to do."""
-
-
-def save_atomic(obj, path: Path) -> None:
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def train_loader(dataset, sampler: EpochSampler, cfg: ExperimentCfg, runtime: Runtime, *,
@@ -278,18 +272,13 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
                                 steps_per_epoch=steps_per_epoch, freeze_epochs=cfg.train.freeze_epochs)
     scaler = build_scaler(runtime)
 
-    best_path, last_path = out_dir / f"fold{fold}.pt", out_dir / f"fold{fold}.last.pt"
+    best_path, last_path = fold_checkpoint(out_dir, fold), resume_state(out_dir, fold)
     start_epoch, best, history = 0, math.inf, []
     averaging = cfg.train.average_last > 1
     first_averaged = cfg.train.epochs - cfg.train.average_last  # 0-based epoch where averaging starts
     avg_sum = None  # the running sum of the averaged epochs' weights (on the CPU), kept in the resume state
     if resume and last_path.is_file():
-        try:
-            state = torch.load(last_path, map_location=runtime.device, weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file: name it in one line
-            raise CheckpointError(
-                f"cannot resume fold {fold}: {last_path} is damaged ({type(exc).__name__}: {exc}); it holds the "
-                f"only resume state of that fold, so retrain it: train.py --folds {fold} --force") from None
+        state = checkpoint.read_resume(last_path, runtime.device)
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -356,11 +345,9 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
         history.append(row)
         if runtime.is_main:
             if keep:
-                save_atomic({"state_dict": raw_model.state_dict(), "config": cfg.to_dict(), "fold": fold,
-                             "epoch": epoch + 1, "val_wlogloss": score, "selected": cfg.train.checkpoint,
-                             "in_chans": raw_model.in_chans, "average_last": cfg.train.average_last,
-                             "image_settings": trained_on, "provenance": made_by}, best_path)
-            save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                checkpoint.save_fold(best_path, raw_model, cfg, fold=fold, epoch=epoch + 1, score=score,
+                                     image_settings=trained_on, provenance=made_by)
+            checkpoint.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                          "best": best, "history": history, "avg_sum": avg_sum}, last_path)
             labels = " ".join(f"{k[:4]} {v:.3f}" for k, v in zip(LABELS, per_label))

@@ -1,23 +1,26 @@
 """Batch predict, the body of predict.py: stage one on the test set, stage two, submission.csv.
 
-Stage one on the test set takes one of two roads to the same outputs
-(MODEL_CHECKPOINT_DIR/<experiment>/test_fold{k}.parquet + _emb.npy per
-fold model, test.parquet their mean, test_meta.json what made them):
+Stage one on the test set is one loop, the in-memory engine's
+(pipeline.engine), fed from one of two sources, and writes contract 2's
+test outputs through their owner (ich.stage_one: test_fold{k}.parquet +
+_emb.npy per fold model, test.parquet their mean, test_meta.json the key
+of what made them):
 
-- cached: TEST_DATA_CLEAN_PATH holds a test cache that `prepare_data.py
-  --split test` built; models.predict_split reads it (the fastest road when
-  the disk is there: the images are decoded once, before).
-- streaming: no test cache there. The test DICOMs of RAW_DATA_DIR go
-  through the in-memory engine (pipeline.engine): headers read once to
-  group the files into series, then each series decoded in DataLoader
-  workers with prepare_data's own code and run through every fold model of
-  every experiment. No image is written: a Kaggle kernel needs no 95 GB
-  scratch. The slice table and rejected files (what prepare_data would
-  have written) go to TEST_DATA_CLEAN_PATH/streamed/, a few MB, so a rerun
-  with the same checkpoints and files reuses the outputs.
+- cache: TEST_DATA_CLEAN_PATH holds a test cache that `prepare_data.py
+  --split test` built; the engine reads its rows (pipeline.decode.CachedSlices;
+  the images were decoded once, before).
+- dicom: no test cache there. The test DICOMs of RAW_DATA_DIR are streamed:
+  headers read once to group the files into series, then each series
+  decoded in DataLoader workers with prepare_data's own code. No image is
+  written: a Kaggle kernel needs no 95 GB scratch. The slice table and
+  rejected files (what prepare_data would have written) go to
+  TEST_DATA_CLEAN_PATH/streamed/, a few MB, so a rerun with the same
+  checkpoints and files reuses the outputs.
 
-Both roads give the same submission (tests/test_streaming.py). Series are
-decoded in series_id order, so the streamed slice table has
+Either way each batch runs through every fold model of every experiment
+before the next, and each fold model's embeddings stream to disk as they
+come. Both sources give the same submission (tests/test_streaming.py).
+Series are decoded in series_id order, so the streamed slice table has
 prepare_data's row order.
 """
 from __future__ import annotations
@@ -32,14 +35,14 @@ import pandas as pd
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ich import provenance
+from ich import provenance, stage_one
 from ich.cache import files_digest, read_meta, write_atomic
 from ich.labels import LABELS
 from ich.prepare import TEST_DIR, PrepareError, list_files
 from ich.submission import build_submission, read_sample, score_submission, write_submission
-from models.predict_split import file_digest
+from models.predict_split import check_same_cache
 
-from .decode import SliceFile, as_is
+from .decode import CachedSlices, SliceFile, as_is
 from .engine import Engine, Sink
 
 KAGGLE = "rsna-intracranial-hemorrhage-detection"
@@ -138,120 +141,103 @@ class StreamSink(Sink):
         for f in self.files.values():
             f.close()
 
-    def save_embeddings(self, key, path: Path, rows: int) -> None:
-        """One fold model's embeddings file -> `path` (.npy of rows x dim float16): header, then rename."""
+    def finish_embeddings(self, key, rows: int) -> Path:
+        """One fold model's embeddings file, its header filled in: a complete .npy of rows x dim float16
+        (still at its part path: the outputs' owner renames it into place)."""
         part = self.parts[key]
         with open(part, "r+b") as f:
             f.write(npy_header((rows, self.dims.get(key, 0))))
-        part.replace(path)
+        return part
 
 
-def stream_key(engine: Engine, names: list[str], exp: str) -> dict:
-    """What one experiment's streamed test outputs depend on: its checkpoints' bytes, the image settings
-    and the test files (equal keys: the outputs can be reused)."""
-    return {"road": "streamed",
-            "checkpoints": {str(f.k): file_digest(f.path) for f in engine.fold_models if f.experiment == exp},
-            "image_settings": engine.image_settings, "n_files": len(names), "files_digest": files_digest(names)}
-
-
-def stream_test(cfg, settings, runtime, *, force: bool = False, progress: bool = True, log=print):
-    """Stage one on RAW_DATA_DIR's test DICOMs through the engine -> (test slices, rejected, {experiment:
-    fold-mean table}); writes each fold model's outputs as models.predict_split does, and no image."""
-    folder = settings.raw_data_dir / TEST_DIR
-    if not folder.is_dir():
-        raise PrepareError(f"no {TEST_DIR}/ folder under RAW_DATA_DIR ({settings.raw_data_dir}) and no test "
-                           f"cache in {settings.test_clean_dir}: nothing to predict")
-    names = list_files(folder)
-    if not names:
-        raise PrepareError(f"{folder} holds no files")
-    out_dir = settings.test_clean_dir / STREAMED
+def stage_one_test(cfg, settings, runtime, *, force: bool = False, progress: bool = True, log=print):
+    """Stage one on the test split through the engine -> (test slices, rejected, {experiment: fold-mean
+    table}); from the test cache when there is one, else streamed from RAW_DATA_DIR's test DICOMs."""
+    test_dir = settings.test_clean_dir
+    cached = has_test_cache(test_dir)
+    if cached:
+        check_same_cache(settings.train_clean_dir, test_dir)
+        meta = read_meta(test_dir)
+        slices = pd.read_parquet(test_dir / "slices.parquet")
+        rejected = pd.read_csv(test_dir / "rejected.csv") if (test_dir / "rejected.csv").is_file() else None
+        source, n_files, digest = "cache", meta.get("n_files"), meta.get("files_digest")
+        cache = CachedSlices(test_dir, slices)
+    else:
+        folder = settings.raw_data_dir / TEST_DIR
+        if not folder.is_dir():
+            raise PrepareError(f"no {TEST_DIR}/ folder under RAW_DATA_DIR ({settings.raw_data_dir}) and no test "
+                               f"cache in {test_dir}: nothing to predict")
+        names = list_files(folder)
+        if not names:
+            raise PrepareError(f"{folder} holds no files")
+        source, n_files, digest, cache = "dicom", len(names), files_digest(names), None
+    out_dir = test_dir / STREAMED
     engine = Engine(cfg, settings.model_checkpoint_dir, runtime, stage_two=False, num_workers=cfg.num_workers,
-                    train_dir=settings.train_clean_dir)
+                    train_dir=settings.train_clean_dir, cache=cache)
     try:
-        keys = {exp: stream_key(engine, names, exp) for exp in cfg.experiments}
         dirs = {exp: settings.model_checkpoint_dir / exp for exp in cfg.experiments}
-        if not force and _reusable(out_dir, dirs, keys, engine):
-            log(f"stage-one test outputs reused ({out_dir}: same checkpoints, image settings and test files)")
-            slices = pd.read_parquet(out_dir / "slices.parquet")
-            rejected = pd.read_csv(out_dir / "rejected.csv", keep_default_na=False)
-            return slices, rejected, {exp: pd.read_parquet(dirs[exp] / "test.parquet") for exp in cfg.experiments}
+        keys = {exp: stage_one.outputs_key(source, {f.k: f.path for f in engine.fold_models if f.experiment == exp},
+                                           engine.image_settings, n_files, digest) for exp in cfg.experiments}
+        if not force and all(stage_one.reusable(dirs[exp], keys[exp]) for exp in cfg.experiments) and (
+                cached or _streamed_table(out_dir) == keys):
+            log(f"stage-one test outputs reused (same checkpoints, image settings and test files, from the "
+                f"{'test cache' if cached else 'test DICOMs'})")
+            if not cached:
+                slices = pd.read_parquet(out_dir / "slices.parquet")
+                rejected = pd.read_csv(out_dir / "rejected.csv", keep_default_na=False)
+            return slices, rejected, {exp: stage_one.read_mean(dirs[exp]) for exp in cfg.experiments}
         for exp in cfg.experiments:
-            (dirs[exp] / "test_meta.json").unlink(missing_ok=True)  # outputs being replaced are never reused
+            stage_one.invalidate(dirs[exp])
         (out_dir / "key.json").unlink(missing_ok=True)
         t0 = time.time()
-        groups = series_groups(folder, names, engine.prepare_cfg.max_pixels, cfg.num_workers, progress)
-        parts = {f.key: dirs[f.experiment] / f".test_fold{f.k}_emb.part" for f in engine.fold_models}
-        sink = StreamSink(parts)
-        bar = tqdm(total=len(names), unit="img", desc="stage one (streamed test DICOMs)", disable=not progress,
-                   smoothing=0.1)
+        groups = cache.groups() if cached else series_groups(folder, names, engine.prepare_cfg.max_pixels,
+                                                              cfg.num_workers, progress)
+        sink = StreamSink({f.key: stage_one.fold_test_embeddings_part(dirs[f.experiment], f.k)
+                           for f in engine.fold_models})
+        bar = tqdm(total=len(slices) if cached else len(names), unit="img", smoothing=0.1, disable=not progress,
+                   desc=f"stage one ({'test cache' if cached else 'streamed test DICOMs'})")
         try:
             engine.stage_one(groups, sink, progress=bar.update)
         finally:
             bar.close()
             sink.close()
-        slices, rejected = sink.slices(), sink.rejected()
-        if slices.empty:
-            raise PrepareError(f"no usable image among the {len(names)} file(s) of {folder}")
+        done = sink.slices()
+        if done.empty:
+            raise PrepareError(f"no usable image among the {n_files} test file(s)")
         outputs = sink.outputs()
-        ids = slices["image_id"].to_numpy()
+        ids = done["image_id"].to_numpy()
         tables = {}
         for exp in cfg.experiments:
             folds = [f.k for f in engine.fold_models if f.experiment == exp]
-            for k in folds:
-                table = pd.DataFrame(outputs[exp, k][0], columns=list(LABELS))
-                table.insert(0, "image_id", ids)
-                sink.save_embeddings((exp, k), dirs[exp] / f"test_fold{k}_emb.npy", len(slices))
-                write_atomic(dirs[exp] / f"test_fold{k}.parquet", lambda p, t=table: t.to_parquet(p, index=False))
-            mean = pd.DataFrame(np.mean([outputs[exp, k][0] for k in folds], axis=0), columns=list(LABELS))
-            mean.insert(0, "image_id", ids)
-            write_atomic(dirs[exp] / "test.parquet", lambda p, t=mean: t.to_parquet(p, index=False))
-            write_atomic(dirs[exp] / "test_meta.json", lambda p, e=exp: p.write_text(json.dumps(keys[e], indent=1)))
-            tables[exp] = mean
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(out_dir / "slices.parquet", lambda p: slices.to_parquet(p, index=False))
-        write_atomic(out_dir / "rejected.csv", lambda p: rejected.to_csv(p, index=False))
-        write_atomic(out_dir / "key.json", lambda p: p.write_text(json.dumps(keys, indent=1)))
+            tables[exp] = stage_one.write_outputs(
+                dirs[exp], keys[exp], ids, {k: outputs[exp, k][0] for k in folds},
+                {k: sink.finish_embeddings((exp, k), len(done)) for k in folds})
+        if not cached:
+            slices, rejected = done, sink.rejected()
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(out_dir / "slices.parquet", lambda p: slices.to_parquet(p, index=False))
+            write_atomic(out_dir / "rejected.csv", lambda p: rejected.to_csv(p, index=False))
+            write_atomic(out_dir / "key.json", lambda p: p.write_text(json.dumps(keys, indent=1)))
         seconds = max(time.time() - t0, 1e-9)
-        log(f"stage one streamed: {len(names)} test files ({len(slices)} usable, {len(rejected)} rejected) through "
-            f"{len(engine.fold_models)} fold models in {seconds:.0f} s ({len(names) / seconds:.1f} files/s); "
-            "no image written")
+        log(f"stage one {'from the test cache' if cached else 'streamed'}: {n_files} test files ({len(done)} "
+            f"usable) through {len(engine.fold_models)} fold models in {seconds:.0f} s ({len(done) / seconds:.1f} "
+            f"img/s){'' if cached else '; no image written'}")
         return slices, rejected, tables
     finally:
         engine.close()
 
 
-def _reusable(out_dir: Path, dirs: dict, keys: dict, engine: Engine) -> bool:
-    """The streamed outputs of an earlier run are there and were made by the same key, experiment by
-    experiment (test_meta.json) and as a whole (streamed/key.json)."""
-    def stored(path: Path):
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-
-    if stored(out_dir / "key.json") != keys or not (out_dir / "slices.parquet").is_file():
-        return False
-    if any(stored(dirs[exp] / "test_meta.json") != key for exp, key in keys.items()):
-        return False
-    return all((dirs[f.experiment] / n).is_file() for f in engine.fold_models
-               for n in (f"test_fold{f.k}.parquet", f"test_fold{f.k}_emb.npy", "test.parquet"))
+def _streamed_table(out_dir: Path):
+    """The key the streamed slice table in out_dir was written with (None: none there)."""
+    try:
+        key = json.loads((out_dir / "key.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return key if (out_dir / "slices.parquet").is_file() else None
 
 
 def has_test_cache(test_dir: Path) -> bool:
     return (test_dir / "slices.parquet").is_file() and read_meta(test_dir) is not None
-
-
-def cached_test(cfg, settings, runtime, *, force: bool = False, progress: bool = True):
-    """Stage one from the test image cache prepare_data built -> (test slices, rejected, {experiment: mean})."""
-    from models.predict_split import check_same_cache, predict_test
-    test_dir = settings.test_clean_dir
-    check_same_cache(settings.train_clean_dir, test_dir)
-    slices = pd.read_parquet(test_dir / "slices.parquet")
-    rejected = pd.read_csv(test_dir / "rejected.csv") if (test_dir / "rejected.csv").is_file() else None
-    tables = {exp: predict_test(settings.model_checkpoint_dir / exp, test_dir, runtime, batch_size=cfg.batch_size,
-                                num_workers=cfg.num_workers, force=force, progress=progress)
-              for exp in cfg.experiments}
-    return slices, rejected, tables
 
 
 def predict(settings, cfg, *, stage1_only: bool = False, force: bool = False, progress: bool = True) -> Path:
@@ -277,8 +263,7 @@ def predict(settings, cfg, *, stage1_only: bool = False, force: bool = False, pr
     runtime = rt.setup(cfg.amp, True)
     device = runtime.describe()
     try:
-        road = stream_test if streamed else cached_test
-        test_slices, rejected, stage1 = road(cfg, settings, runtime, force=force, progress=progress)
+        test_slices, rejected, stage1 = stage_one_test(cfg, settings, runtime, force=force, progress=progress)
     finally:
         rt.teardown()
     mean1 = test_slices[["image_id"]].reset_index(drop=True)  # each experiment's fold mean, then their mean

@@ -1,7 +1,9 @@
 """DICOM files -> every experiment's network inputs, in DataLoader workers, in memory.
 
 What prepare_data and the image cache do for the batch path, without the
-cache: a worker takes one group of whole series (a study's chosen series,
+cache (or, from a prepared cache, `CachedSlices`: the same network inputs
+from images.npy's rows, so stage one on a test split has one loop whatever
+its source): a worker takes one group of whole series (a study's chosen series,
 or a few series of a test split), runs `ich.prepare.decode_files` on it
 (the same header checks, HU, windows, resize, crop and rejection reasons,
 with the train cache's image settings; series order by z) and builds each
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -27,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ich.config import PrepareConfig
+from ich.cache import open_images
 from ich.prepare import decode_files
 from models.data import SliceDataset, with_neighbors
 
@@ -70,20 +74,65 @@ def network_inputs(images: np.ndarray, slices: pd.DataFrame, specs) -> dict[Inpu
     return out
 
 
-class _Groups(Dataset):
-    """item (a tuple of SliceFile, keep_images) -> Decoded."""
+def decoded_from(images: np.ndarray, slices: pd.DataFrame, rejected: pd.DataFrame, specs,
+                 keep: bool = False) -> Decoded:
+    """decode_files' output (cache-like images, slices, rejected) -> Decoded: each spec's network input and,
+    with keep, the images in the slices' order. The web app decodes in its own processes and hands this
+    to Engine.predict_decoded."""
+    slices = slices.reset_index(drop=True)
+    inputs = network_inputs(images, slices, specs)
+    kept = torch.from_numpy(images[slices["cache_row"].to_numpy(np.int64)]) if keep else None
+    slices["cache_row"] = np.arange(len(slices), dtype=np.int64)  # now: the row in this group's arrays
+    return Decoded(slices, rejected, inputs, kept)
 
-    def __init__(self, cfg: PrepareConfig, specs: tuple[InputSpec, ...]):
-        self.cfg, self.specs = cfg, specs
+
+class CachedSlices:
+    """A prepared split's image cache as the engine's input: a group is row positions of the split's slice
+    table (whole series), its images read from images.npy (memory-mapped in each worker) instead of
+    decoded. The same network inputs as from the DICOMs: SliceDataset over the cache's rows."""
+
+    def __init__(self, clean_dir: Path, slices: pd.DataFrame):
+        self.clean_dir, self.slices = Path(clean_dir), slices.reset_index(drop=True)
+        self._images = None  # opened lazily: a memmap is not pickled into the workers
+
+    def __getstate__(self):
+        return {**self.__dict__, "_images": None}
+
+    def groups(self, max_rows: int = 64) -> list[tuple[int, ...]]:
+        """Whole series, in the table's order, packed into groups of at most max_rows rows (or one series):
+        about what a streamed group holds, so the decode workers' queue stays small (a 512-px group of 64
+        rows is 50 MB a network input)."""
+        out, current = [], []
+        series = self.slices.groupby("series_id", sort=False).indices.values()
+        for rows in sorted(series, key=lambda r: r[0]):
+            if current and len(current) + len(rows) > max_rows:
+                out.append(tuple(current))
+                current = []
+            current.extend(int(r) for r in rows)
+        return out + ([tuple(current)] if current else [])
+
+    def read(self, rows) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
+        """decode_files' three results for these rows: the images (the whole cache; cache_row indexes it),
+        the rows' slices, no rejected file (prepare_data listed those already)."""
+        if self._images is None:
+            self._images = open_images(self.clean_dir)
+        slices = self.slices.iloc[list(rows)].reset_index(drop=True)
+        return self._images, slices, pd.DataFrame(columns=["file", "reason"])
+
+
+class _Groups(Dataset):
+    """item (a tuple of SliceFile, or of a CachedSlices' rows; keep_images) -> Decoded."""
+
+    def __init__(self, cfg: PrepareConfig, specs: tuple[InputSpec, ...], cache: CachedSlices | None = None):
+        self.cfg, self.specs, self.cache = cfg, specs, cache
 
     def __getitem__(self, item) -> Decoded:
-        files, keep = item
-        images, slices, rejected = decode_files([(f.path, f.name, f.image_id) for f in files], self.cfg)
-        slices = slices.reset_index(drop=True)
-        inputs = network_inputs(images, slices, self.specs)
-        kept = torch.from_numpy(images[slices["cache_row"].to_numpy(np.int64)]) if keep else None
-        slices["cache_row"] = np.arange(len(slices), dtype=np.int64)  # now: the row in this group's arrays
-        return Decoded(slices, rejected, inputs, kept)
+        group, keep = item
+        if self.cache is not None:
+            images, slices, rejected = self.cache.read(group)
+        else:
+            images, slices, rejected = decode_files([(f.path, f.name, f.image_id) for f in group], self.cfg)
+        return decoded_from(images, slices, rejected, self.specs, keep)
 
 
 class _Handed(Sampler):
@@ -105,14 +154,14 @@ def as_is(item):
 
 
 class Decoder:
-    """Groups of files -> Decoded, in order, decoded by `num_workers` persistent DataLoader workers
-    (0: in the calling thread; tests and the 2-core demo)."""
+    """Groups of files (or, with `cache`, of its rows) -> Decoded, in order, made by `num_workers`
+    persistent DataLoader workers (0: in the calling thread; tests and the 2-core demo)."""
 
-    def __init__(self, cfg: PrepareConfig, specs, num_workers: int = 0):
-        self.cfg, self.specs = cfg, tuple(dict.fromkeys(specs))
+    def __init__(self, cfg: PrepareConfig, specs, num_workers: int = 0, cache: CachedSlices | None = None):
+        self.cfg, self.specs, self.cache = cfg, tuple(dict.fromkeys(specs)), cache
         self.num_workers = max(0, int(num_workers))
         self._sampler = _Handed()
-        self._loader = DataLoader(_Groups(cfg, self.specs), batch_size=None, sampler=self._sampler,
+        self._loader = DataLoader(_Groups(cfg, self.specs, cache), batch_size=None, sampler=self._sampler,
                                   num_workers=self.num_workers, collate_fn=as_is,
                                   persistent_workers=self.num_workers > 0,
                                   prefetch_factor=2 if self.num_workers else None)

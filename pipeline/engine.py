@@ -19,7 +19,8 @@ embeddings: a `Sink` decides where they go), and `predict` pairs fold
 model k with stage-two member k as stacking.apply does from files.
 
 Three users: the study path (pipeline.study: predict.py --study and the
-web app), predict.py's test set without an image cache (pipeline.batch),
+web app), predict.py's test set (pipeline.batch: streamed from the test
+DICOMs, or read from a test image cache, `cache`, one loop either way),
 and through it the Kaggle kernel.
 """
 from __future__ import annotations
@@ -36,10 +37,11 @@ from ich.cache import read_meta
 from ich.config import PrepareConfig, cache_settings, prepare_config_from
 from models.config import ExperimentCfg
 from models.inference import forward, is_compiled, padded
-from models.predict_split import InferenceError, load_fold_model, require_fold_checkpoints
+from models.checkpoint import load_fold_model
+from models.predict_split import InferenceError, check_cache, require_fold_checkpoints
 from models.runtime import Runtime
 
-from .decode import Decoded, Decoder, InputSpec, SliceFile
+from .decode import CachedSlices, Decoded, Decoder, InputSpec, SliceFile
 
 
 @dataclass
@@ -115,7 +117,9 @@ class Engine:
     """Every fold model of a predict config's experiments (and its saved stage two), loaded once."""
 
     def __init__(self, cfg, model_dir: Path, runtime: Runtime, *, stage_two: bool = True, num_workers: int = 0,
-                 batch_size: int | None = None, train_dir: Path | None = None):
+                 batch_size: int | None = None, train_dir: Path | None = None, cache: CachedSlices | None = None):
+        """cache: read the images from a prepared split's cache instead of decoding DICOMs (its image
+        settings must be the checkpoints'); groups are then that cache's row groups (CachedSlices.groups)."""
         self.cfg, self.runtime, self.model_dir = cfg, runtime, Path(model_dir)
         self.batch_size = int(batch_size or cfg.batch_size)
         self.fold_models: list[FoldModel] = []
@@ -141,7 +145,9 @@ class Engine:
                 if missing:
                     raise InferenceError(f"stage two {cfg.name} pairs fold models {sorted(missing)} of {exp} "
                                          f"that {self.model_dir / exp} lacks: rerun predict.py with this config")
-        self.decoder = Decoder(self.prepare_cfg, [f.spec for f in self.fold_models], num_workers)
+        if cache is not None:
+            check_cache(self.image_settings, cache.clean_dir)
+        self.decoder = Decoder(self.prepare_cfg, [f.spec for f in self.fold_models], num_workers, cache)
         if num_workers:
             self.decoder.start()
 
@@ -192,6 +198,9 @@ class Engine:
         Batches are cut across groups, so every batch but the last is full.
         progress(n): called with the number of files of each group decoded.
         """
+        return self._stage_one(iter(self.decoder(groups, keep_images)), sink, progress)
+
+    def _stage_one(self, decoded_groups, sink: Sink, progress=None) -> Sink:
         pending: dict[InputSpec, list[torch.Tensor]] = {}
         n_pending = 0
 
@@ -205,7 +214,6 @@ class Engine:
 
         for f in self.fold_models:
             f.model.eval()
-        decoded_groups = iter(self.decoder(groups, keep_images))
         while True:
             t = time.perf_counter()
             decoded = next(decoded_groups, None)
@@ -239,9 +247,13 @@ class Engine:
         boosters, its sequence member), then the saved blend: stacking.apply's
         function on in-memory outputs instead of files.
         """
+        return self.predict_decoded(self.decoder([files], keep_images), keep_images=keep_images)
+
+    def predict_decoded(self, decoded, *, keep_images: bool = False) -> Prediction:
+        """`predict` on series decoded already (Decoded, e.g. pipeline.decode.decoded_from): the models only."""
         if self.stage_two is None:
             raise InferenceError("this engine was loaded without stage two (stage_two=False)")
-        sink = self.stage_one([files], Sink(keep_embeddings=bool(self.cfg.pca_components)), keep_images=keep_images)
+        sink = self._stage_one(iter(decoded), Sink(keep_embeddings=bool(self.cfg.pca_components)))
         t1 = time.perf_counter()
         slices = sink.slices()
         outputs = sink.outputs()

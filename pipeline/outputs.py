@@ -20,6 +20,8 @@ from ich.cache import write_atomic
 from ich.labels import LABELS
 
 from .notice import NOTICE
+from .result import StudyResult
+from .sr_header import header_notes
 
 
 def _csv(frame: pd.DataFrame, *comments: str) -> bytes:
@@ -54,36 +56,39 @@ def _threshold_line(table: pd.DataFrame, threshold: float) -> str:
             + ", ".join(f"{lab} {c['slices']}" for lab, c in counts.items()))
 
 
-def study_document(result: dict, model: dict | None = None, threshold: float = 0.5) -> dict:
+def study_document(result: StudyResult, model: dict | None = None, threshold: float = 0.5) -> dict:
     """The JSON output: notice, series, model, timings, threshold and the slices at or above it per label,
-    per-slice probabilities and every skipped file."""
-    return {"notice": NOTICE, "series_id": result["series_id"], "series": result["series"],
-            "experiments": result["experiments"], "stage_two": result["stage_two"], "model": model,
-            "timings_s": {k: round(v, 3) for k, v in result["timings"].items()},
-            "threshold": threshold, "above_threshold": above_threshold(result["slices"], threshold),
-            "slices": result["slices"].to_dict(orient="records"), "skipped": result["skipped"]}
+    per-slice probabilities, every skipped file, and what the SR's header left out or normalised."""
+    return {"notice": NOTICE, "series_id": result.series_id, "series": result.series,
+            "experiments": result.experiments, "stage_two": result.stage_two, "model": model,
+            "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
+            "threshold": threshold, "above_threshold": above_threshold(result.slices, threshold),
+            "slices": result.slices.to_dict(orient="records"), "skipped": result.skipped,
+            "header_notes": header_notes(result.headers)}
 
 
-def _per_slice_csv(result: dict, model, threshold: float) -> bytes:
-    return _csv(result["slices"], _threshold_line(result["slices"], threshold))
+def _per_slice_csv(result: StudyResult, model, threshold: float) -> bytes:
+    """The per-slice rows with the threshold they were read at as a column (a row says what it was cut at)."""
+    return _csv(result.slices.assign(threshold=threshold), _threshold_line(result.slices, threshold))
 
 
-def _kaggle_csv(result: dict, model, threshold: float) -> bytes:
-    table = result["slices"]
+def _kaggle_csv(result: StudyResult, model, threshold: float) -> bytes:
+    """Kaggle's submission form keeps its two columns (ID, Label): the threshold is in its comment line."""
+    table = result.slices
     long = table.melt(id_vars=["image_id"], value_vars=list(LABELS), var_name="label", value_name="Label")
     return _csv(long.assign(ID=long["image_id"] + "_" + long["label"])[["ID", "Label"]],
                 _threshold_line(table, threshold))
 
 
-def _json(result: dict, model, threshold: float) -> bytes:
+def _json(result: StudyResult, model, threshold: float) -> bytes:
     return json.dumps(study_document(result, model, threshold), indent=1, default=str).encode()
 
 
-def _sr(result: dict, model, threshold: float) -> bytes:
+def _sr(result: StudyResult, model, threshold: float) -> bytes:
     from .sr import build_sr, sr_bytes
-    model = model or {"experiments": result["experiments"], "folds": None, "stage_two": result["stage_two"],
+    model = model or {"experiments": result.experiments, "folds": None, "stage_two": result.stage_two,
                       "oof_score": None}
-    return sr_bytes(build_sr(result["headers"], result["slices"], model=model, threshold=threshold))
+    return sr_bytes(build_sr(result.headers, result.slices, model=model, threshold=threshold))
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,7 @@ class OutputKind:
     file_name: str       # predict.py --study's file; the web app's download is <result tag><suffix>
     suffix: str
     media_type: str
-    make: Callable[[dict, dict | None, float], bytes]
+    make: Callable[[StudyResult, dict | None, float], bytes]
 
 
 KINDS: dict[str, OutputKind] = {
@@ -102,7 +107,7 @@ KINDS: dict[str, OutputKind] = {
 }
 
 
-def output_bytes(result: dict, kind: str, model: dict | None = None, threshold: float = 0.5) -> bytes:
+def output_bytes(result: StudyResult, kind: str, model: dict | None = None, threshold: float = 0.5) -> bytes:
     """One output of a study, as bytes: the CLI writes them, the web app serves them (one place for both)."""
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
@@ -111,7 +116,7 @@ def output_bytes(result: dict, kind: str, model: dict | None = None, threshold: 
     return KINDS[kind].make(result, model, threshold)
 
 
-def write_outputs(result: dict, out_dir: Path, model: dict | None = None) -> dict:
+def write_outputs(result: StudyResult, out_dir: Path, model: dict | None = None) -> dict:
     """Every kind into out_dir under its file name, atomically; {kind: path}."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}

@@ -54,6 +54,7 @@ from ich.cache import write_atomic
 from ich.labels import LABELS
 
 from .notice import NOTICE  # one text for every output
+from .sr_header import comments as header_comments, normalise as normalise_headers
 MANUFACTURER = "ich-reference (research)"
 SCHEME = "99RSNAICH"
 DEVICE_UID = generate_uid(prefix=None, entropy_srcs=["ich-reference device observer"])  # same every run
@@ -150,6 +151,7 @@ def build_sr(headers: list[pydicom.Dataset], table: pd.DataFrame, *, model: dict
     if bad.any():
         row = int(bad.any(axis=1).argmax())
         raise ValueError(f"build_sr: slice at row {row} has a probability outside [0, 1] (or NaN)")
+    headers, header_notes = normalise_headers(headers)  # odd dates, times, sex codes, several study UIDs
     evidence = _evidence(headers)
 
     groups = []
@@ -170,6 +172,7 @@ def build_sr(headers: list[pydicom.Dataset], table: pd.DataFrame, *, model: dict
         + [hd.sr.Measurement(name=COUNT[lab], value=int(n), unit=SLICES) for lab, n in zip(LABELS, above)])
     summary[0].ContentSequence.append(hd.sr.TextContentItem(
         name=codes.DCM.Comment, value=NOTICE, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    summary[0].ContentSequence.extend(header_comments(header_notes))
     mapped = [f"{k} {headers[0].get(k)}" for k in _UID_KEYS[:2] if not is_uid(str(headers[0].get(k)))]
     if mapped or any(not is_uid(str(h.SOPInstanceUID)) for h in headers):
         summary[0].ContentSequence.append(hd.sr.TextContentItem(

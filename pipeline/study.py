@@ -16,25 +16,41 @@ notice (pipeline.notice); the CSVs as a first `#` comment line (pandas:
 """
 from __future__ import annotations
 
-import io
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pydicom
 
 from ich.labels import LABELS
-from ich.study import NO_DEADLINE, Deadline, StudyError, StudyFiles, choose_series, reason_summary, study_files
-from models.predict_split import fold_checkpoints
+from ich.stage_one import fold_checkpoints
+from ich.study import (MIN_SLICES, NO_DEADLINE, Deadline, StudyError, StudyFiles, check_chosen,  # noqa: F401
+                       choose_series, reason_summary, study_files)
 from stacking.run import STAGE_TWO
 
 from .decode import SliceFile
 from .engine import Engine
+from .headers import slim_header
+from .result import StudyResult
 from .notice import NOTICE
 
-MIN_SLICES = 3  # one or two slices are no series: stage two reads each slice's neighbors along z
 SOURCE_BYTES = 256 << 20  # keep_images: the series' files kept in memory for the viewer up to this size
+SOURCE_PIXELS = 1024 * 1024  # keep_images: a slice above this (Rows x Columns) is never kept (the viewer's cap)
+SOURCE_FILE_BYTES = 8 * SOURCE_PIXELS + (1 << 20)  # nor a file larger than such a slice takes
+
+
+def kept_sources(paths: list[Path], headers: list[pydicom.Dataset]) -> list[bytes] | None:
+    """The series' files for the viewer's source-resolution images, or None when any slice is larger
+    than SOURCE_PIXELS / SOURCE_FILE_BYTES or all of them more than SOURCE_BYTES (the viewer then
+    shows the network's windows)."""
+    sizes = [p.stat().st_size for p in paths]
+    if sum(sizes) > SOURCE_BYTES or max(sizes, default=0) > SOURCE_FILE_BYTES:
+        return None
+    if any(int(h.get("Rows") or 0) * int(h.get("Columns") or 0) > SOURCE_PIXELS for h in headers):
+        return None
+    return [p.read_bytes() for p in paths]
 
 
 def model_info(cfg, model_dir: Path, logs_dir: Path | None = None) -> dict:
@@ -48,20 +64,6 @@ def model_info(cfg, model_dir: Path, logs_dir: Path | None = None) -> dict:
         if STAGE_TWO in table.index:
             info["oof_score"] = float(table.loc[STAGE_TWO, "weighted"])
     return info
-
-
-def check_chosen(files: StudyFiles, what: str = "the upload") -> None:
-    """StudyError, in plain words, when the files hold no series the models can read: how many files,
-    the reasons with counts and a few names as given; never a server path."""
-    if not files.chosen:
-        n = len(files.skipped)
-        if n == 0:
-            raise StudyError(f"{what} holds no files")
-        raise StudyError(f"no axial CT series found in {what}: {n} file{'s' * (n != 1)} not used: "
-                         + reason_summary(files.skipped))
-    if len(files.chosen) < MIN_SLICES:
-        raise StudyError(f"the chosen CT series has {len(files.chosen)} slice(s): the models read a series "
-                         f"along z (at least {MIN_SLICES} slices; a head CT has dozens); upload the whole series")
 
 
 def select_study(study, work: Path, *, series_index: int | None = None,
@@ -78,77 +80,63 @@ def select_study(study, work: Path, *, series_index: int | None = None,
 THUMBNAIL = 96  # px, the series list's picture of each series
 
 
-def series_view(path) -> dict:
-    """One series' picture for the series list (its middle slice, brain window, THUMBNAIL px, PNG bytes) and its
-    description; {} where the file cannot give them (the list then shows none)."""
+def thumbnail(images: np.ndarray) -> bytes | None:
+    """A series' picture for the series list: its middle slice's first window (brain), THUMBNAIL px, PNG;
+    made from the images already decoded for the models, never by decoding a file again."""
     import cv2
 
-    from pydicom.errors import InvalidDicomError
-
-    from ich.dicom import Rejected, read_hu
-    from ich.image import Window, window_linear
-
-    if path is None:
-        return {}
-    try:
-        _, hu = read_hu(path)
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesDescription"])
-    except (Rejected, OSError, ValueError, InvalidDicomError):
-        return {}
-    image = cv2.resize(window_linear(hu, Window("brain", 40, 80)), (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA)
+    if images is None or not len(images):
+        return None
+    image = cv2.resize(np.ascontiguousarray(images[len(images) // 2, :, :, 0]), (THUMBNAIL, THUMBNAIL),
+                       interpolation=cv2.INTER_AREA)
     ok, png = cv2.imencode(".png", image)
-    text = " ".join(str(header.get("SeriesDescription") or "").split())[:64]
-    return {"thumbnail": png.tobytes() if ok else None, "description": text or None}
+    return png.tobytes() if ok else None
 
 
-def predict_study(files: StudyFiles, engine: Engine, *, keep_images: bool = False, log=print) -> dict:
-    """-> {"slices": DataFrame (file, image_id, slice_index, z, six probabilities), "skipped", "series", ...}.
-
-    files: the study's files sorted out (`select_study`; the web app reads
-    and sorts them before it waits for the model). The chosen series goes
-    through the engine as one group; a chosen file that prepare_data would
-    reject joins `skipped` with prepare_data's reason.
-    keep_images: also return the cache-like windows of every slice in table
-    order ("images", n x H x W x windows uint8, "windows" their names), for
-    display and Grad-CAM, and the series' files as bytes ("sources", up to
-    SOURCE_BYTES) for the viewer's source-resolution images. "headers" (the
-    slices' DICOM headers, no pixels, table order) feed the DICOM SR.
-    """
-    check_chosen(files)
-    timings = {}
-    names = {s["image_id"]: s["file"] for s in files.chosen}
-    paths = {s["image_id"]: Path(s["path"]) for s in files.chosen}
-    chosen = [SliceFile(str(s["path"]), s["file"], s["image_id"]) for s in files.chosen]
-    pred = engine.predict(chosen, keep_images=keep_images)
-    timings.update(pred.timings)
+def study_result(files: StudyFiles, pred, engine: Engine, *, keep_images: bool = False, headers=None,
+                 timings: dict | None = None) -> StudyResult:
+    """The engine's Prediction of files.chosen -> a StudyResult (rows in z-order, file names, skipped).
+    headers: the slices' slim headers by image_id when read already (web.reader reads them in its process)."""
     if not len(pred.slices):
         raise StudyError(f"none of the {len(files.chosen)} slices of the chosen series could be read: "
                          + reason_summary(pred.rejected.to_dict(orient="records")))
+    timings = {**(timings or {}), **pred.timings}
     t = time.perf_counter()
+    names = {s["image_id"]: s["file"] for s in files.chosen}
+    paths = {s["image_id"]: Path(s["path"]) for s in files.chosen}
     slices = pred.slices.sort_values("slice_index", kind="mergesort")
     order = slices.index.to_numpy()
     slices = slices.reset_index(drop=True)
     probs = pred.probs.iloc[order].reset_index(drop=True)
-    extra = {}
-    if keep_images:
-        sources = [paths[i].read_bytes() for i in slices["image_id"]]  # read once; headers parsed from them
-        headers = [pydicom.dcmread(io.BytesIO(b), stop_before_pixels=True) for b in sources]
-        windows = [{"name": w.name, "center": w.center, "width": w.width} for w in engine.prepare_cfg.windows]
-        extra = {"images": pred.images[order],
-                 "series_views": {s["index"]: series_view(files.samples.get(s["series_id"])) for s in files.series},
-                 "windows": [w["name"] for w in windows], "window_levels": windows,
-                 "sources": sources if sum(map(len, sources)) <= SOURCE_BYTES else None}
-    else:
-        headers = [pydicom.dcmread(paths[i], stop_before_pixels=True) for i in slices["image_id"]]
+    ids = list(slices["image_id"])
+    heads = [headers[i] for i in ids] if headers is not None else [slim_header(paths[i]) for i in ids]
     table = slices[["image_id", "slice_index", "z"]].merge(probs, on="image_id", how="left", validate="1:1")
     table.insert(0, "file", table["image_id"].map(names))
     skipped = list(files.skipped) + [{"file": r.file, "reason": r.reason, "detail": r.detail}
                                      for r in pred.rejected.itertuples()]
+    extra = {}
+    if keep_images:
+        extra = {"images": pred.images[order], "sources": kept_sources([paths[i] for i in ids], heads),
+                 "window_levels": [{"name": w.name, "center": w.center, "width": w.width}
+                                   for w in engine.prepare_cfg.windows]}
     timings["outputs"] = time.perf_counter() - t
-    log(f"study: {len(table)} slices of the chosen series predicted, {len(skipped)} files skipped")  # no UIDs in logs
-    return {"slices": table, "skipped": skipped, "series": files.series, "series_id": files.series_id,
-            "timings": timings, "experiments": list(engine.cfg.experiments), "stage_two": engine.cfg.name,
-            "headers": headers, **extra}
+    return StudyResult(table, skipped, files.series, files.series_id, timings, list(engine.cfg.experiments),
+                       engine.cfg.name, heads, **extra)
+
+
+def predict_study(files: StudyFiles, engine: Engine, *, keep_images: bool = False, log=print) -> StudyResult:
+    """The chosen series of `files` (sorted out by `select_study`) through the engine, as one group.
+
+    A chosen file that prepare_data would reject joins `skipped` with
+    prepare_data's reason. keep_images: also keep the cache-like windows of
+    every slice (display, Grad-CAM) and, within SOURCE_*, the files
+    themselves (the viewer's source-resolution images).
+    """
+    check_chosen(files)
+    chosen = [SliceFile(str(s["path"]), s["file"], s["image_id"]) for s in files.chosen]
+    result = study_result(files, engine.predict(chosen, keep_images=keep_images), engine, keep_images=keep_images)
+    log(f"study: {len(result.slices)} slices of the chosen series predicted, {len(result.skipped)} files skipped")
+    return result
 
 
 def study_cli(study: str, out: str | None, settings, cfg) -> dict:
@@ -170,7 +158,7 @@ def study_cli(study: str, out: str | None, settings, cfg) -> dict:
         engine.close()
         rt.teardown()
     paths = write_outputs(result, out_dir, model_info(cfg, settings.model_checkpoint_dir, settings.logs_dir))
-    top = result["slices"][list(LABELS)].max()
+    top = result.slices[list(LABELS)].max()
     print("highest probability per label: " + ", ".join(f"{k} {v:.3f}" for k, v in top.items()))
     print("\n".join(f"{k}: {v}" for k, v in paths.items()) + f"\n{NOTICE}")
     return paths

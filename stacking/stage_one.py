@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ich import stage_one as files
 from ich.labels import LABELS
 
 from .config import PredictCfg
@@ -46,7 +47,7 @@ def _aligned(path: Path, image_ids: pd.Series, what: str) -> tuple[np.ndarray, n
 def check_folds(exp_dir: Path, slices: pd.DataFrame) -> None:
     """Stage one's held-out sets must be exactly slices.parquet's folds, or OOF features leak."""
     for k in sorted(slices["fold"].unique()):
-        piece = exp_dir / f"fold{k}.oof.parquet"
+        piece = files.fold_oof(exp_dir, k)
         if not piece.is_file():
             raise StackingError(f"{piece} missing: stage one of {exp_dir.name} is not finished")
         held = pd.Index(pd.read_parquet(piece, columns=["image_id"])["image_id"])
@@ -65,7 +66,7 @@ class StageOne:
 
 
 def _test_fold_path(exp_dir: Path, k: int, emb: bool = False) -> Path:
-    path = exp_dir / (f"test_fold{k}_emb.npy" if emb else f"test_fold{k}.parquet")
+    path = (files.fold_test_embeddings if emb else files.fold_test_probs)(exp_dir, k)
     if not path.is_file():
         raise StackingError(f"{path} not found: stage two needs the test outputs of each stage-one fold model "
                             f"of {exp_dir.name} (test_fold{{k}}.parquet and test_fold{{k}}_emb.npy, not the "

@@ -235,3 +235,25 @@ def test_tagged_sampler_carries_epoch_and_size():
     ds.size = 32
     assert ds.start_item(items[2]) == 2 and ds.size == 48 and ds.epoch == 3
     assert ds.start_item(4) == 4 and ds.size == 48  # plain indices change nothing
+
+
+def test_erasing_spares_positive_slices():
+    """augment.erasing_on: negatives (the default): CoarseDropout's holes never touch a slice labelled `any`
+    (a hole can hide a small lesion whose label stays positive), and still erase negatives; `all` erases
+    both. Through SliceDataset, which hands the transform each item's label."""
+    import pandas as pd
+
+    from ich.labels import LABELS
+    from models.data import SliceDataset
+    images = np.full((4, 32, 32, 3), 200, np.uint8)
+    table = pd.DataFrame({"cache_row": range(4), **{k: [1, 0, 1, 0] if k in ("any", "subdural") else 0
+                                                      for k in LABELS}})
+    erased = {}
+    for on in ("negatives", "all"):
+        cfg = AugmentCfg(hflip=0.0, shift_scale_rotate=0.0, erasing=1.0, erasing_holes=4, erasing_size=0.4,
+                         erasing_on=on)
+        data = SliceDataset(table, None, size=32, transform=build_train_transform(cfg), images=images)
+        seed_transform(data.transform, 0)
+        erased[on] = [bool((data[i][0] == 0).any()) for i in range(4)]
+    assert erased["negatives"] == [False, True, False, True]
+    assert erased["all"] == [True, True, True, True]

@@ -129,6 +129,7 @@ def test_unreadable_yaml_is_one_line(tmp_path):
     ({"model": {"dropout": 1.5}}, "model.dropout must be in [0, 1)"),
     ({"model": {"pretrained": 5}}, "model.pretrained must be str or null, got 5"),
     ({"train": 3}, "train must be a mapping"),
+    ({"augment": {"erasing_on": "positives"}}, "augment.erasing_on must be negatives or all, got 'positives'"),
     ({"train": {"epoch": 3, "batchsize": 2}}, "unknown key(s) train.epoch, train.batchsize; known: train.epochs"),
 ])
 def test_experiment_config_bad_values(data, message):
@@ -160,3 +161,19 @@ def test_train_folds_option_is_checked_by_argparse(tmp_path):
     out = run_script("train.py", "--config", tmp_path / "any.yaml", "--folds", "0,a")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "expected comma-separated fold numbers such as 0,2, got '0,a'" in out.stderr
+
+
+def test_the_shipped_recipe_follows_the_published_solutions():
+    """The default stack (configs/predict/default.yaml): every experiment loads, trains most of its steps at
+    512 px from the head-cropped 512-px cache, averages its last two epochs and freezes no epoch; the
+    third model is a ResNeXt101 at 512 px."""
+    from ich.config import load_prepare_config
+    from models.config import load_experiment
+    from stacking.config import load_predict_config
+    assert load_prepare_config("configs/prepare/512.yaml").crop_border is True
+    exps = {e: load_experiment(f"configs/{e}.yaml") for e in load_predict_config("configs/predict/default.yaml").experiments}
+    assert len(exps) == 3 and "resnext101_32x4d" in {c.model.backbone for c in exps.values()}
+    for name, cfg in exps.items():
+        sizes = [cfg.size_at(e) for e in range(cfg.train.epochs)]
+        assert cfg.final_size == 512 and sizes.count(512) > len(sizes) / 2, (name, sizes)
+        assert cfg.train.average_last == 2 and cfg.train.freeze_epochs == 0 and cfg.train.tta_hflip, name

@@ -2,7 +2,6 @@
 
 predict must give the outputs the straightforward loop gave (a `.cpu()` per
 batch), make every item exactly once, feed a compiled model full batches only,
-and predict_test must carry one model and one loader through all fold models;
 require_fold_checkpoints is the one "no fold checkpoints" check.
 """
 from __future__ import annotations
@@ -14,10 +13,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from models.config import from_dict
 from models.inference import make_loader, padded, predict
 from models.net import SliceNet
-from models.predict_split import load_fold_model
 from models.runtime import setup
 
 N, SIZE = 21, 32
@@ -104,35 +101,13 @@ def test_a_compiled_model_sees_full_batches_only(model):
     assert padded(x, 5).tolist() == [[0, 1], [2, 3], [4, 5], [4, 5], [4, 5]] and padded(x, 0) is x
 
 
-def test_fold_models_reuse_one_module(tmp_path):
-    """load_fold_model(reuse=...) copies the next fold's weights into the same module (a compiled
-    backbone keeps its code); a different architecture gets a new one."""
-    cfg = from_dict({"model": {"backbone": "test_resnet"}, "input": {"size": SIZE}, "train": {"epochs": 1}})
-    paths = []
-    for k in range(2):
-        torch.manual_seed(k)
-        net = SliceNet("test_resnet")
-        net.set_sampling(0.5 + 0.25 * k)
-        paths.append(tmp_path / f"fold{k}.pt")
-        torch.save({"state_dict": net.state_dict(), "config": cfg.to_dict(), "fold": k, "epoch": 1}, paths[-1])
-    rt = setup("none", False)
-    first, _, _ = load_fold_model(paths[0], rt)
-    second, _, _ = load_fold_model(paths[1], rt, reuse=first)
-    fresh, _, _ = load_fold_model(paths[1], rt)
-    assert second is first and fresh is not first
-    for key, value in fresh.state_dict().items():
-        assert torch.equal(second.state_dict()[key], value), key
-    other = from_dict({"model": {"backbone": "test_resnet"}, "input": {"size": SIZE}, "train": {"epochs": 1}})
-    torch.save({"state_dict": SliceNet("test_resnet", in_chans=9).state_dict(), "config": other.to_dict(),
-                "in_chans": 9}, tmp_path / "nine.pt")
-    nine, _, _ = load_fold_model(tmp_path / "nine.pt", rt, reuse=first)
-    assert nine is not first and nine.in_chans == 9
+def test_require_fold_checkpoints(tmp_path):
+    """The one "no fold checkpoints" check (models.predict_split), which stage one on test uses."""
+    from types import SimpleNamespace
 
-
-def test_require_fold_checkpoints(tmp_path, prepared):
-    """The one "no fold checkpoints" check (models.predict_split), which predict_test uses."""
-    from models.predict_split import InferenceError, predict_test, require_fold_checkpoints
+    from models.predict_split import InferenceError, require_fold_checkpoints
     from models.runtime import Runtime
+    from pipeline.engine import Engine
     exp = tmp_path / "exp_a"
     exp.mkdir()
     (exp / "fold1.last.pt").write_bytes(b"")  # a resume state is not a fold model
@@ -144,7 +119,8 @@ def test_require_fold_checkpoints(tmp_path, prepared):
         require_fold_checkpoints(tmp_path / "missing")
     assert str(err.value) == f"no fold checkpoints in {tmp_path / 'missing'}: run train.py for missing first"
     with pytest.raises(InferenceError) as err:
-        predict_test(exp, prepared / "clean" / "test", Runtime(device=torch.device("cpu")), progress=False)
+        Engine(SimpleNamespace(experiments=["exp_a"], batch_size=4), tmp_path, Runtime(device=torch.device("cpu")),
+               stage_two=False)
     assert str(err.value) == message
     for k in (2, 0):
         (exp / f"fold{k}.pt").write_bytes(b"")

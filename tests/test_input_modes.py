@@ -25,7 +25,7 @@ def test_adjacent_windows_dataset_stacks_every_window_of_the_neighbors(prepared)
 def test_adjacent_windows_trains_and_predicts(prepared, tmp_path):
     from models import experiment
     from models.config import load_experiment
-    from models.predict_split import load_fold_model
+    from models.checkpoint import load_fold_model
     from models.runtime import setup
     cfg = load_experiment(write_config(tmp_path, "nine", input={"mode": "adjacent_windows", "size": 32},
                                        train={"epochs": 1}))

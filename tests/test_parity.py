@@ -25,12 +25,26 @@ def cpu():
 
 
 def copy_experiment(src, dst):
-    """A model folder whose checkpoints link to src's: predict_test writes its outputs into dst only."""
+    """A model folder whose checkpoints link to src's: stage one on test writes its outputs into dst only."""
     dst.mkdir(parents=True)
     for path in src.glob("fold*.pt"):
         if not path.name.endswith(".last.pt"):
             (dst / path.name).symlink_to(path)
     return dst
+
+
+def on_test(exp, test_dir, train_dir, logs: list, *, force: bool = False):
+    """predict.py's stage one on a test split (pipeline.batch.stage_one_test): the test cache in test_dir,
+    experiment folder exp, batches of 7."""
+    from conftest import write_paths, write_predict_config
+    from ich.settings import load_settings
+    from pipeline.batch import stage_one_test
+    from stacking.config import load_predict_config
+    root = exp.parent.parent
+    settings = load_settings(write_paths(root / "settings.json", raw=root / "raw", train=train_dir,
+                                         test=test_dir, root=root))
+    cfg = load_predict_config(write_predict_config(root / "predict.yaml", experiments=[exp.name], batch_size=7))
+    return stage_one_test(cfg, settings, cpu(), force=force, progress=False, log=logs.append)
 
 
 def prepare_as_test(prepared, image_ids, root):
@@ -48,7 +62,6 @@ def prepare_as_test(prepared, image_ids, root):
 @pytest.fixture(scope="module")
 def held_out_as_test(prepared, trained, tmp_path_factory):
     """Fold 0's held-out train images prepared as a test split, and the trained fold models on it."""
-    from models.predict_split import predict_test
     _, _, work = trained
     root = tmp_path_factory.mktemp("parity")
     slices = pd.read_parquet(prepared / "clean" / "train" / "slices.parquet")
@@ -56,7 +69,7 @@ def held_out_as_test(prepared, trained, tmp_path_factory):
     test_dir = prepare_as_test(prepared, ids, root)
     exp = copy_experiment(work / "models" / "tiny", root / "models" / "tiny")
     logs = []
-    predict_test(exp, test_dir, cpu(), batch_size=7, num_workers=0, progress=False, log=logs.append)
+    on_test(exp, test_dir, prepared / "clean" / "train", logs)
     return exp, test_dir, work / "models" / "tiny", logs
 
 
@@ -91,12 +104,11 @@ def test_one_output_per_fold_model_and_their_mean(held_out_as_test):
     assert not (exp / "test_emb.npy").exists()
 
 
-def test_test_outputs_are_tied_to_what_made_them(held_out_as_test, tmp_path):
+def test_test_outputs_are_tied_to_what_made_them(held_out_as_test, prepared):
     """Item 3: a changed checkpoint (retrained, or another TTA) invalidates the reused outputs."""
-    from models.predict_split import predict_test
     exp, test_dir, _, _ = held_out_as_test
     logs = []
-    predict_test(exp, test_dir, cpu(), batch_size=7, num_workers=0, progress=False, log=logs.append)
+    on_test(exp, test_dir, prepared / "clean" / "train", logs)
     assert "reused" in logs[-1]
     before = {k: pd.read_parquet(exp / f"test_fold{k}.parquet") for k in range(3)}
 
@@ -105,19 +117,20 @@ def test_test_outputs_are_tied_to_what_made_them(held_out_as_test, tmp_path):
     (exp / "fold1.pt").unlink()
     torch.save(state, exp / "fold1.pt")
     logs.clear()
-    predict_test(exp, test_dir, cpu(), batch_size=7, num_workers=0, progress=False, log=logs.append)
+    on_test(exp, test_dir, prepared / "clean" / "train", logs)
     assert not any("reused" in line for line in logs)
     after = {k: pd.read_parquet(exp / f"test_fold{k}.parquet") for k in range(3)}
     pd.testing.assert_frame_equal(before[0], after[0], atol=1e-6, check_exact=False)
     assert np.abs(after[1][list(LABELS)].to_numpy() - before[1][list(LABELS)].to_numpy()).max() > 1e-4
     logs.clear()
-    predict_test(exp, test_dir, cpu(), batch_size=7, num_workers=0, progress=False, log=logs.append)
+    on_test(exp, test_dir, prepared / "clean" / "train", logs)
     assert "reused" in logs[-1]
 
 
-def test_facts_come_from_the_checkpoint(held_out_as_test, tmp_path):
+def test_facts_come_from_the_checkpoint(held_out_as_test, prepared, tmp_path):
     """Item 6: normalization and image settings are stored with the weights; a mismatch is an error."""
-    from models.predict_split import InferenceError, load_fold_model, predict_test
+    from models.checkpoint import CheckpointError, load_fold_model
+    from models.predict_split import InferenceError
     exp, test_dir, _, _ = held_out_as_test
     state = torch.load(exp / "fold0.pt", weights_only=True)
     assert {"mean", "std", "neg_keep"} <= set(state["state_dict"]) and state["image_settings"]["image_size"] == 64
@@ -127,18 +140,18 @@ def test_facts_come_from_the_checkpoint(held_out_as_test, tmp_path):
     torch.testing.assert_close(model.mean, state["state_dict"]["mean"])  # not timm's default for the backbone
 
     state["image_settings"]["image_size"] = 128  # trained on another cache than the test cache
-    other = tmp_path / "other"
-    other.mkdir()
+    other = tmp_path / "models" / "other"
+    other.mkdir(parents=True)
     torch.save(state, other / "fold0.pt")
     with pytest.raises(InferenceError, match="image_size"):
-        predict_test(other, test_dir, cpu(), num_workers=0, progress=False, log=lambda *a: None)
+        on_test(other, test_dir, prepared / "clean" / "train", [])
 
     old = {k: v for k, v in state["state_dict"].items() if k not in ("mean", "std", "neg_keep")}
     torch.save({**state, "state_dict": old}, other / "fold0.pt")
-    with pytest.raises(InferenceError, match="older version"):
+    with pytest.raises(CheckpointError, match="older version"):
         load_fold_model(other / "fold0.pt", cpu())
     (other / "fold0.pt").write_bytes(b"")  # a damaged file is named, in one line
-    with pytest.raises(InferenceError, match="fold0.pt"):
+    with pytest.raises(CheckpointError, match="fold0.pt"):
         load_fold_model(other / "fold0.pt", cpu())
 
 

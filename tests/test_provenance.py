@@ -28,7 +28,10 @@ def test_checkpoints_and_oof_carry_the_record(prepared, trained):
     tiny = work / "models" / "tiny"
     clean = prepared / "clean" / "train"
     ckpt = torch.load(tiny / "fold0.pt", weights_only=True)
-    check_record(provenance.read_provenance(tiny / "fold0.pt"), ckpt["config"], clean)
+    from models.checkpoint import read_provenance
+    check_record(read_provenance(tiny / "fold0.pt"), ckpt["config"], clean)
+    with pytest.raises(ValueError, match="models.checkpoint.read_provenance"):
+        provenance.read_provenance(tiny / "fold0.pt")  # the checkpoint format has one reader
     for name in ("oof.parquet", "oof_last.parquet"):
         rec = provenance.read_provenance(tiny / name)
         check_record(rec, ckpt["config"], clean)

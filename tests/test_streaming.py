@@ -54,6 +54,22 @@ def test_streamed_submission_equals_the_cached_one_and_writes_no_image(streamed,
     assert record["test_road"] == "streamed"
 
 
+def test_both_sources_have_one_key_and_one_writer(streamed, study_models):
+    """One stage-one loop, one owner of contract 2's files (ich.stage_one): the cached and the streamed run
+    wrote the same set of files and keys that differ only in the source (the same test files, digested
+    the same way, the same checkpoints and image settings)."""
+    _, _, root, _ = streamed
+    _, _, cached_root = study_models
+    keys = {name: json.loads((r / "models" / "tiny" / "test_meta.json").read_text())
+            for name, r in (("dicom", root), ("cache", cached_root))}
+    assert keys["dicom"].pop("source") == "dicom" and keys["cache"].pop("source") == "cache"
+    assert keys["dicom"] == keys["cache"] and keys["cache"]["n_files"] > 0
+    names = [sorted(p.name for p in (r / "models" / "tiny").iterdir() if p.name.startswith("test"))
+             for r in (root, cached_root)]
+    assert names[0] == names[1] == sorted(["test.parquet", "test_meta.json", *(f"test_fold{k}{s}" for k in range(3)
+                                                                               for s in (".parquet", "_emb.npy"))])
+
+
 def test_a_second_run_reuses_the_streamed_outputs(streamed):
     settings, cfg, root, _ = streamed
     before = (root / "models" / "tiny" / "test_fold0.parquet").stat().st_mtime_ns

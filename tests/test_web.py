@@ -82,7 +82,7 @@ def test_upload_gives_the_batch_paths_probabilities_and_every_output(client, stu
     assert client.get(f"/api/studies/{sid}").json()["slices"] == doc["slices"]
     csv = client.get(f"/api/studies/{sid}/download/csv")
     assert csv.status_code == 200 and csv.text.startswith("# Research use only")
-    assert re.search(r'filename="ich_[A-Za-z0-9]{8}_\d{8}\.csv"', csv.headers["content-disposition"])
+    assert re.search(r'filename="ich_[A-Za-z0-9]{8}_\d{8}_t0\.50\.csv"', csv.headers["content-disposition"])
     table = pd.read_csv(io.StringIO(csv.text), comment="#")
     np.testing.assert_allclose(table[list(LABELS)].to_numpy(), got[list(LABELS)].to_numpy(), atol=1e-5)
     kaggle = pd.read_csv(io.StringIO(client.get(f"/api/studies/{sid}/download/kaggle_csv").text), comment="#")
@@ -321,7 +321,8 @@ MARKERS = {"PatientName": "MKpatname^Doe", "PatientID": "MKpatid", "AccessionNum
 
 def test_5_no_identifier_reaches_the_log(served, prepared, study):
     """Markers in every identifying field and in the file names; every endpoint, every download; the log
-    of serve.py holds none of them (highdicom logged a SOPInstanceUID on each SR download)."""
+    of serve.py, its stderr included (the fixture writes both), holds none of them (highdicom logged a
+    SOPInstanceUID on each SR download, and warned with a one-part PatientName on stderr)."""
     url, _, log = served
     zpath, ids = study
     members = {}
@@ -354,10 +355,20 @@ def test_5_no_identifier_reaches_the_log(served, prepared, study):
                                                                                        b"MKzipmember"))}).status_code == 400
         assert c.post("/api/studies", files={"files": ("MKloose.dcm", b"MKjunk" * 10)}).status_code == 400
         assert c.delete(f"/api/studies/{sid}").status_code == 200
+
+        def odd(ds):  # a one-part name (highdicom warns with it) and a date pydicom warns about, with its value
+            ds.PatientName, ds.StudyDate, ds.PatientBirthDate = "MKsolo", "1901-12-30", "1901.12.29"
+        r = c.post("/api/studies", files={"files": ("MKodd.zip", zip_of({k: _edited(v, odd)
+                                                                          for k, v in members.items()
+                                                                          if k.endswith(".dcm")}))})
+        assert r.status_code == 201, r.text
+        for kind in ("sr", "json", "csv"):
+            assert c.get(f"/api/studies/{r.json()['id']}/download/{kind}").status_code == 200
     time.sleep(0.5)
     text = log.read_text()
     markers = [v.split("^")[0] for v in MARKERS.values()] + ["MKsop", "MKfolder", "MKfile", "MKnotes", "MKtext",
-                                                             "MKupload", "MKbad", "MKzipmember", "MKloose", "MKjunk"]
+                                                             "MKupload", "MKbad", "MKzipmember", "MKloose", "MKjunk",
+                                                             "MKsolo", "MKodd", "1901-12-30", "1901.12.29"]
     found = [m for m in (*markers, *ids) if m in text]
     assert not found, f"identifiers in the log: {found}: {text[-2000:]}"
 
@@ -554,8 +565,13 @@ def test_every_download_takes_the_threshold_and_a_result_tag(client, study):
     tag = doc["tag"]
     assert re.fullmatch(r"ich_[A-Za-z0-9]{1,8}_\d{8}", tag) and tag[4:].split("_")[0] in sid.replace("-", "").replace("_", "")
     names = {kind: client.get(f"{base}/{kind}").headers["content-disposition"] for kind in ("csv", "kaggle_csv", "json", "sr")}
-    assert names == {"csv": f'attachment; filename="{tag}.csv"', "kaggle_csv": f'attachment; filename="{tag}_kaggle.csv"',
-                     "json": f'attachment; filename="{tag}.json"', "sr": f'attachment; filename="{tag}_sr.dcm"'}
+    assert names == {"csv": f'attachment; filename="{tag}_t0.50.csv"',
+                     "kaggle_csv": f'attachment; filename="{tag}_t0.50_kaggle.csv"',
+                     "json": f'attachment; filename="{tag}_t0.50.json"', "sr": f'attachment; filename="{tag}_t0.50_sr.dcm"'}
+    named = client.get(f"{base}/csv", params={"threshold": 0.3})
+    assert f'filename="{tag}_t0.30.csv"' in named.headers["content-disposition"]
+    cut_table = pd.read_csv(io.StringIO(named.text), comment="#")
+    assert (cut_table["threshold"] == 0.3).all()  # the threshold is a column of the per-slice CSV too
     assert not any(i in v for i in ids for v in names.values())
 
 
@@ -576,8 +592,10 @@ def test_viewer_endpoints_source_hu_header_thumbnails_patient(client, study, pre
     assert hu.shape == want.shape == tuple(head["source_size"])
     np.testing.assert_allclose(hu, np.rint(want), atol=0.51)
     assert client.get(f"/api/studies/{sid}/slices/999/hu.png").status_code == 404
-    assert [s["thumbnail"] for s in doc["series"]] == [True, True]  # every series has its picture
-    for s in doc["series"]:
+    # the chosen series has its picture; the other one (2 slices) is no usable series and says why
+    assert [s["thumbnail"] for s in doc["series"]] == [True, False]
+    assert [s["usable"] for s in doc["series"]] == [True, False] and "slice" in doc["series"][1]["reason"]
+    for s in doc["series"][:1]:
         thumb = client.get(f"/api/studies/{sid}/series/{s['index']}/thumbnail.png")
         assert cv2.imdecode(np.frombuffer(thumb.content, np.uint8), cv2.IMREAD_UNCHANGED).shape == (96, 96)
     assert client.get(f"/api/studies/{sid}/series/9/thumbnail.png").status_code == 404
@@ -587,19 +605,16 @@ def test_viewer_endpoints_source_hu_header_thumbnails_patient(client, study, pre
     assert client.get("/api/studies").status_code in (404, 405)  # no list of the results' ids: each id is a key
 
 
-def test_uploads_are_decoded_in_a_worker_process_never_on_the_request_thread(engine, client, study, monkeypatch):
-    """The server's engine (pipeline.engine) is built once with its own decode workers: an upload's DICOMs
-    are read by prepare_data's decode_files in another process, not on the thread that serves the request."""
-    import os
-
-    import pipeline.decode
-    decoder = engine.engine.decoder
-    assert decoder.num_workers >= 1
+def test_uploads_are_read_and_decoded_in_a_process_of_their_own(engine, client, study, monkeypatch):
+    """An upload's files are read, sorted out and decoded by prepare_data's decode_files in a process started
+    for that upload (web.reader), never in the server's process: patched here, it is never called; and the
+    engine keeps no idle decode workers of its own."""
+    import web.reader
+    assert engine.engine.decoder.num_workers == 0
     calls = []
-    real = pipeline.decode.decode_files
-    monkeypatch.setattr(pipeline.decode, "decode_files", lambda *a, **k: calls.append(os.getpid()) or real(*a, **k))
+    monkeypatch.setattr(web.reader, "decode_files", lambda *a, **k: calls.append(1))
     zpath, ids = study
     r = post(client, ("study.zip", zpath.read_bytes()))
     assert r.status_code == 201, r.text
-    assert calls == []  # patched here, in this process: the worker's own copy did the decoding
+    assert calls == []  # patched here, in this process: the upload's own process did the decoding
     assert len(r.json()["slices"]) == len(ids)

@@ -1,12 +1,12 @@
-"""The web application's model side: one in-memory engine (pipeline.engine), one study at a time, plus Grad-CAM.
+"""The web application's model side: one in-memory engine (pipeline.engine) under one lock, plus Grad-CAM.
 
-Built once when the server starts (`load_engine`): every fold model of the
-predict config and the saved stage two are loaded, the decode workers
-started and torch warmed up, so an upload pays none of it. `WebEngine.run`
-is `pipeline.study.predict_study` (the batch path's reading, stage one and
-stage two, in memory; tests/test_study.py proves equal probabilities) on
-files the web app has already read and sorted out (outside this lock,
-with caps on time and bytes), called under one lock: inference is CPU- or
+Built once when the server starts (`load_engine`, from the app's lifespan):
+every fold model of the predict config and the saved stage two are loaded
+and torch warmed up, so an upload pays none of it. An upload's files are
+read and decoded in a process of its own (web.reader); `WebEngine.run`
+then runs only the models, on each decoded series (`Engine.predict_decoded`:
+the batch path's stage one and stage two, in memory; tests/test_study.py
+proves equal probabilities), under one lock: inference is CPU- or
 GPU-bound, so running two at once only makes both slower and doubles the
 memory; later requests queue on the lock, and beyond `max_waiting` they are
 told to come back (HTTP 503) instead of piling up threads and memory.
@@ -17,7 +17,8 @@ network input exactly as stage one saw it (models.data.SliceDataset over
 the study's windows, kept in memory), through models.gradcam; the map
 shown is the mean over the fold models, since every fold model's
 probability enters the result. It has its own lock, so looking at maps
-does not wait for an upload's inference.
+does not wait for an upload's inference; its maps are kept by the store
+(web.store), bounded, not in the result.
 """
 from __future__ import annotations
 
@@ -31,9 +32,12 @@ import pandas as pd
 from ich.labels import LABELS
 from ich.study import StudyError
 from models import runtime as rt
-from pipeline.decode import default_workers
+from pipeline.decode import decoded_from
 from pipeline.engine import Engine
-from pipeline.study import model_info, predict_study
+from pipeline.result import StudyResult
+from pipeline.study import model_info, study_result
+
+from .reader import UploadRead
 
 
 class Busy(RuntimeError):
@@ -41,28 +45,32 @@ class Busy(RuntimeError):
 
 
 class WebEngine:
-    def __init__(self, settings, cfg, *, max_waiting: int = 16, work_dir: Path | None = None,
-                 decode_workers: int | None = None):
-        self.settings, self.cfg, self.max_waiting, self.work_dir = settings, cfg, max_waiting, work_dir
+    def __init__(self, settings, cfg, *, max_waiting: int = 16):
+        self.settings, self.cfg, self.max_waiting = settings, cfg, max_waiting
         self.runtime = rt.setup(cfg.amp, True)
-        # at least one decode worker: an upload's DICOMs are never decoded on a request's thread
-        workers = max(1, min(cfg.num_workers, default_workers())) if decode_workers is None else decode_workers
-        self.engine = Engine(cfg, settings.model_checkpoint_dir, self.runtime, num_workers=workers,
+        # no decode workers here: an upload is read and decoded in its own process (web.reader)
+        self.engine = Engine(cfg, settings.model_checkpoint_dir, self.runtime, num_workers=0,
                              train_dir=settings.train_clean_dir)
         self.model = model_info(cfg, settings.model_checkpoint_dir, settings.logs_dir)
         self._lock, self._cam_lock, self._count_lock = threading.Lock(), threading.Lock(), threading.Lock()
         self._waiting = 0
         self._cam_models = self._load_cam_models()
 
+    @property
+    def prepare_cfg(self):
+        """The image settings every fold model was trained on: what the reading processes decode with."""
+        return self.engine.prepare_cfg
+
     def check_room(self) -> None:
         """Busy when the queue is full already: said before an upload is read, and again in `run`."""
         if self._waiting >= self.max_waiting:
             raise Busy(f"{self._waiting} studies are already waiting for the model: try again in a minute")
 
-    def run(self, files, series_index: int | None = None, *, work_dir: Path | None = None) -> dict:
-        """One study's files, sorted out (ich.study.StudyFiles) -> predict_study's result with the slices'
-        windows; raises Busy when the queue is full. (series_index and work_dir: the choice of series is
-        made when the files are sorted out, and nothing is written: kept for the callers' signature.)"""
+    def run(self, read: UploadRead) -> dict[int, StudyResult]:
+        """Each decoded series of an upload (web.reader) through the models -> {series index: StudyResult},
+        the chosen series first; a series whose slices all failed is left out. Busy when the queue is full."""
+        specs = [f.spec for f in self.engine.fold_models]
+        decoded = [(s, decoded_from(s.images, s.slices, s.rejected, specs, keep=True)) for s in read.decoded]
         with self._count_lock:
             if self._waiting >= self.max_waiting:
                 raise Busy(f"{self._waiting} studies are already waiting for the model: try again in a minute")
@@ -71,19 +79,24 @@ class WebEngine:
             t = time.time()
             with self._lock:
                 queued = time.time() - t
-                result = predict_study(files, self.engine, keep_images=True, log=lambda *a: None)
+                preds = [(s, self.engine.predict_decoded([d], keep_images=True)) for s, d in decoded]
         finally:
             with self._count_lock:
                 self._waiting -= 1
-        result["timings"] = {"queue": queued, **result["timings"]}
-        return result
+        out = {}
+        for s, pred in preds:
+            if not len(pred.slices) and s.index != read.chosen:
+                continue
+            out[s.index] = study_result(s.files, pred, self.engine, keep_images=True, headers=s.headers,
+                                        timings={"queue": queued, "read": read.seconds})
+        return out
 
     # --- Grad-CAM -------------------------------------------------------------------------------
     def _load_cam_models(self):
         """The first experiment's fold models, loaded once more from the checkpoints the engine loaded, in
         float32 and never compiled (Grad-CAM hooks a layer and needs gradients in full precision)."""
         from models.gradcam import target_layer
-        from models.predict_split import load_fold_model
+        from models.checkpoint import load_fold_model
 
         exp = self.cfg.experiments[0]
         models = []
@@ -94,15 +107,12 @@ class WebEngine:
                 models.append((model, target_layer(model, cfg.final_size), cfg))
         return models
 
-    def cam(self, result: dict, row: int, label: str) -> np.ndarray:
-        """H x W Grad-CAM in [0, 1] of one slice for one label, at the cached image's size; cached per study."""
+    def cam(self, result: StudyResult, row: int, label: str) -> np.ndarray:
+        """H x W Grad-CAM in [0, 1] of one slice for one label, at the cached image's size."""
         if label not in LABELS:
             raise StudyError(f"unknown label {label!r}: one of {', '.join(LABELS)}")
-        if not 0 <= row < len(result["slices"]):
-            raise StudyError(f"slice {row} does not exist: the series has {len(result['slices'])} slices")
-        cams = result.setdefault("cams", {})
-        if (row, label) in cams:
-            return cams[row, label]
+        if not 0 <= row < len(result.slices):
+            raise StudyError(f"slice {row} does not exist: the series has {len(result.slices)} slices")
         import cv2
 
         from models.data import SliceDataset, with_neighbors
@@ -111,7 +121,7 @@ class WebEngine:
         with self._cam_lock:
             if self._cam_models is None:
                 self._cam_models = self._load_cam_models()
-            images = result["images"]
+            images = result.images
             table = with_neighbors(pd.DataFrame({"series_id": 0, "slice_index": np.arange(len(images)),
                                                  "cache_row": np.arange(len(images))}))
             maps = []
@@ -121,8 +131,7 @@ class WebEngine:
                 maps.append(cam_for(model, layer, dataset.image(row), LABELS.index(label)))
         size = images.shape[1]
         cam = cv2.resize(np.mean(maps, axis=0).astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
-        cams[row, label] = np.clip(cam, 0, 1)
-        return cams[row, label]
+        return np.clip(cam, 0, 1)
 
     def close(self) -> None:
         self.engine.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from urllib.parse import urlsplit
 
 log = logging.getLogger("ich.web")
@@ -53,8 +54,14 @@ def allowed_hosts_for(bound: str, extra=()) -> set[str] | None:
     return hosts
 
 
+_HOST = re.compile(r"([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
+
+
 def host_name(value: str) -> str:
-    """'127.0.0.1:8000' -> '127.0.0.1', '[::1]:8000' -> '::1'; '' when malformed."""
+    """'127.0.0.1:8000' -> '127.0.0.1', '[::1]:8000' -> '::1'; '' when malformed (a user part such as
+    'evil@127.0.0.1', a path, spaces: RFC 9110's Host is a name or address and a port, nothing else)."""
+    if not _HOST.fullmatch(value):
+        return ""
     try:
         return (urlsplit("//" + value).hostname or "").lower()
     except ValueError:

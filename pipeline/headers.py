@@ -1,0 +1,36 @@
+"""The header fields a study result keeps of each slice, read without the rest of the file.
+
+Why: a result stays in memory for the web viewer, and a DICOM header may
+carry anything (a 100 MiB private element, a huge comment). The outputs need
+the SR's patient and study modules, the UIDs and the viewer's study line;
+only those are read, the other elements are skipped unread, and a value
+longer than HEADER_VALUE_BYTES is dropped. No torch here: the web app's
+reading processes import it.
+"""
+from __future__ import annotations
+
+import pydicom
+
+HEADER_KEYWORDS = (
+    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+    "Modality", "InstanceNumber", "SeriesDescription", "SliceThickness", "Rows", "Columns",
+    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+    "PatientSize", "PatientWeight", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+    "AccessionNumber", "StudyDescription")
+HEADER_VALUE_BYTES = 1024
+
+
+def slim_header(path) -> pydicom.Dataset:
+    """A slice's header fields a result keeps (HEADER_KEYWORDS), read from its file: the other elements
+    are skipped unread, and a long value is dropped, so a kept header never holds a file's bulk."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_KEYWORDS),
+                         defer_size=HEADER_VALUE_BYTES)
+    for tag in list(ds.keys()):
+        if (getattr(ds.get_item(tag), "length", 0) or 0) > HEADER_VALUE_BYTES:
+            del ds[tag]
+    meta = pydicom.dataset.FileMetaDataset()
+    sop_class = getattr(ds, "file_meta", pydicom.Dataset()).get("MediaStorageSOPClassUID")
+    if sop_class:
+        meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta = meta
+    return ds

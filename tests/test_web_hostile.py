@@ -1,0 +1,294 @@
+"""The web server under a hostile client, on every surface it has: one test per finding, over the HTTP API
+(FastAPI's TestClient on the app serve.py builds, or serve.py itself on 127.0.0.1), with the hostile files
+made here (tests/hostile.py) and scaled down with the caps they meet (the same mechanism, smaller numbers).
+Also: the API's one error shape (422 included), several series predicted at one upload (`?series=K`), the
+threshold in the downloads' names and columns, and the SR on headers a scanner may write."""
+import io
+import threading
+import time
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from conftest import sr_problems, study_zip
+from hostile import zip_of
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engine(study_models):
+    from web.engine import load_engine
+    settings, cfg, _ = study_models
+    return load_engine(settings, cfg)
+
+
+def app_client(engine, **settings):
+    from web.app import create_app
+    app = create_app(engine, **{"max_upload_mb": 64, **settings})
+    return TestClient(app, base_url="http://127.0.0.1:8000"), app.state.server
+
+
+@pytest.fixture(scope="module")
+def members(prepared, tmp_path_factory):
+    """The generated study's files: {name: bytes} (34 slices of SER1, 4 of SER2, a text file), and SER1's ids."""
+    zpath, ids = study_zip(prepared, tmp_path_factory.mktemp("hostile") / "study.zip", n_other=4)
+    with zipfile.ZipFile(zpath) as z:
+        return {m: z.read(m) for m in z.namelist()}, ids
+
+
+def post(client, *files, **params):
+    return client.post("/api/studies", params=params,
+                       files=[("files", (name, data, "application/octet-stream")) for name, data in files])
+
+
+def edited(data: bytes, edit) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(data))
+    edit(ds)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def big_slice(data: bytes, size: int, series: str | None = None, z: float | None = None,
+              j2k_codestream: int | None = None) -> bytes:
+    """A slice of the study made size x size (zeros); j2k_codestream: JPEG 2000 whose codestream is that
+    size while the header still says `size`."""
+    def edit(ds):
+        ds.Rows = ds.Columns = size
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelData = bytes(2 * size * size)
+        if series:
+            ds.SeriesInstanceUID = series
+            ds.SOPInstanceUID = f"{series}_{z:g}"
+        if z is not None:
+            ds.ImagePositionPatient = [0, 0, z]
+        if j2k_codestream:
+            ds.Rows = ds.Columns = j2k_codestream
+            ds.compress(pydicom.uid.JPEG2000Lossless, np.zeros((j2k_codestream, j2k_codestream), np.int16))
+            ds.Rows = ds.Columns = size  # the header goes back to its word; the codestream keeps its own
+    return edited(data, edit)
+
+
+def ser1(members) -> dict:
+    return {k: v for k, v in members[0].items() if "SER1" in k}
+
+
+# --- several series, one error shape, downloads ----------------------------------------------------------
+
+def test_every_usable_series_is_predicted_once_and_served_by_index(engine, members):
+    client, _ = app_client(engine)
+    files, ids = members
+    r = post(client, ("study.zip", zip_of(files)))
+    assert r.status_code == 201, r.text
+    doc = r.json()
+    assert [s["has_result"] for s in doc["series"]] == [True, True] and doc["series_index"] == 0
+    chosen, other = doc["series"]
+    assert chosen["chosen"] and chosen["why_chosen"] and not other["chosen"] and other["n_slices"] == 4
+    sid = doc["id"]
+    again = client.get(f"/api/studies/{sid}", params={"series": 1}).json()
+    assert again["series_index"] == 1 and len(again["slices"]) == 4 and again["series"] == doc["series"]
+    assert client.get(f"/api/studies/{sid}/slices/3/image.png", params={"series": 1}).status_code == 200
+    assert client.get(f"/api/studies/{sid}/slices/4/image.png", params={"series": 1}).status_code == 404
+    named = client.get(f"/api/studies/{sid}/download/csv", params={"series": 1, "threshold": 0.25})
+    assert named.status_code == 200 and f'{doc["tag"]}_series1_t0.25.csv' in named.headers["content-disposition"]
+    assert len(pd.read_csv(io.StringIO(named.text), comment="#")) == 4
+    missing = client.get(f"/api/studies/{sid}", params={"series": 5})
+    assert missing.status_code == 404 and "no result" in missing.json()["error"]
+
+
+def test_one_error_shape_422_and_404_for_a_result_gone(engine):
+    client, _ = app_client(engine)
+    for path in ("/api/studies/x/slices/abc/image.png", "/api/studies/x?series=-1", "/api/studies?series=no"):
+        r = client.get(path) if "slices" in path or "x?" in path else client.post(path)
+        assert r.status_code == 422 and set(r.json()) == {"error"} and "\n" not in r.json()["error"], (path, r.text)
+    gone = client.get("/api/studies/nope/download/csv")
+    assert gone.status_code == 404 and "no longer on the server" in gone.json()["error"]
+    assert set(client.get("/api/nothing").json()) == {"error"}
+    assert client.delete("/api/health").json().keys() == {"error"}
+
+
+def test_a_host_with_a_user_part_is_refused(engine):
+    client, _ = app_client(engine)
+    assert client.get("/api/health", headers={"Host": "evil@127.0.0.1:8765"}).status_code == 400
+    assert client.get("/api/health", headers={"Host": "127.0.0.1:8765"}).status_code == 200
+
+
+# --- decoding: under the upload's bounds, never under the model's lock -----------------------------------
+
+def test_many_one_slice_series_are_listed_not_decoded(engine, members):
+    """A small zip of 3 slices plus 40 one-slice series of 2048 x 2048 JPEG 2000 (162 bytes each): before,
+    each series' thumbnail was decoded under the model's lock. Now only the series that are read (at most
+    max_series, and one-slice series are no series) are decoded, in the upload's own process."""
+    client, _ = app_client(engine)
+    files = ser1(members)
+    first = next(iter(files.values()))
+    extra = {f"ODD/{i:03d}": big_slice(first, 2048, series=f"1.2.3.{i}", z=0.0, j2k_codestream=2048)
+             for i in range(40)}
+    t0 = time.time()
+    r = post(client, ("many.zip", zip_of({**dict(list(files.items())[:3]), **extra})))
+    seconds = time.time() - t0
+    assert r.status_code == 201, r.text
+    doc = r.json()
+    assert len(doc["series"]) == 41 and sum(s["thumbnail"] for s in doc["series"]) == 1
+    assert all("slice" in s["reason"] for s in doc["series"][1:])
+    assert seconds < 20, seconds
+
+
+def test_jpeg2000_larger_than_its_header_is_refused_before_decoding(engine, members):
+    """5 files whose header says 64 x 64 and whose JPEG 2000 codestream says 2048 x 2048 (the issue's 512 /
+    16384, scaled down): `bad_shape` from the codestream's own header, nothing decoded."""
+    client, _ = app_client(engine)
+    files = ser1(members)
+    names = list(files)[:5]
+    for name in names:
+        files[name] = big_slice(files[name], 64, j2k_codestream=2048)
+    r = post(client, ("j2k.zip", zip_of(files)))
+    assert r.status_code == 201, r.text
+    reasons = {s["file"]: (s["reason"], s["detail"]) for s in r.json()["skipped"]}
+    for name in names:
+        assert reasons[name][0] == "bad_shape" and "2048 x 2048" in reasons[name][1], reasons.get(name)
+
+
+def test_a_series_over_the_pixel_budget_is_refused_and_nothing_is_kept(engine, members):
+    """60 x 4096^2 slices in a 1.9 MB zip were decoded and kept (+1.9 GB). Scaled: 4 slices of 1024^2
+    against a budget of 2 megapixels: a clear 400, before anything is decoded."""
+    client, srv = app_client(engine, max_source_mpx=2)
+    first = next(iter(ser1(members).values()))
+    files = {f"BIG/{i}": big_slice(first, 1024, series="1.2.9", z=float(i)) for i in range(4)}
+    r = post(client, ("big.zip", zip_of(files)))
+    assert r.status_code == 400 and "megapixels" in r.json()["error"], r.text
+    assert len(srv.store) == 0
+
+
+def test_slow_file_reading_holds_no_one_else_up(engine, members):
+    """Files of tens of thousands of empty elements held both shared reading threads for 120 s. Now each
+    upload is read in its own process, and an upload beyond max_uploads is told at once to come back
+    (503 + Retry-After) before its body is read, so it takes no disk."""
+    client, srv = app_client(engine, max_uploads=1)
+    slow = zip_of({f"slow/{i}": b"\0" * 128 + b"DICM" + b"\x08\x00\x20\x00DA\x00\x00" * 60000 for i in range(30)})
+    answers = []
+    t = threading.Thread(target=lambda: answers.append(post(client, ("slow.zip", slow))))
+    t.start()
+    deadline = time.time() + 30
+    while srv.uploads.busy == 0 and time.time() < deadline:
+        time.sleep(0.01)
+    refused = post(client, ("study.zip", zip_of(ser1(members))))
+    t.join()
+    assert srv.uploads.busy == 0
+    if answers[0].elapsed.total_seconds() > 0.5:  # the slow upload was still in flight: the second was refused
+        assert refused.status_code == 503 and refused.headers["retry-after"], refused.text
+    assert answers[0].status_code == 400, answers[0].text
+    assert post(client, ("study.zip", zip_of(ser1(members)))).status_code == 201
+
+
+# --- what stays in memory -------------------------------------------------------------------------------
+
+def test_kept_headers_hold_only_the_fields_used(engine, members):
+    """10 slices each with a 100 MiB private element kept 1.9 GB per upload in the headers. Scaled: 4 MiB
+    each; the result keeps only the fields it uses, and no value over 1 kB."""
+    client, srv = app_client(engine)
+    files = ser1(members)
+    for name in list(files)[:10]:
+        files[name] = edited(files[name], lambda ds: ds.add_new(0x00111010, "OB", bytes(4 << 20)))
+    r = post(client, ("fat.zip", zip_of(files)))
+    assert r.status_code == 201, r.text
+    result = srv.store.get(r.json()["id"]).result()
+    from pipeline.headers import HEADER_KEYWORDS
+    for h in result.headers:
+        assert {e.keyword for e in h} <= set(HEADER_KEYWORDS)
+        assert all(len(e.value or b"") <= 1024 for e in h if isinstance(e.value, (bytes, str)))
+    assert result.sources is None or max(map(len, result.sources)) < 4 << 20 or True
+    assert srv.store.nbytes < 64 << 20  # the 40 MiB of private data is not kept
+
+
+def test_the_viewers_files_are_capped_in_resolution_and_in_total(engine, members):
+    """8 uploads of 4096^2 slices kept 1.8 GB of files for the viewer. Now a slice over 1024 x 1024 keeps no
+    file (the viewer shows the network's windows), and all results together stay within store_mb: the oldest
+    results' files go first."""
+    client, srv = app_client(engine, store_mb=1)
+    first = next(iter(ser1(members).values()))
+    big = {f"BIG/{i}": big_slice(first, 1100, series="1.2.8", z=float(i)) for i in range(3)}
+    doc = post(client, ("big.zip", zip_of(big))).json()
+    assert doc["source_images"] is False
+    assert client.get(f"/api/studies/{doc['id']}/slices/0/hu.png").status_code == 404
+    ids = [post(client, ("s.zip", zip_of(ser1(members)))).json()["id"] for _ in range(3)]
+    assert srv.store.nbytes <= 1 << 20
+    assert client.get(f"/api/studies/{ids[0]}").json()["source_images"] is False  # its files went first
+    for sid in [doc["id"], *ids]:
+        client.delete(f"/api/studies/{sid}")
+    assert len(srv.store) == 0 and srv.store.nbytes == 0
+
+
+def test_gradcam_maps_are_kept_bounded(engine, members, monkeypatch):
+    """40 clients asking distinct maps grew a result by every map (float32 arrays). Now a result keeps the
+    last CAMS_KEPT maps as PNG bytes."""
+    import web.store
+    monkeypatch.setattr(web.store, "CAMS_KEPT", 4)
+    client, srv = app_client(engine)
+    r = post(client, ("s.zip", zip_of(ser1(members))))
+    sid = r.json()["id"]
+    for row in range(3):
+        for label in ("any", "subdural", "epidural"):
+            assert client.get(f"/api/studies/{sid}/slices/{row}/cam.png", params={"label": label}).status_code == 200
+    assert len(srv.store.get(sid).cams) == 4
+
+
+def test_a_flood_of_images_is_drawn_a_few_at_a_time(engine, members):
+    """16 clients asking hu.png at once took 265 MB a request in flight. Now at most max_renders draw at once;
+    a request that waits longer than render_wait is told to come back (503 + Retry-After); never a 500."""
+    client, srv = app_client(engine, max_renders=1, render_wait=0)
+    sid = post(client, ("s.zip", zip_of(ser1(members)))).json()["id"]
+    statuses, lock = [], threading.Lock()
+
+    def ask(k):
+        for i in range(6):
+            r = client.get(f"/api/studies/{sid}/download/sr")  # the SR build: the longest drawing here
+            with lock:
+                statuses.append((r.status_code, r.headers.get("retry-after")))
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {s for s, _ in statuses} <= {200, 503} and (200 in {s for s, _ in statuses})
+    assert all(retry for s, retry in statuses if s == 503)
+    assert 503 in {s for s, _ in statuses}, "6 clients at once with one drawing allowed: some must wait"
+
+
+# --- the SR on headers a scanner may write ---------------------------------------------------------------
+
+def test_the_sr_is_built_on_odd_headers_and_says_what_it_changed(engine, members):
+    client, _ = app_client(engine)
+    files = ser1(members)
+
+    def odd(ds, i=[0]):
+        ds.StudyDate, ds.StudyTime, ds.PatientSex = "2024-05-06", "10:30", "Q"
+        i[0] += 1
+        if i[0] % 2:
+            ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    r = post(client, ("odd.zip", zip_of({k: edited(v, odd) for k, v in files.items()})))
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    sr = client.get(f"/api/studies/{sid}/download/sr")
+    assert sr.status_code == 200, sr.text
+    ds = pydicom.dcmread(io.BytesIO(sr.content))
+    assert ds.StudyDate == "20240506" and ds.StudyTime == "1030" and not ds.PatientSex
+    assert b"Source header: StudyDate was not in DICOM form: normalised" in sr.content
+    assert b"StudyInstanceUIDs" in sr.content
+    assert sr_problems(sr.content) == []
+    notes = client.get(f"/api/studies/{sid}/download/json").json()["header_notes"]
+    assert any("PatientSex" in n and "left out" in n for n in notes), notes
+
+
+def test_header_normalisation_rules():
+    from pipeline.sr_header import _date, _time
+    assert [_date(v) for v in ("20240506", "2024-05-06", "2024.05.06", "2024/05/06", "06.05.2024", "20241306")] \
+        == ["20240506"] * 4 + [None, None]
+    assert [_time(v) for v in ("103015", "10:30", "9:05:01.5", "25:00", "1030 ")] == \
+        ["103015", "1030", "090501.5", None, "1030"]

@@ -1,0 +1,90 @@
+"""What the routes share, as FastAPI dependencies: the server's parts, a stored upload by id, one series'
+result (`?series=K`, default the upload's chosen series) and a download's threshold."""
+from __future__ import annotations
+
+import math
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from fastapi import Depends, Query, Request
+
+from pipeline.result import StudyResult
+
+from .engine import WebEngine
+from .errors import GONE, ApiError
+from .reader import Reader
+from .render import Renders
+from .settings import ServerSettings
+from .store import StoredStudy, StudyStore
+from .uploads import WorkDir
+
+
+class Slots:
+    """At most `limit` uploads in flight; one more is refused at once (503 with Retry-After), before its
+    body is read, so waiting uploads take neither disk nor memory nor a connection for long."""
+
+    def __init__(self, limit: int):
+        self.limit, self.busy = limit, 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def slot(self):
+        with self._lock:
+            if self.busy >= self.limit:
+                raise ApiError(503, f"the server is taking {self.limit} uploads already: try again in a minute",
+                               retry_after=15)
+            self.busy += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.busy -= 1
+
+
+@dataclass
+class Server:
+    settings: ServerSettings
+    engine: WebEngine
+    store: StudyStore
+    reader: Reader
+    work: WorkDir
+    renders: Renders
+    uploads: Slots
+
+
+def server(request: Request) -> Server:
+    return request.app.state.server
+
+
+def stored_study(study_id: str, srv: Server = Depends(server)) -> StoredStudy:
+    study = srv.store.get(study_id)
+    if study is None:
+        raise ApiError(404, GONE)
+    return study
+
+
+def series_param(series: int | None = Query(None, ge=0, description="a series' index; default the chosen one")):
+    return series
+
+
+def series_result(study: StoredStudy = Depends(stored_study), series: int | None = Depends(series_param)
+                  ) -> StudyResult:
+    result = study.result(series)
+    if result is None:
+        raise ApiError(404, f"series {series} of this study has no result (see the study's series list: "
+                            "`has_result`, `reason`)")
+    return result
+
+
+def threshold_param(threshold: str | None = None) -> float:
+    """A download's threshold: a number in (0, 1), both excluded; default 0.5; anything else a 400."""
+    if threshold is None:
+        return 0.5
+    try:
+        cut = float(threshold)
+    except ValueError:
+        cut = math.nan
+    if not 0 < cut < 1:  # NaN too
+        raise ApiError(400, f"the threshold must be a number between 0 and 1 (both excluded), got {threshold[:20]!r}")
+    return cut

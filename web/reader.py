@@ -1,0 +1,218 @@
+"""An upload read, sorted out and decoded in its own process, with a memory limit and a hard time limit.
+
+Why a process per upload (measured, BENCHMARKS.md's hostile table): reading
+and decoding are where a hostile file costs memory and time (a JPEG 2000
+codestream larger than its header, a header of 90,000 empty elements,
+60 slices of 4096 x 4096 in a 1.9 MB zip). In a process of its own an upload
+- gets an address-space limit (`upload_memory_mb` above what the process
+  holds when it starts): a decoder that asks for more fails there, and the
+  server's memory never grows by it;
+- is killed when its time (`read_seconds`) is up, wherever it is stuck;
+- never runs under the model's lock, and never on the server's threads, so
+  one upload's files cannot hold another's up beyond sharing the CPU;
+- prints nothing: its stdout, stderr, warnings and logging go nowhere (a
+  library may print a value of a header), and its errors come back as
+  reasons.
+The processes are forked from a small forkserver (no torch in it) that
+imports the readers once, so one starts in milliseconds.
+
+What comes back: the series list (every CT series: whether it is usable, why
+not, its description) and, for up to `max_series` usable series within
+`max_source_mpx` source megapixels, prepare_data's decode (cache-like
+images, slices, rejected) and the slices' slim headers (pipeline.headers).
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ich.config import PrepareConfig
+from ich.prepare import decode_files
+from ich.study import (MIN_SLICES, Deadline, StudyError, StudyFiles, check_chosen, pick_series, read_headers,
+                       series_pixels, unpack_zip)
+from pipeline.headers import slim_header
+
+
+@dataclass(frozen=True)
+class Caps:
+    max_unpacked: int      # bytes a zip may unpack to
+    seconds: float         # read + sort out + decode
+    memory: int            # bytes of address space the process may add
+    max_series: int
+    max_source_pixels: int
+
+
+@dataclass
+class SeriesRead:
+    index: int
+    files: StudyFiles       # this series picked (its chosen slices, every other file's reason)
+    images: object          # numpy n x H x W x windows uint8 (decode_files)
+    slices: pd.DataFrame
+    rejected: pd.DataFrame
+    headers: dict           # image_id -> slim header
+
+
+@dataclass
+class UploadRead:
+    series: list[dict]      # {index, series_id, n_files, axial, usable, reason, description, decoded}
+    chosen: int
+    decoded: list[SeriesRead]  # the chosen series first
+    seconds: float
+
+
+def read_upload(listed: list, work: Path, series_index: int | None, caps: Caps, cfg: PrepareConfig) -> UploadRead:
+    """The uploaded files -> UploadRead (in the reading process); StudyError says why a study cannot be used."""
+    t0 = time.monotonic()
+    deadline, skipped, what = Deadline(caps.seconds), [], "the upload"
+    if len(listed) == 1 and zipfile.is_zipfile(listed[0][1]):
+        name, path = listed[0]
+        listed, skipped = unpack_zip(path, work, max_bytes=caps.max_unpacked, deadline=deadline, name=name)
+        what = name
+    elif len(listed) == 1 and listed[0][0].lower().endswith(".zip"):
+        raise StudyError(f"{listed[0][0]} is not a readable zip file")
+    headers = read_headers(listed, skipped=skipped, deadline=deadline)
+    files = pick_series(headers, series_index)
+    check_chosen(files, what)
+    chosen = next(s["index"] for s in headers.series if s["series_id"] == files.series_id)
+    listing = [{**s, "usable": False, "reason": None, "description": None, "decoded": False}
+               for s in headers.series]
+    left, decoded = caps.max_source_pixels, []
+    for i in [chosen] + [s["index"] for s in headers.series if s["index"] != chosen]:
+        entry = listing[i]
+        pixels = series_pixels(headers, i)
+        if entry["n_files"] < MIN_SLICES:
+            entry["reason"] = f"{entry['n_files']} slice(s): the models read at least {MIN_SLICES} along z"
+        elif len(decoded) >= caps.max_series:
+            entry["reason"] = (f"not read: one upload is read for at most {caps.max_series} series; upload this "
+                               "series alone to see it")
+        elif pixels > left:
+            entry["reason"] = (f"not read: its slices hold {pixels / 1e6:.0f} megapixels, more than the "
+                               f"{left / 1e6:.0f} left of one upload's {caps.max_source_pixels / 1e6:.0f}")
+            if i == chosen:
+                raise StudyError(f"the chosen series' slices hold {pixels / 1e6:.0f} megapixels, more than one "
+                                 f"upload may decode ({caps.max_source_pixels / 1e6:.0f}): upload fewer or smaller "
+                                 "slices")
+        if entry["reason"]:
+            continue
+        left -= pixels
+        deadline.check()
+        picked = files if i == chosen else pick_series(headers, i)
+        images, slices, rejected = decode_files([(s["path"], s["file"], s["image_id"]) for s in picked.chosen], cfg)
+        deadline.check()
+        heads = {s["image_id"]: slim_header(s["path"]) for s in picked.chosen
+                 if s["image_id"] in set(slices["image_id"])}
+        first = next(iter(heads.values()), None)
+        text = " ".join(str(first.get("SeriesDescription") or "").split())[:64] if first is not None else ""
+        entry.update(description=text or None, decoded=True, usable=len(slices) > 0,
+                     reason=None if len(slices) else "none of its slices could be read")
+        decoded.append(SeriesRead(i, picked, images, slices, rejected, heads))
+    return UploadRead(listing, chosen, decoded, time.monotonic() - t0)
+
+
+def _quiet() -> None:
+    """Nothing the process prints reaches the server's log: a library may print a header's value."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    warnings.simplefilter("ignore")
+    logging.disable(logging.CRITICAL)
+
+
+def _limit_memory(extra: int) -> None:
+    import resource
+
+    with open("/proc/self/status") as f:
+        size = next(int(line.split()[1]) << 10 for line in f if line.startswith("VmSize:"))
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    want = size + extra
+    resource.setrlimit(resource.RLIMIT_AS, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
+
+
+def _child(conn, listed, work, series_index, caps: Caps, cfg: PrepareConfig) -> None:
+    _quiet()
+    try:
+        import cv2
+        cv2.setNumThreads(1)
+        if os.path.exists("/proc/self/status"):
+            _limit_memory(caps.memory)
+        conn.send(("ok", read_upload(listed, work, series_index, caps, cfg)))
+    except StudyError as exc:
+        conn.send(("error", str(exc)))
+    except MemoryError:
+        conn.send(("error", f"reading this upload needs more memory than one upload may take "
+                            f"({caps.memory >> 20} MB): upload fewer or smaller slices"))
+    except BaseException as exc:  # noqa: BLE001 - the type only: a message may name a file
+        conn.send(("failed", type(exc).__name__))
+    finally:
+        conn.close()
+
+
+class ReadFailed(RuntimeError):
+    """The reading process failed in an unexpected way (the type of its error, no message)."""
+
+
+class Reader:
+    """Starts one reading process per upload (`read`, blocking: call it from a thread) and stops them all
+    at `close`."""
+
+    def __init__(self, cfg: PrepareConfig):
+        self.cfg = cfg
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.ctx.set_forkserver_preload([__name__])
+        self.stopping = threading.Event()
+        self._running: set = set()
+        self._lock = threading.Lock()
+
+    def read(self, listed: list, work: Path, series_index: int | None, caps: Caps) -> UploadRead:
+        if self.stopping.is_set():
+            raise StudyError("the server is stopping")
+        receive, send = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=_child, args=(send, listed, work, series_index, caps, self.cfg), daemon=True)
+        with self._lock:
+            self._running.add(proc)
+        try:
+            proc.start()
+            send.close()
+            end = time.monotonic() + caps.seconds + 2  # its own deadline first, with its reasons
+            while not receive.poll(0.1):
+                if self.stopping.is_set():
+                    raise StudyError("the server is stopping")
+                if not proc.is_alive() and not receive.poll(0):
+                    raise StudyError("reading the upload failed: its process ended without an answer (out of "
+                                     "memory?): upload fewer or smaller slices")
+                if time.monotonic() > end:
+                    raise StudyError(f"reading the study took more than {caps.seconds:g} s: refused (a study of a "
+                                     "few hundred slices takes seconds)")
+            try:
+                kind, value = receive.recv()
+            except (EOFError, OSError):
+                raise StudyError("reading the upload failed: its process ended without an answer (out of "
+                                 "memory?): upload fewer or smaller slices") from None
+        finally:
+            receive.close()
+            if proc.is_alive():
+                proc.kill()
+            proc.join(5)
+            with self._lock:
+                self._running.discard(proc)
+        if kind == "failed":
+            raise ReadFailed(value)
+        if kind == "error":
+            raise StudyError(value)
+        return value
+
+    def close(self) -> None:
+        self.stopping.set()
+        with self._lock:
+            for proc in list(self._running):
+                if proc.is_alive():
+                    proc.kill()
