@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Raw Kaggle data -> clean slice tables and image caches (see entry_points.md)."""
+"""Raw Kaggle data (its folder, or the .zip as downloaded) -> clean slice tables and image caches
+(see entry_points.md)."""
 from ich.cli import friendly_errors, parser
 from ich.config import load_prepare_config
 from ich.prepare import PrepareError, prepare_split
-from ich.settings import load_settings, require_dir, require_writable
+from ich.settings import load_settings, require_writable
 
 
 def main(argv=None):
@@ -16,7 +17,7 @@ def main(argv=None):
     with friendly_errors(PrepareError):
         settings = load_settings(args.settings)
         cfg = load_prepare_config(args.config)
-        raw = require_dir(settings.raw_data_dir, "RAW_DATA_DIR")
+        raw = settings.raw_data_dir  # a folder or the competition .zip (ich.rawdata)
         splits = ["train", "test"] if args.split == "both" else [args.split]
         outputs = {"train": ("TRAIN_DATA_CLEAN_PATH", settings.train_clean_dir),
                    "test": ("TEST_DATA_CLEAN_PATH", settings.test_clean_dir)}

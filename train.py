@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Stage one: train K-fold timm CNNs on the image cache (see entry_points.md).
+"""Stage one: train K-fold timm CNNs on the image cache, or straight from the DICOMs (input.source: dicom;
+RAW_DATA_DIR a folder or the competition zip); see entry_points.md.
 
 Several GPUs: torchrun --nproc_per_node=N train.py --config ... (same outputs).
 """
@@ -31,9 +32,10 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
 
-    from models.experiment import TrainError, load_train_table, run_experiment
+    from ich.rawdata import RawDataError
+    from models.experiment import TrainError, load_train_table, run_experiment, stage_one_images
     from models.net import MissingWeightsError
-    with friendly_errors(TrainError, MissingWeightsError):
+    with friendly_errors(TrainError, MissingWeightsError, RawDataError):
         from models import runtime as rt
         from models.config import load_experiment
         settings = load_settings(args.settings)
@@ -53,12 +55,13 @@ def main(argv=None):
                 slices = load_train_table(settings.train_clean_dir)
                 out = find_lr(cfg, slices, settings.train_clean_dir, runtime,
                               settings.logs_dir / cfg.name / "lr_finder.png", steps=args.lr_steps,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress,
+                              images=stage_one_images(cfg, settings.train_clean_dir, settings.raw_data_dir, slices))
                 log(f"suggested lr {out['suggested_lr']:.2e} (steepest descent); plot: {out['plot']}")
                 return
             run_experiment(cfg, clean_dir=settings.train_clean_dir, model_dir=settings.model_checkpoint_dir,
                            logs_dir=settings.logs_dir, runtime=runtime, folds=folds, resume=args.resume,
-                           force=args.force, progress=not args.no_progress, log=log)
+                           force=args.force, progress=not args.no_progress, log=log, raw_dir=settings.raw_data_dir)
         finally:
             rt.teardown()
 

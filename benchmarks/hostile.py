@@ -5,8 +5,9 @@ Starts serve.py on a free port of 127.0.0.1 (loopback only) with the given
 model and its default bounds (web/settings.py), warms it with one valid
 study, times that study's upload when idle, then runs each case of
 BENCHMARKS.md's hostile table for a bounded time. Per case it measures:
-- the server's peak RSS above idle, its process and every process under it
-  (the upload readers, the forkserver) together, sampled every 50 ms;
+- the server's peak memory above idle, its process and every process under
+  it (the upload readers, the forkserver) together, sampled every 50 ms, as
+  PSS (a page shared by the forked readers counts once in all);
 - the normal user's upload time during the attack against idle (or its
   503 and Retry-After, where the server says it is full);
 - the statuses the attack got (a 500 is a failure), files left in the
@@ -51,10 +52,12 @@ HOST = "127.0.0.1"
 
 
 # --- the server's memory -----------------------------------------------------------------------------------
-def _rss_kb(pid: int) -> int:
+def _pss_kb(pid: int) -> int:
+    """Proportional set size: a page shared by n processes counts 1/n in each (the upload readers are forked
+    from one forkserver and share its libraries), so the sum over the tree is the memory really taken."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
                 return int(line.split()[1])
     except OSError:
         pass
@@ -75,8 +78,8 @@ def _tree(pid: int) -> list[int]:
 
 
 def rss_mb(pid: int) -> float:
-    """The server process and every process under it, MB."""
-    return sum(_rss_kb(p) for p in _tree(pid)) / 1024
+    """The server process and every process under it (PSS summed), MB."""
+    return sum(_pss_kb(p) for p in _tree(pid)) / 1024
 
 
 class Peak:
@@ -113,9 +116,9 @@ def request(port: int, path: str, *, data: bytes | None = None, name: str = "stu
                                  headers={**({"Content-Type": ctype} if ctype else {}), **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read(), dict(r.headers)
+            return r.status, r.read(), {k.lower(): v for k, v in r.headers.items()}
     except urllib.error.HTTPError as e:
-        return e.code, e.read(), dict(e.headers)
+        return e.code, e.read(), {k.lower(): v for k, v in e.headers.items()}
     except (OSError, TimeoutError) as e:
         return 0, str(type(e).__name__).encode(), {}
 
@@ -226,7 +229,10 @@ def main():
     ap.add_argument("--study", required=True, help="a zip of one valid study (e.g. the demo's)")
     ap.add_argument("--seconds", type=float, default=30, help="how long each flood lasts")
     ap.add_argument("--only", default=None, help="run the cases whose name holds this text")
+    ap.add_argument("--small", action="store_true", help="every file and count scaled down (the CI's check)")
     args = ap.parse_args()
+    big, huge, mib, many = (256, 1024, 2, 10) if args.small else (4096, 16384, 100, 200)
+    n_slow, n_big_series, n_elements = (10, 6, 9000) if args.small else (300, 60, 90000)
     study = Path(args.study).read_bytes()
     with zipfile.ZipFile(io.BytesIO(study)) as z:
         members = {m: z.read(m) for m in z.namelist()}
@@ -249,7 +255,12 @@ def main():
             if proc.poll() is not None or time.time() > deadline:
                 sys.exit("serve.py did not start:\n" + log_path.read_text()[-3000:])
             time.sleep(0.5)
-        assert upload(port, study)[0] == 201
+        status, doc = upload(port, study)  # warm: every path once (SR, CSV, images, Grad-CAM), then forgotten
+        assert status == 201, doc
+        for path in ("download/sr", "download/json", "download/csv", "slices/0/hu.png", "slices/0/image.png",
+                     "slices/0/cam.png"):
+            request(port, f"/api/studies/{doc['id']}/{path}")
+        request(port, f"/api/studies/{doc['id']}", method="DELETE")
         idle_times = []
         for _ in range(3):
             t0 = time.time()
@@ -258,7 +269,8 @@ def main():
             request(port, f"/api/studies/{doc['id']}", method="DELETE")
         idle_s = float(np.median(idle_times))
         idle = rss_mb(proc.pid)
-        print(f"idle: {idle:.0f} MB RSS (server and its processes), a normal upload {idle_s:.2f} s", flush=True)
+        print(f"idle: {idle:.0f} MB (PSS of the server and its processes), a normal upload {idle_s:.2f} s",
+              flush=True)
         made: list[str] = []  # result ids the attack made: deleted after its case
 
         def keep(status, doc):
@@ -292,31 +304,31 @@ def main():
             return statuses, f"marker in the log: {'YES' if found else 'no'}"
 
         def case_thumbnails():
-            code = j2k_codestream(4096)
+            code = j2k_codestream(big)
             extra = {}
-            for i in range(200):
-                extra.update(slices_like(template, 1, 4096, series=f"1.2.826.0.1.3680043.8.498.{1000 + i}", j2k=code))
+            for i in range(many):
+                extra.update(slices_like(template, 1, big, series=f"1.2.826.0.1.3680043.8.498.{1000 + i}", j2k=code))
             return [keep(*upload(port, zip_of({**three, **extra})))], ""
 
         def case_j2k_header():
-            code = j2k_codestream(64, says=16384)
+            code = j2k_codestream(64, says=huge)
             files = slices_like(template, 5, 512, series="1.2.826.0.1.3680043.8.498.6", j2k=code)
             return [keep(*upload(port, zip_of(files)))], f"{max(map(len, files.values()))} B a file"
 
         def case_sources():
-            data = zip_of(slices_like(template, 7, 4096, series="1.2.826.0.1.3680043.8.498.7"))
+            data = zip_of(slices_like(template, 7, big, series="1.2.826.0.1.3680043.8.498.7"))
             return [keep(*upload(port, data)) for _ in range(8)], f"{len(data) >> 10} kB a zip"
 
         def case_fat_headers():
-            data = zip_of(slices_like(template, 10, 64, series="1.2.826.0.1.3680043.8.498.8", private_mib=100))
+            data = zip_of(slices_like(template, 10, 64, series="1.2.826.0.1.3680043.8.498.8", private_mib=mib))
             return [keep(*upload(port, data)) for _ in range(2)], f"{len(data) >> 10} kB a zip"
 
         def case_big_series():
-            data = zip_of(slices_like(template, 60, 4096, series="1.2.826.0.1.3680043.8.498.9"))
+            data = zip_of(slices_like(template, n_big_series, big, series="1.2.826.0.1.3680043.8.498.9"))
             return [keep(*upload(port, data))], f"{len(data) >> 10} kB zip"
 
         def case_png_flood(clients):
-            sid = viewer_study(4096, 4)
+            sid = viewer_study(big, 4)
             return flood(lambda k: request(port, f"/api/studies/{sid}/slices/{k % 4}/hu.png")[0], clients,
                          args.seconds), ""
 
@@ -329,17 +341,18 @@ def main():
 
         def case_slow_bodies():
             statuses = []
-            slow_bodies(port, 300, args.seconds, statuses)
+            slow_bodies(port, n_slow, args.seconds, statuses)
             return statuses, ""
 
         def case_slow_reading():
             element = b"\x09\x00\x10\x00UN\x00\x00\x00\x00\x00\x00"  # an empty private element, 12 bytes
-            slow = zip_of({f"slow/{i:03d}": b"\0" * 128 + b"DICM" + element * 90000 for i in range(100)})
-            big = bytes(100 << 20)
+            slow = zip_of({f"slow/{i:03d}": b"\0" * 128 + b"DICM" + element * n_elements
+                           for i in range(n_slow // 3)})
+            large = bytes(mib << 20)
             with ThreadPoolExecutor(12) as ex:
                 jobs = [ex.submit(upload, port, slow) for _ in range(2)]
                 time.sleep(1)
-                jobs += [ex.submit(upload, port, big, "big.dcm") for _ in range(10)]
+                jobs += [ex.submit(upload, port, large, "big.dcm") for _ in range(10)]
                 return [keep(*j.result()) for j in jobs], f"{len(slow) >> 20} MB a slow zip"
 
         def case_sr_odd():
@@ -357,27 +370,28 @@ def main():
             return [request(port, "/api/health", headers={"Host": f"evil@{HOST}:{port}"})[0]], ""
 
         def case_422():
-            status, body, _ = request(port, "/api/studies/x/slices/abc/image.png")
+            status, body, _ = request(port, "/api/studies?series=no", method="POST")
             return [status], f"body keys {sorted(json.loads(body))}"
 
         def case_held():
-            statuses = [upload(port, zip_bomb(4000), "bomb.zip")[0]]
-            statuses.append(keep(*upload(port, zip_of({**members, "BOMB.dcm": deflate_bomb(1536)},
+            statuses = [upload(port, zip_bomb(400 if args.small else 4000), "bomb.zip")[0]]
+            statuses.append(keep(*upload(port, zip_of({**members, "BOMB.dcm": deflate_bomb(64 if args.small else 1536)},
                                                       zipfile.ZIP_STORED))))
             return statuses, ""
 
         cases = {
             "patient name in the log (one-part name, SR download)": case_log_marker,
-            "thumbnails: 3 slices + 200 one-slice series of 4096^2 JPEG 2000": case_thumbnails,
-            "JPEG 2000 larger than its header (5 files, 512^2 said, 16384^2 coded)": case_j2k_header,
-            "sources kept: 8 zips of 7 x 4096^2 slices": case_sources,
-            "headers keep whole files: 10 slices x 100 MiB private element, twice": case_fat_headers,
-            "big series over the cap: 60 x 4096^2 slices": case_big_series,
-            f"viewer PNG flood: hu.png of 4096^2, 8 clients, {args.seconds:g} s": lambda: case_png_flood(8),
-            f"viewer PNG flood: hu.png of 4096^2, 16 clients, {args.seconds:g} s": lambda: case_png_flood(16),
+            f"thumbnails: 3 slices + {many} one-slice series of {big}^2 JPEG 2000": case_thumbnails,
+            f"JPEG 2000 larger than its header (5 files, 512^2 said, {huge}^2 coded)": case_j2k_header,
+            f"sources kept: 8 zips of 7 x {big}^2 slices": case_sources,
+            f"headers keep whole files: 10 slices x {mib} MiB private element, twice": case_fat_headers,
+            f"big series over the cap: {n_big_series} x {big}^2 slices": case_big_series,
+            f"viewer PNG flood: hu.png of {big}^2, 8 clients, {args.seconds:g} s": lambda: case_png_flood(8),
+            f"viewer PNG flood: hu.png of {big}^2, 16 clients, {args.seconds:g} s": lambda: case_png_flood(16),
             f"Grad-CAM flood: 40 clients, distinct maps, {args.seconds:g} s": case_cam_flood,
-            f"slow bodies: 300 uploads at 1 byte / 5 s, {args.seconds:g} s": case_slow_bodies,
-            "slow file reading: 2 zips of 100 x 90,000 empty elements + 10 x 100 MB uploads": case_slow_reading,
+            f"slow bodies: {n_slow} uploads at 1 byte / 5 s, {args.seconds:g} s": case_slow_bodies,
+            f"slow file reading: 2 zips of {n_slow // 3} x {n_elements:,} empty elements + 10 x {mib} MB uploads":
+                case_slow_reading,
             "SR download on odd headers": case_sr_odd,
             "Host: evil@127.0.0.1": case_host,
             "422 error shape": case_422,
@@ -394,7 +408,7 @@ def main():
                 time.sleep(1.0)  # the attack is under way
                 t0 = time.time()
                 status, body, headers = request(port, "/api/studies", data=study)
-                normal.update(status=status, seconds=time.time() - t0, retry=headers.get("Retry-After"))
+                normal.update(status=status, seconds=time.time() - t0, retry=headers.get("retry-after"))
                 if status == 201:
                     request(port, f"/api/studies/{json.loads(body)['id']}", method="DELETE")
 

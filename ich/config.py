@@ -125,6 +125,7 @@ class PrepareConfig:
     n_jobs: int = -1
     chunk_size: int = 256
     max_pixels: int = 4096 * 4096  # Rows x Columns cap, checked before decoding (= ich.dicom.MAX_PIXELS)
+    images: bool = True  # false: the slice table, rejected.csv and folds only, no images.npy (input.source: dicom)
     name: str = field(default="default", compare=False)
 
     def cache_key(self) -> dict:
@@ -135,6 +136,7 @@ class PrepareConfig:
             "sigmoid": self.sigmoid,
             "crop_border": self.crop_border,
             "chunk_size": self.chunk_size,
+            **({} if self.images else {"images": False}),  # absent when true: caches made before it still match
         }
 
 

@@ -28,11 +28,13 @@ class LabelsError(ValueError):
     """The label csv cannot be trusted; the message names the offending line."""
 
 
-def read_labels(path: str | Path) -> pd.DataFrame:
-    """Long csv -> DataFrame indexed by image_id with six int8 columns (LABELS order)."""
-    path = Path(path)
+def read_labels(path) -> pd.DataFrame:
+    """Long csv (a path, or an open file such as a zip member's: messages use its `name`) -> DataFrame
+    indexed by image_id with six int8 columns (LABELS order)."""
+    source = Path(path) if isinstance(path, str) else path
+    path = getattr(source, "name", source) if not isinstance(source, Path) else source
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = pd.read_csv(source, dtype=str, keep_default_na=False)
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise LabelsError(f"{path}: cannot read label csv: {exc}") from exc
     if list(df.columns[:2]) != ["ID", "Label"]:

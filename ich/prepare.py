@@ -35,14 +35,14 @@ from tqdm.auto import tqdm
 
 from . import cache
 from .config import PrepareConfig
-from .dicom import SAFE_ID, Rejected, read_stored
+from .dicom import SAFE_ID, Rejected, max_file_bytes, read_stored
 from .folds import assign_folds
 from .image import process_slice
 from .labels import LABELS, read_labels
+from .rawdata import (LABELS_CSV, TEST_DIR, TRAIN_DIR, RawDataError, list_files,  # noqa: F401 - TEST_DIR,
+                      open_raw, readable)                                            # list_files: for callers
 from .series import order_slices
 
-TRAIN_DIR, TEST_DIR = "stage_2_train", "stage_2_test"
-LABELS_CSV = "stage_2_train.csv"
 
 
 class PrepareError(RuntimeError):
@@ -91,12 +91,6 @@ class Summary:
         return out
 
 
-def list_files(folder: Path) -> list[str]:
-    """Every non-hidden entry but sub-folders, sorted: a stray file, a dangling link or a device
-    is listed, so that it is rejected with a reason (rejected.csv), never skipped in silence."""
-    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and not p.is_dir())
-
-
 def image_id_for(name: str, sop_uid: str | None) -> str | None:
     """A file's image_id: its name without `.dcm`, or its SOPInstanceUID when the name is no safe ID.
 
@@ -123,15 +117,16 @@ def _header_fields(header, columns) -> dict:
             for k in columns}
 
 
-def read_one(path: Path, cfg: PrepareConfig) -> tuple[np.ndarray, dict]:
-    """One file -> (cached image, its table fields); raises Rejected: a worker's step per file.
+def read_one(path, cfg: PrepareConfig) -> tuple[np.ndarray, dict]:
+    """One file (a path, its bytes, or a zip member: ich.rawdata) -> (cached image, its table fields);
+    raises Rejected: a worker's step per file, and what `input.source: dicom` trains on.
 
     pydicom's warnings about odd files are silenced: for a bad file its
     rejection reason says what is wrong, once, in rejected.csv.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        header, stored = read_stored(path, cfg.max_pixels)
+        header, stored = read_stored(readable(path, max_file_bytes(cfg.max_pixels)), cfg.max_pixels)
         image, quality = process_slice(stored, header, size=cfg.image_size, windows=cfg.windows,
                                        sigmoid=cfg.sigmoid, crop=cfg.crop_border)
     return image, {**_header_fields(header, HEADER_COLUMNS), **quality}
@@ -152,7 +147,7 @@ def read_files(files, cfg: PrepareConfig) -> tuple[np.ndarray, pd.DataFrame]:
     for i, (path, name, image_id) in enumerate(files):
         row = {"cache_row": i, "file": name, "reason": "", "detail": ""}
         try:
-            images[i], fields = read_one(path if isinstance(path, (bytes, bytearray)) else Path(path), cfg)
+            images[i], fields = read_one(Path(path) if isinstance(path, str) else path, cfg)
             row.update(fields)
         except Rejected as rej:
             row.update(reason=rej.reason, detail=rej.detail[:300])
@@ -185,11 +180,12 @@ def decode_files(files, cfg: PrepareConfig) -> tuple[np.ndarray, pd.DataFrame, p
     return images, _slice_table(usable, None, cfg, summary), rejected
 
 
-def _process_chunk(folder: str, names: list[str], start: int, clean_dir: str, cfg: PrepareConfig) -> pd.DataFrame:
-    """Worker: read, window and cache one chunk of files; return one row per file."""
-    images, table = read_files([(Path(folder) / name, name, None) for name in names], cfg)
+def _process_chunk(refs: list, names: list[str], start: int, clean_dir: str, cfg: PrepareConfig) -> pd.DataFrame:
+    """Worker: read, window and cache one chunk of files (refs: paths or zip members); one row per file."""
+    images, table = read_files(list(zip(refs, names, [None] * len(names))), cfg)
     table["cache_row"] += start
-    cache.write_rows(Path(clean_dir), start, images)  # rows of rejected files: zeros
+    if cfg.images:
+        cache.write_rows(Path(clean_dir), start, images)  # rows of rejected files: zeros
     return table
 
 
@@ -308,22 +304,25 @@ def prepare_split(raw_dir: Path, clean_dir: Path, split: str, cfg: PrepareConfig
     """Prepare `train` or `test`: see the module docstring and ARCHITECTURE.md, contract 1."""
     t0 = time.time()
     _check_caps(cfg)
-    folder = Path(raw_dir) / (TRAIN_DIR if split == "train" else TEST_DIR)
-    if not folder.is_dir():
-        nested = sorted(Path(raw_dir).glob(f"*/{folder.name}")) if Path(raw_dir).is_dir() else []
-        hint = f"; found {nested[0]}: point RAW_DATA_DIR at {nested[0].parent}" if nested else ""
-        raise PrepareError(f"no {folder.name}/ folder under RAW_DATA_DIR ({raw_dir}){hint}")
-    labels = None
-    if split == "train":
-        csv = Path(raw_dir) / LABELS_CSV
-        if not csv.is_file():
-            raise PrepareError(f"label file {csv} not found")
-        labels = read_labels(csv)  # LabelsError names the bad line; fail before any work
-
-    names = list_files(folder)
+    split_dir = TRAIN_DIR if split == "train" else TEST_DIR
+    clean_dir = Path(clean_dir)
+    try:
+        raw = open_raw(raw_dir)  # a folder, or the competition zip read in place
+        names = raw.names(split_dir, clean_dir)
+        if names is None:
+            raise PrepareError(f"no {split_dir}/ folder under RAW_DATA_DIR ({raw_dir}){raw.hint(split_dir)}")
+        labels = None
+        if split == "train":
+            csv = raw.csv(LABELS_CSV)
+            if csv is None:
+                raise PrepareError(f"label file {LABELS_CSV} not found in RAW_DATA_DIR ({raw_dir})")
+            labels = read_labels(csv)  # LabelsError names the bad line; fail before any work
+        refs = raw.refs(split_dir, names, clean_dir)
+    except RawDataError as exc:
+        raise PrepareError(str(exc)) from None
+    folder = raw.where(split_dir)
     if not names:
         raise PrepareError(f"{folder} holds no files")
-    clean_dir = Path(clean_dir)
     clean_dir.mkdir(parents=True, exist_ok=True)
     key = {"format": cache.FORMAT_VERSION, **cfg.cache_key(), "n_files": len(names),
            "files_digest": cache.files_digest(names)}
@@ -332,19 +331,20 @@ def prepare_split(raw_dir: Path, clean_dir: Path, split: str, cfg: PrepareConfig
     parts_dir.mkdir(exist_ok=True)
     starts = list(range(0, len(names), cfg.chunk_size))
     todo = [s for s in starts if not (parts_dir / f"chunk_{s:08d}.parquet").exists()]
-    if todo:
+    if todo and cfg.images:
         try:
             cache.check_free_space(clean_dir, len(names), cfg.image_size, len(cfg.windows))
         except cache.DiskSpaceError as e:
             raise PrepareError(str(e)) from None
     if cache.read_meta(clean_dir) is None:
-        cache.create_images(clean_dir, len(names), cfg.image_size, len(cfg.windows))
+        if cfg.images:
+            cache.create_images(clean_dir, len(names), cfg.image_size, len(cfg.windows))
         cache.write_atomic(clean_dir / cache.META, lambda p: p.write_text(json.dumps(key, indent=1, sort_keys=True)))
 
     summary = Summary(split=split, clean_dir=clean_dir, n_files=len(names),
                       chunks_done_before=len(starts) - len(todo))
     if todo:
-        tasks = [(str(folder), names[s:s + cfg.chunk_size], s, str(clean_dir), cfg) for s in todo]
+        tasks = [(refs[s:s + cfg.chunk_size], names[s:s + cfg.chunk_size], s, str(clean_dir), cfg) for s in todo]
         bar = tqdm(total=sum(len(t[1]) for t in tasks), unit="img", desc=f"prepare {split}",
                    disable=not progress, smoothing=0.1)
         try:

@@ -66,13 +66,6 @@ def load_settings(path: str | Path = "SETTINGS.json") -> Settings:
     )
 
 
-def require_dir(path: Path, key: str) -> Path:
-    """An input folder named by a settings key must exist; say which key when not."""
-    if not path.is_dir():
-        raise SettingsError(f"{key} points to {path}, which is not an existing folder")
-    return path
-
-
 def require_writable(folders: dict[str, Path]) -> None:
     """Every output folder must be writable before any work starts; say which one is not.
 

@@ -38,11 +38,13 @@ class SubmissionStats:
                 f"neighbors, {self.from_prior} from the prior")
 
 
-def read_sample(path: Path) -> pd.DataFrame:
-    """Sample submission -> DataFrame(ID, image_id, label) in file order."""
-    if not Path(path).is_file():
-        raise SubmissionError(f"sample submission {path} not found")
-    sample = pd.read_csv(path, dtype=str, keep_default_na=False)
+def read_sample(path) -> pd.DataFrame:
+    """Sample submission (a path, or an open file such as a zip member's, None: absent) -> DataFrame(ID,
+    image_id, label) in file order."""
+    if path is None or (isinstance(path, (str, Path)) and not Path(path).is_file()):
+        raise SubmissionError(f"sample submission {path or 'stage_2_sample_submission.csv'} not found")
+    source, path = path, getattr(path, "name", path)
+    sample = pd.read_csv(source, dtype=str, keep_default_na=False)
     if list(sample.columns[:2]) != ["ID", "Label"]:
         raise SubmissionError(f"{path}: expected columns ID,Label")
     parts = sample["ID"].str.rsplit("_", n=1, expand=True)
@@ -101,9 +103,10 @@ def write_submission(sub: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def score_submission(sub: pd.DataFrame, labels_csv: Path) -> float | None:
-    """Competition score of a submission when the test labels are known (the demo), else None."""
-    if not Path(labels_csv).is_file():
+def score_submission(sub: pd.DataFrame, labels_csv) -> float | None:
+    """Competition score of a submission when the test labels are known (the demo: a path or an open
+    file; None or no such file: absent), else None."""
+    if labels_csv is None or (isinstance(labels_csv, (str, Path)) and not Path(labels_csv).is_file()):
         return None
     truth = read_labels(labels_csv)
     wide = sub.assign(image_id=sub["ID"].str.rsplit("_", n=1).str[0], label=sub["ID"].str.rsplit("_", n=1).str[1])

@@ -40,7 +40,8 @@ tests/test_kaggle.py runs this against a fake /kaggle tree):
   KAGGLE_INPUT        /kaggle/input
   KAGGLE_WORKING      /kaggle/working
   ICH_SCRATCH         /kaggle/tmp
-  ICH_COMPETITION_DIR $KAGGLE_INPUT/rsna-intracranial-hemorrhage-detection
+  ICH_COMPETITION_DIR $KAGGLE_INPUT/rsna-intracranial-hemorrhage-detection (its folder, or the
+                      competition .zip as downloaded: read in place, nothing extracted)
   ICH_CODE_DIR        found under $KAGGLE_INPUT (a folder with predict.py and ich/)
   ICH_WHEELS_DIR      found under $KAGGLE_INPUT (a folder with *.whl)
   ICH_CHECKPOINTS_DIR found under $KAGGLE_INPUT (a folder with ich_checkpoints.json)
@@ -57,6 +58,7 @@ tests/test_kaggle.py runs this against a fake /kaggle tree):
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shlex
@@ -64,6 +66,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 COMPETITION = "rsna-intracranial-hemorrhage-detection"
@@ -144,12 +147,26 @@ def is_checkpoints(d: Path) -> bool:
     return (d / MANIFEST).is_file()
 
 
+def sample_member(archive: Path) -> str | None:
+    """The sample submission's member name in the competition zip (the shallowest), or None."""
+    try:
+        with zipfile.ZipFile(archive) as z:
+            names = [n for n in z.namelist() if n == SAMPLE or n.endswith("/" + SAMPLE)]
+    except (zipfile.BadZipFile, OSError):
+        return None
+    return min(names, key=len, default=None)
+
+
 def competition_dir(kaggle_input: Path) -> Path:
-    """RAW_DATA_DIR: the folder holding stage_2_test/ and the sample submission (possibly nested once)."""
+    """RAW_DATA_DIR: the folder holding stage_2_test/ and the sample submission (possibly nested once), or
+    the competition .zip as downloaded (predict.py reads its members in place, nothing is extracted)."""
     base = env_path("ICH_COMPETITION_DIR", kaggle_input / COMPETITION)
     for d in (base, base / COMPETITION):
         if (d / SAMPLE).is_file() and (d / "stage_2_test").is_dir():
             return d
+    for z in (base, base / f"{COMPETITION}.zip"):
+        if z.is_file() and sample_member(z):
+            return z
     seen = sorted(p.name for p in base.iterdir())[:20] if base.is_dir() else "missing"
     raise KernelError(f"competition data not found: no {SAMPLE} + stage_2_test/ in {base} or "
                       f"{base / COMPETITION} (it holds: {seen}); add the competition to the kernel's inputs "
@@ -217,8 +234,12 @@ def writable_models(ckpt: Path, manifest: dict, dest: Path) -> Path:
 
 
 def check_submission(path: Path, sample: Path) -> int:
-    """Same IDs in the same order as the sample, probabilities in [0, 1]; returns the row count."""
-    with open(path) as a, open(sample) as b:
+    """Same IDs in the same order as the sample (a csv, or the competition zip holding it), probabilities in
+    [0, 1]; returns the row count."""
+    if not hasattr(sample, "read") and sample.is_file() and zipfile.is_zipfile(sample):
+        with zipfile.ZipFile(sample) as z, z.open(sample_member(sample)) as member:
+            return check_submission(path, member)
+    with open(path) as a, (io.TextIOWrapper(sample) if hasattr(sample, "read") else open(sample)) as b:
         head_a = a.readline().strip()
         b.readline()
         if head_a.split(",")[:2] != ["ID", "Label"]:
@@ -301,7 +322,7 @@ def main() -> int:
     produced = working / "submissions" / ("submission_stage1.csv" if "--stage1-only" in extra else "submission.csv")
     if not produced.is_file():
         raise KernelError(f"predict.py finished but {produced} is not there")
-    rows = check_submission(produced, raw / SAMPLE)
+    rows = check_submission(produced, raw if raw.is_file() else raw / SAMPLE)
     if produced.resolve() != final.resolve():
         tmp = final.with_name(".submission.csv.tmp")
         shutil.copyfile(produced, tmp)

@@ -30,6 +30,9 @@ class InputCfg:
     adjacent_channel: int = 0        # adjacent mode: which cached window (0 = brain by default)
     size: int = 256                  # training and inference size (cache images are resized when different)
     progressive: list | None = None  # [[size, epochs], ...]: progressive resizing; epochs must add up to train.epochs
+    source: str = "cache"            # cache: the image cache (images.npy) | dicom: each slice read from RAW_DATA_DIR's
+    #                                  DICOMs (folder or zip) in the loader workers, prepare_data's own reading and
+    #                                  the clean dir's image settings: no image cache needed (ich.dicom_rows)
 
 
 @dataclass
@@ -178,6 +181,7 @@ def _validate(cfg: ExperimentCfg, where: str) -> None:
             raise ConfigError(f"{where}: {message}")
     need(cfg.input.mode in ("windows", "adjacent", "adjacent_windows"),
          "input.mode must be windows, adjacent or adjacent_windows")
+    need(cfg.input.source in ("cache", "dicom"), f"input.source must be cache or dicom, got {cfg.input.source!r}")
     need(cfg.sampler.kind in ("all", "balanced"), "sampler.kind must be all or balanced")
     need(cfg.augment.erasing_on in ("negatives", "all"),
          f"augment.erasing_on must be negatives or all, got {cfg.augment.erasing_on!r}")

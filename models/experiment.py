@@ -24,6 +24,8 @@ import pandas as pd
 
 from ich import provenance
 from ich.cache import read_meta, save_npy_atomic, write_atomic
+from ich.dicom_rows import has_images, open_rows
+from ich.rawdata import RawDataError
 from ich.labels import LABELS
 from ich.metric import per_label_log_loss, prior_baseline, weighted_log_loss
 from ich.stage_one import fold_checkpoint
@@ -70,6 +72,22 @@ def upsampling_warning(cfg: ExperimentCfg, clean_dir: Path) -> str | None:
     return None
 
 
+def stage_one_images(cfg: ExperimentCfg, clean_dir: Path, raw_dir: Path | None, slices: pd.DataFrame):
+    """Where the experiment's images come from (input.source): None for the image cache in clean_dir, or
+    the DICOMs of RAW_DATA_DIR (a folder or the zip) read in the loader workers (ich.dicom_rows)."""
+    if cfg.input.source == "cache":
+        if not has_images(clean_dir):
+            raise TrainError(f"{clean_dir} holds no image cache (prepared with images: false): set input.source: "
+                             f"dicom in {cfg.name}'s config, or prepare the train split with images: true")
+        return None
+    if raw_dir is None:
+        raise TrainError("input.source: dicom reads RAW_DATA_DIR, which was not given")
+    try:
+        return open_rows(clean_dir, raw_dir, slices)
+    except RawDataError as exc:
+        raise TrainError(str(exc)) from None
+
+
 FOLD_FILES = ("fold{k}.pt", "fold{k}.last.pt", "fold{k}.oof.parquet", "fold{k}.oof_emb.npy",
               "fold{k}.oof_last.parquet")
 
@@ -81,8 +99,10 @@ def fold_done(out_dir: Path, k: int) -> bool:
 
 def run_experiment(cfg: ExperimentCfg, *, clean_dir: Path, model_dir: Path, logs_dir: Path, runtime: Runtime,
                    folds: list[int] | None = None, resume: bool = False, force: bool = False,
-                   progress: bool = True, log=print) -> dict:
+                   progress: bool = True, log=print, raw_dir: Path | None = None) -> dict:
+    """raw_dir: RAW_DATA_DIR, read when the config's input.source is dicom."""
     slices = load_train_table(clean_dir)
+    images = stage_one_images(cfg, clean_dir, raw_dir, slices)
     all_folds = sorted(int(f) for f in slices["fold"].unique())
     if cfg.train.n_folds is not None:
         all_folds = all_folds[: cfg.train.n_folds]
@@ -120,13 +140,14 @@ def run_experiment(cfg: ExperimentCfg, *, clean_dir: Path, model_dir: Path, logs
             log(f"fold {k}: done already, skipped")
             continue
         t0 = time.time()
-        data = FoldData(train=slices[slices["fold"] != k], valid=slices[slices["fold"] == k], clean_dir=clean_dir)
+        data = FoldData(train=slices[slices["fold"] != k], valid=slices[slices["fold"] == k], clean_dir=clean_dir,
+                        images=images)
         try:
             model, history = train_fold(cfg, k, data, out_dir, runtime, resume=resume, progress=progress, log=log)
             kept = read(fold_checkpoint(out_dir, k), runtime.device)
         except CheckpointError as exc:
             raise TrainError(str(exc)) from None
-        valid_set = make_dataset(cfg, data.valid, clean_dir, cfg.final_size, train=False)
+        valid_set = make_dataset(cfg, data.valid, clean_dir, cfg.final_size, train=False, images=images)
         loader = make_loader(valid_set, runtime, cfg.train.batch_size * 2, cfg.train.num_workers)
 
         def held_out(desc):

@@ -101,11 +101,12 @@ def overlay(gray: np.ndarray, cam: np.ndarray) -> np.ndarray:
 
 
 def explain(examples: list[dict], *, slices: pd.DataFrame, clean_dir: Path, checkpoint_for, display_channel: int = 0,
-            runtime=None) -> list[dict]:
+            runtime=None, images=None) -> list[dict]:
     """Grad-CAM of every example with the fold model that held its image out.
 
     checkpoint_for(fold) -> path of fold{k}.pt. Adds to each example:
     image (HxW uint8, the displayed channel), overlay (HxWx3 uint8), cam, fold.
+    images: the split's images by cache_row when not the cache in clean_dir (ich.dicom_rows.split_images).
     """
     from .data import SliceDataset, with_neighbors
     from .runtime import Runtime
@@ -123,7 +124,7 @@ def explain(examples: list[dict], *, slices: pd.DataFrame, clean_dir: Path, chec
         layer = target_layer(model, cfg.final_size)
         layer_name = next((n for n, m in model.named_modules() if m is layer), type(layer).__name__)
         dataset = SliceDataset(table, clean_dir, mode=cfg.input.mode, channel=cfg.input.adjacent_channel,
-                               size=cfg.final_size)
+                               size=cfg.final_size, images=images)
         for ex in items:
             image = dataset.image(ex["row"])
             center = 1 if cfg.input.mode == "adjacent" else display_channel

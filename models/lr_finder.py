@@ -31,13 +31,15 @@ from .trainer import build_criterion, build_model, build_optimizer, build_scaler
 
 
 def find_lr(cfg: ExperimentCfg, slices, clean_dir: Path, runtime: Runtime, out_png: Path, *,
-            start_lr: float = 1e-6, end_lr: float = 1.0, steps: int = 200, progress: bool = True) -> dict:
+            start_lr: float = 1e-6, end_lr: float = 1.0, steps: int = 200, progress: bool = True,
+            images=None) -> dict:
+    """images: None for the image cache in clean_dir, or DicomRows (input.source: dicom; models.experiment)."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, runtime, cache_channels(cfg, clean_dir))
     criterion = build_criterion(cfg, slices[list(LABELS)].to_numpy(np.float32), runtime)
     optimizer = build_optimizer(cfg, model, runtime, lr=start_lr)
     scaler = build_scaler(runtime)
-    dataset = make_dataset(cfg, slices, clean_dir, cfg.size_at(0), train=True)
+    dataset = make_dataset(cfg, slices, clean_dir, cfg.size_at(0), train=True, images=images)
     sampler = EpochSampler(slices[LABELS[-1]].to_numpy(), kind=cfg.sampler.kind, neg_ratio=cfg.sampler.neg_ratio,
                            seed=cfg.train.seed)
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler,

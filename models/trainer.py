@@ -73,6 +73,7 @@ class FoldData:
     train: pd.DataFrame
     valid: pd.DataFrame
     clean_dir: Path
+    images: object = None  # None: the image cache in clean_dir; else ich.dicom_rows.DicomRows (input.source: dicom)
 
 
 def cache_channels(cfg: ExperimentCfg, clean_dir) -> int:
@@ -88,9 +89,10 @@ def build_model(cfg: ExperimentCfg, runtime: Runtime, in_chans: int = 3) -> Slic
     return model
 
 
-def make_dataset(cfg: ExperimentCfg, table, clean_dir, size: int, train: bool) -> SliceDataset:
+def make_dataset(cfg: ExperimentCfg, table, clean_dir, size: int, train: bool, images=None) -> SliceDataset:
+    """images: None for the cache in clean_dir, or rows read from the DICOMs (ich.dicom_rows.DicomRows)."""
     return SliceDataset(table, clean_dir, mode=cfg.input.mode, channel=cfg.input.adjacent_channel,
-                        size=size, transform=build_train_transform(cfg.augment) if train else None)
+                        size=size, transform=build_train_transform(cfg.augment) if train else None, images=images)
 
 
 class WeightedBCE(nn.Module):
@@ -182,7 +184,7 @@ def is_averaged(key: str, value: torch.Tensor) -> bool:
 
 
 def recompute_batchnorm(model: SliceNet, table: pd.DataFrame, cfg: ExperimentCfg, clean_dir, runtime: Runtime,
-                        size: int, batches: int = BN_BATCHES) -> int:
+                        size: int, batches: int = BN_BATCHES, images=None) -> int:
     """Reset every BatchNorm's running statistics and measure them again on training images; -> images used.
 
     The mean of several epochs' weights is a network none of those epochs
@@ -203,7 +205,8 @@ def recompute_batchnorm(model: SliceNet, table: pd.DataFrame, cfg: ExperimentCfg
         return 0
     n = min(len(table), batches * cfg.train.batch_size)
     subset = table if n == len(table) else table.sample(n, random_state=cfg.train.seed)
-    loader = DataLoader(make_dataset(cfg, subset, clean_dir, size, train=False), batch_size=cfg.train.batch_size,
+    loader = DataLoader(make_dataset(cfg, subset, clean_dir, size, train=False, images=images),
+                        batch_size=cfg.train.batch_size,
                         shuffle=False, num_workers=cfg.train.num_workers)
     momenta = [m.momentum for m in norms]
     for m in norms:
@@ -290,10 +293,11 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
 
     y_valid = data.valid[list(LABELS)].to_numpy(np.float32)
     prior = weighted_log_loss(y_valid, prior_baseline(y_train, len(y_valid)))
-    valid_set = make_dataset(cfg, data.valid, data.clean_dir, cfg.final_size, train=False)
+    valid_set = make_dataset(cfg, data.valid, data.clean_dir, cfg.final_size, train=False, images=data.images)
     trained_on = image_settings(read_meta(data.clean_dir))  # stored with the kept weights
     made_by = provenance.record(cfg.to_dict(), runtime.describe(), data.clean_dir) if runtime.is_main else None
-    train_set = make_dataset(cfg, data.train, data.clean_dir, cfg.size_at(start_epoch), train=True)
+    train_set = make_dataset(cfg, data.train, data.clean_dir, cfg.size_at(start_epoch), train=True,
+                             images=data.images)
     train_set.on_epoch = EpochSeeder(cfg.train.seed, fold, runtime.rank)
     loader = train_loader(train_set, sampler, cfg, runtime, drop_last=drop_last)
 
@@ -332,7 +336,8 @@ def train_fold(cfg: ExperimentCfg, fold: int, data: FoldData, out_dir: Path, run
                 state = raw_model.state_dict()
                 raw_model.load_state_dict({k: (avg_sum[k] / cfg.train.average_last).to(v.dtype)
                                            if k in avg_sum else v for k, v in state.items()})
-                n_bn = recompute_batchnorm(raw_model, data.train, cfg, data.clean_dir, runtime, size)
+                n_bn = recompute_batchnorm(raw_model, data.train, cfg, data.clean_dir, runtime, size,
+                                           images=data.images)
                 probs = validate(raw_model, valid_set, runtime, cfg, progress)
                 score = weighted_log_loss(y_valid, probs)
                 per_label = per_label_log_loss(y_valid, probs)

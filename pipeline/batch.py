@@ -37,8 +37,10 @@ from tqdm.auto import tqdm
 
 from ich import provenance, stage_one
 from ich.cache import files_digest, read_meta, write_atomic
+from ich.dicom_rows import has_images
 from ich.labels import LABELS
-from ich.prepare import TEST_DIR, PrepareError, list_files
+from ich.prepare import TEST_DIR, PrepareError
+from ich.rawdata import RawDataError, open_raw, readable
 from ich.submission import build_submission, read_sample, score_submission, write_submission
 from models.predict_split import check_same_cache
 
@@ -52,11 +54,11 @@ SCAN_CHUNK = 256               # files per header-scan task
 
 # --- the header scan: which files make which series ----------------------------------------------
 class _Headers(Dataset):
-    """A chunk of file names -> [(series_id or None, z or nan)] (None: the header cannot be read; the
-    decode step rejects that file with prepare_data's reason)."""
+    """A chunk of files (paths or zip members: ich.rawdata) -> [series_id or None] (None: the header
+    cannot be read; the decode step rejects that file with prepare_data's reason)."""
 
-    def __init__(self, folder: Path, chunks: list[list[str]], max_pixels: int):
-        self.folder, self.chunks, self.max_pixels = folder, chunks, max_pixels
+    def __init__(self, chunks: list[list], max_pixels: int):
+        self.chunks, self.max_pixels = chunks, max_pixels
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -64,24 +66,25 @@ class _Headers(Dataset):
     def __getitem__(self, i):
         import warnings
 
-        from ich.dicom import read_header
+        from ich.dicom import max_file_bytes, read_header
         out = []
-        for name in self.chunks[i]:
+        for ref in self.chunks[i]:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    out.append(read_header(self.folder / name, self.max_pixels).series_id)
+                    out.append(read_header(readable(ref, max_file_bytes(self.max_pixels)), self.max_pixels).series_id)
             except Exception:  # noqa: BLE001 - Rejected or worse: the decode step gives the reason
                 out.append(None)
         return out
 
 
-def series_groups(folder: Path, names: list[str], max_pixels: int, num_workers: int,
+def series_groups(refs: list, names: list[str], max_pixels: int, num_workers: int,
                   progress: bool = True) -> list[list[SliceFile]]:
-    """The files of a split grouped by series (headers only, in DataLoader workers), series in
-    series_id order; a file whose header cannot be read is a group of its own, last."""
-    chunks = [names[i:i + SCAN_CHUNK] for i in range(0, len(names), SCAN_CHUNK)]
-    loader = DataLoader(_Headers(folder, chunks, max_pixels), batch_size=None, num_workers=num_workers,
+    """The files of a split (refs: their paths or zip members, ich.rawdata; names: their names) grouped by
+    series (headers only, in DataLoader workers), series in series_id order; a file whose header cannot be
+    read is a group of its own, last."""
+    chunks = [refs[i:i + SCAN_CHUNK] for i in range(0, len(refs), SCAN_CHUNK)]
+    loader = DataLoader(_Headers(chunks, max_pixels), batch_size=None, num_workers=num_workers,
                         collate_fn=as_is)
     series = []
     for part in tqdm(loader, total=len(chunks), desc="read test headers", unit="chunk", disable=not progress,
@@ -89,8 +92,8 @@ def series_groups(folder: Path, names: list[str], max_pixels: int, num_workers: 
         series.extend(part)
     by_series: dict[str, list[SliceFile]] = {}
     lone = []
-    for name, sid in zip(names, series):
-        f = SliceFile(str(folder / name), name, None)
+    for ref, name, sid in zip(refs, names, series):
+        f = SliceFile(ref, name, None)
         if sid is None or not isinstance(sid, str) or not sid:
             lone.append([f])
         else:
@@ -152,9 +155,11 @@ class StreamSink(Sink):
 
 def stage_one_test(cfg, settings, runtime, *, force: bool = False, progress: bool = True, log=print):
     """Stage one on the test split through the engine -> (test slices, rejected, {experiment: fold-mean
-    table}); from the test cache when there is one, else streamed from RAW_DATA_DIR's test DICOMs."""
+    table}); from the test cache when there is one, else streamed from RAW_DATA_DIR's test DICOMs (its
+    folder, or the competition zip read in place: ich.rawdata)."""
     test_dir = settings.test_clean_dir
     cached = has_test_cache(test_dir)
+    out_dir = test_dir / STREAMED
     if cached:
         check_same_cache(settings.train_clean_dir, test_dir)
         meta = read_meta(test_dir)
@@ -163,15 +168,18 @@ def stage_one_test(cfg, settings, runtime, *, force: bool = False, progress: boo
         source, n_files, digest = "cache", meta.get("n_files"), meta.get("files_digest")
         cache = CachedSlices(test_dir, slices)
     else:
-        folder = settings.raw_data_dir / TEST_DIR
-        if not folder.is_dir():
-            raise PrepareError(f"no {TEST_DIR}/ folder under RAW_DATA_DIR ({settings.raw_data_dir}) and no test "
-                               f"cache in {test_dir}: nothing to predict")
-        names = list_files(folder)
+        try:
+            raw = open_raw(settings.raw_data_dir)
+            names = raw.names(TEST_DIR, out_dir)  # a zip's member index is kept beside the streamed slice table
+            if names is None:
+                raise PrepareError(f"no {TEST_DIR}/ folder under RAW_DATA_DIR ({settings.raw_data_dir}) and no "
+                                   f"test cache in {test_dir}: nothing to predict")
+            refs = raw.refs(TEST_DIR, names, out_dir)
+        except RawDataError as exc:
+            raise PrepareError(str(exc)) from None
         if not names:
-            raise PrepareError(f"{folder} holds no files")
+            raise PrepareError(f"{raw.where(TEST_DIR)} holds no files")
         source, n_files, digest, cache = "dicom", len(names), files_digest(names), None
-    out_dir = test_dir / STREAMED
     engine = Engine(cfg, settings.model_checkpoint_dir, runtime, stage_two=False, num_workers=cfg.num_workers,
                     train_dir=settings.train_clean_dir, cache=cache)
     try:
@@ -190,7 +198,7 @@ def stage_one_test(cfg, settings, runtime, *, force: bool = False, progress: boo
             stage_one.invalidate(dirs[exp])
         (out_dir / "key.json").unlink(missing_ok=True)
         t0 = time.time()
-        groups = cache.groups() if cached else series_groups(folder, names, engine.prepare_cfg.max_pixels,
+        groups = cache.groups() if cached else series_groups(refs, names, engine.prepare_cfg.max_pixels,
                                                               cfg.num_workers, progress)
         sink = StreamSink({f.key: stage_one.fold_test_embeddings_part(dirs[f.experiment], f.k)
                            for f in engine.fold_models})
@@ -237,7 +245,8 @@ def _streamed_table(out_dir: Path):
 
 
 def has_test_cache(test_dir: Path) -> bool:
-    return (test_dir / "slices.parquet").is_file() and read_meta(test_dir) is not None
+    """A test image cache to read (a test split prepared with `images: false` has none: it is streamed)."""
+    return (test_dir / "slices.parquet").is_file() and read_meta(test_dir) is not None and has_images(test_dir)
 
 
 def predict(settings, cfg, *, stage1_only: bool = False, force: bool = False, progress: bool = True) -> Path:
@@ -250,8 +259,12 @@ def predict(settings, cfg, *, stage1_only: bool = False, force: bool = False, pr
     # stage one and two take hours on the real data: find a read-only output folder now, not at the last write
     require_writable({"MODEL_CHECKPOINT_DIR": settings.model_checkpoint_dir, "LOGS_DIR": settings.logs_dir,
                       "SUBMISSION_DIR": settings.submission_dir})
-    raw, test_dir, train_dir = settings.raw_data_dir, settings.test_clean_dir, settings.train_clean_dir
-    sample = read_sample(raw / "stage_2_sample_submission.csv")
+    test_dir, train_dir = settings.test_clean_dir, settings.train_clean_dir
+    try:
+        raw = open_raw(settings.raw_data_dir)
+    except RawDataError as exc:
+        raise PrepareError(str(exc)) from None
+    sample = read_sample(raw.csv("stage_2_sample_submission.csv"))
     if not (train_dir / "slices.parquet").is_file():
         raise FileNotFoundError(f"{train_dir / 'slices.parquet'} not found: run prepare_data.py --split train")
     train_slices = pd.read_parquet(train_dir / "slices.parquet")
@@ -288,8 +301,8 @@ def predict(settings, cfg, *, stage1_only: bool = False, force: bool = False, pr
     record_path = provenance.write_sidecar(path, made_by)
     print(f"\nsubmission ({final}): {path}  ({len(sub)} rows; {stats.line()})")
     print(f"made by: {provenance.summary(made_by)} -> {record_path}")
-    labels_csv = raw / "stage_2_test_labels.csv"
-    if labels_csv.is_file():
+    labels_csv = raw.csv("stage_2_test_labels.csv")
+    if labels_csv is not None:
         scores = {k: score_submission(s, labels_csv) for k, (s, _) in subs.items()}
         print("test weighted log loss (labels known): "
               + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if v is not None))

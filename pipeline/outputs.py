@@ -3,9 +3,17 @@
 predict.py --study writes every kind (`write_outputs`), the web app serves
 each as a download (`KINDS[kind]`: its media type, the suffix of its file
 name): one table, so the CLI and the web app cannot drift apart.
-threshold (in (0, 1)): the CSVs say it and the slices at or above it in a
-second comment line, the JSON has it with the runs of slices above it, the
-SR counts the slices at or above it.
+threshold (in (0, 1)): the per-slice CSV has it as a column, both CSVs say it
+and the slices at or above it in a comment line, the JSON has it with the
+runs of slices above it, the SR counts the slices at or above it.
+
+Slice numbers: every output names a slice as the viewer does, `slice_number`
+(1-based position in the series ordered by z, as the page scrolls it; "slice
+N" in text), with the DICOM InstanceNumber beside it (`instance_number`,
+empty where a file has none); each output says so (SLICE_NUMBERING). Why
+not InstanceNumber alone: scanners number by acquisition, which need not
+follow z, may repeat across series or be absent; the position is what the
+page, the chart and the SR can all show for every slice.
 """
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 
 from ich.cache import write_atomic
@@ -24,6 +33,32 @@ from .result import StudyResult
 from .sr_header import header_notes
 
 
+SLICE_NUMBERING = ("slice_number is the 1-based position of the slice in its series ordered by z (foot to head), "
+                   "as the web viewer shows it (slice N); instance_number is the DICOM InstanceNumber where present")
+
+
+def instance_numbers(headers, n: int) -> list[int | None]:
+    """Each row's DICOM InstanceNumber (None where absent or not a number); Nones when there are no headers."""
+    out = []
+    for h in (headers or [None] * n)[:n]:
+        try:
+            out.append(int(h.InstanceNumber) if h is not None and h.get("InstanceNumber") not in (None, "") else None)
+        except (TypeError, ValueError):
+            out.append(None)
+    return out + [None] * (n - len(out))
+
+
+def numbered(result: StudyResult) -> pd.DataFrame:
+    """The per-slice table with slice_number and instance_number in place of the 0-based slice_index
+    (rows are in z order: row i is slice i + 1)."""
+    table = result.slices
+    at = table.columns.get_loc("slice_index") if "slice_index" in table.columns else 0
+    out = table.drop(columns=["slice_index"], errors="ignore")
+    out.insert(at, "slice_number", np.arange(1, len(table) + 1))
+    out.insert(at + 1, "instance_number", pd.array(instance_numbers(result.headers, len(table)), dtype="Int64"))
+    return out
+
+
 def _csv(frame: pd.DataFrame, *comments: str) -> bytes:
     """A CSV whose first lines are the notice and `comments` as comments (read it with pandas' `comment="#"`)."""
     head = "".join(f"# {c}\n" for c in (NOTICE, *comments))
@@ -31,7 +66,7 @@ def _csv(frame: pd.DataFrame, *comments: str) -> bytes:
 
 
 def runs(values, threshold: float) -> list[list[int]]:
-    """[first, last] row ranges (0-based, inclusive) where values >= threshold."""
+    """[first, last] row ranges (0-based rows, inclusive) where values >= threshold."""
     out, start = [], None
     for i, v in enumerate(values):
         if v >= threshold and start is None:
@@ -45,8 +80,10 @@ def runs(values, threshold: float) -> list[list[int]]:
 
 
 def above_threshold(table: pd.DataFrame, threshold: float) -> dict:
-    """Per label: how many slices are at or above the threshold, and their runs (0-based table rows)."""
-    return {lab: {"slices": int((table[lab] >= threshold).sum()), "runs": runs(table[lab].tolist(), threshold)}
+    """Per label: how many slices are at or above the threshold, and their runs as [first, last] slice numbers
+    (1-based, inclusive, as the viewer shows them)."""
+    return {lab: {"slices": int((table[lab] >= threshold).sum()),
+                  "runs": [[a + 1, b + 1] for a, b in runs(table[lab].tolist(), threshold)]}
             for lab in LABELS}
 
 
@@ -58,18 +95,22 @@ def _threshold_line(table: pd.DataFrame, threshold: float) -> str:
 
 def study_document(result: StudyResult, model: dict | None = None, threshold: float = 0.5) -> dict:
     """The JSON output: notice, series, model, timings, threshold and the slices at or above it per label,
-    per-slice probabilities, every skipped file, and what the SR's header left out or normalised."""
+    per-slice probabilities (numbered as SLICE_NUMBERING says), every skipped file, and what the SR's header
+    left out or normalised."""
     return {"notice": NOTICE, "series_id": result.series_id, "series": result.series,
             "experiments": result.experiments, "stage_two": result.stage_two, "model": model,
             "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
-            "threshold": threshold, "above_threshold": above_threshold(result.slices, threshold),
-            "slices": result.slices.to_dict(orient="records"), "skipped": result.skipped,
-            "header_notes": header_notes(result.headers)}
+            "threshold": threshold, "slice_numbering": SLICE_NUMBERING,
+            "above_threshold": above_threshold(result.slices, threshold),
+            "slices": numbered(result).astype(object).where(lambda t: t.notna(), None).to_dict(orient="records"),
+            "skipped": result.skipped, "header_notes": header_notes(result.headers)}
 
 
 def _per_slice_csv(result: StudyResult, model, threshold: float) -> bytes:
-    """The per-slice rows with the threshold they were read at as a column (a row says what it was cut at)."""
-    return _csv(result.slices.assign(threshold=threshold), _threshold_line(result.slices, threshold))
+    """The per-slice rows, numbered, with the threshold they were read at as a column (a row says what it was
+    cut at)."""
+    return _csv(numbered(result).assign(threshold=threshold), _threshold_line(result.slices, threshold),
+                SLICE_NUMBERING)
 
 
 def _kaggle_csv(result: StudyResult, model, threshold: float) -> bytes:

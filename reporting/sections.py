@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ich.cache import open_images
+from ich.dicom_rows import split_images
 from ich.labels import LABELS, SUBTYPES
 from ich.metric import log_loss_table
 
@@ -118,7 +118,7 @@ def examples(ctx: Context, sec: Section) -> None:
     inp = ctx.inputs
     train = inp.slices("train").reset_index(drop=True)
     windows = inp.windows("train")
-    images = open_images(inp.clean_dir("train"))
+    images = split_images(inp.clean_dir("train"), inp.settings.raw_data_dir, train)
     picks = _example_rows(train)
     rows = [(f"{title}\n{train['image_id'].iloc[i]}" if i is not None else title,
              np.asarray(images[train["cache_row"].iloc[i]]) if i is not None else None) for title, i in picks]
@@ -142,7 +142,7 @@ def examples(ctx: Context, sec: Section) -> None:
 
     table = with_neighbors(train)
     dataset = SliceDataset(table, inp.clean_dir("train"), mode=cfg.input.mode, channel=cfg.input.adjacent_channel,
-                           size=cfg.final_size)
+                           size=cfg.final_size, images=images)
     if cfg.input.mode == "adjacent":
         w = windows[cfg.input.adjacent_channel] if cfg.input.adjacent_channel < len(windows) else "window"
         channels = [f"slice i-1 ({w})", f"slice i ({w})", f"slice i+1 ({w})"]
@@ -282,7 +282,8 @@ def gradcam(ctx: Context, sec: Section) -> None:
 
     examples = gc.pick_examples(train, probs, ctx.gradcam_tp, ctx.gradcam_fp)
     examples = gc.explain(examples, slices=train, clean_dir=inp.clean_dir("train"),
-                          checkpoint_for=lambda k: inp.fold_checkpoint(exp, k))
+                          checkpoint_for=lambda k: inp.fold_checkpoint(exp, k),
+                          images=split_images(inp.clean_dir("train"), inp.settings.raw_data_dir, train))
     rows, n = [], 0
     for label in SUBTYPES:
         cells = []

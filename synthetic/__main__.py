@@ -37,11 +37,15 @@ def main(argv=None) -> int:
     p.add_argument("--corrupt", type=int, default=1, help="train files truncated in their pixel data")
     p.add_argument("--min-slices", type=int, default=20,
                    help="shortest series (real data: about 20); longer series: e.g. 40 gives 40-60 slices")
+    p.add_argument("--dicom-uids", action="store_true",
+                   help="headers a PACS accepts (valid UIDs and the SOP Class UID) instead of Kaggle's ID_ UIDs; "
+                        "for sending to a PACS or the DICOM node, not for prepare_data")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     summary = generate_dataset(a.out, n_train_patients=a.train_patients, n_test_patients=a.test_patients,
                                image_size=a.size, seed=a.seed, n_jobs=a.jobs, n_corrupt=a.corrupt,
-                               progress=not a.quiet, min_slices=a.min_slices)
+                               progress=not a.quiet, min_slices=a.min_slices,
+                               dicom_uids=a.dicom_uids)
     print(format_summary(summary))
     return 0
 

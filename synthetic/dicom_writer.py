@@ -20,6 +20,13 @@ Kaggle's files:
 Like the real file, the dataset has no SOPClassUID element (0008,0016): CT
 Image Storage is only in the file meta (MediaStorageSOPClassUID).
 
+`dicom_uids=True` writes what a PACS accepts instead (`python -m synthetic
+--dicom-uids`): valid UIDs under pydicom's registered root, made from the
+`ID_<hex>` names (`dicom_uid`: the same name, the same UID), the SOPClassUID
+element, and the file meta's MediaStorageSOPInstanceUID equal to the
+SOPInstanceUID. DIMSE refuses the Kaggle layout (storescu and Orthanc will not
+send a file without a SOP Class UID or with `ID_` UIDs).
+
 Elements are built with validation switched off, which both silences the
 ``ID_...`` UID warnings and keeps a 512x512 slice at a few milliseconds.
 """
@@ -35,7 +42,7 @@ from pydicom import config
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import PYDICOM_ROOT_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 PADDING_VALUE = -2000  # stored value of the outside-scanner padding in the real data
 QUIRK_HU_RANGE = (-1000, 3095)  # the HU range the 12-bit fix recipe recovers exactly
@@ -51,6 +58,11 @@ def media_uid(sop_uid: str) -> str:
     """A valid, deterministic MediaStorageSOPInstanceUID shaped like the real one (root + 39 digits)."""
     digest = int.from_bytes(hashlib.sha256(str(sop_uid).encode()).digest(), "big")
     return MEDIA_UID_PREFIX + str(digest % 10**39 or 1)
+
+
+def dicom_uid(name: str) -> str:
+    """A valid, deterministic UID for an `ID_<hex>` name, under pydicom's registered root."""
+    return generate_uid(prefix=PYDICOM_ROOT_UID, entropy_srcs=["ich-synthetic", str(name)])
 
 
 def _num(x: float, fmt: str = "") -> str:
@@ -102,12 +114,14 @@ def write_ct_slice(path, hu, *, sop_uid, patient_id, study_uid, series_uid,
                    position=(-125.0, -125.0, 0.0), orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
                    pixel_spacing=(0.488281, 0.488281), window_center=40, window_width=80,
                    rescale_intercept=-1024.0, rescale_slope=1.0, bits12_quirk=False,
-                   padding_mask=None, transfer_syntax=None) -> None:
+                   padding_mask=None, transfer_syntax=None, dicom_uids=False) -> None:
     """Write ``hu`` (2-D Hounsfield units) as a CT DICOM at ``path``.
 
     See the module docstring for the header; ``transfer_syntax`` (a pydicom
     UID such as ``RLELossless`` or ``JPEG2000Lossless``) compresses the pixel
     data with ``Dataset.compress`` instead of writing Explicit VR Little Endian.
+    dicom_uids: the three UIDs are valid UIDs (the caller's `dicom_uid`); write the SOPClassUID element
+    and the SOPInstanceUID as the file meta's too (module docstring).
     """
     arr = stored_pixels(hu, rescale_intercept=rescale_intercept, rescale_slope=rescale_slope,
                         bits12_quirk=bits12_quirk, padding_mask=padding_mask)
@@ -122,7 +136,7 @@ def write_ct_slice(path, hu, *, sop_uid, patient_id, study_uid, series_uid,
     meta.add(_el(0x00020000, "UL", 0))  # group length, filled in by dcmwrite
     meta.add(_el(0x00020001, "OB", b"\x00\x01"))
     meta.add(_el(0x00020002, "UI", CTImageStorage))
-    meta.add(_el(0x00020003, "UI", media_uid(sop_uid)))
+    meta.add(_el(0x00020003, "UI", str(sop_uid) if dicom_uids else media_uid(sop_uid)))
     meta.add(_el(0x00020010, "UI", ExplicitVRLittleEndian))
     meta.add(_el(0x00020012, "UI", IMPLEMENTATION_CLASS_UID))
     meta.add(_el(0x00020013, "SH", IMPLEMENTATION_VERSION))
@@ -130,6 +144,8 @@ def write_ct_slice(path, hu, *, sop_uid, patient_id, study_uid, series_uid,
     ds = Dataset()
     ds.file_meta = meta
     ds.preamble = b"\x00" * 128
+    if dicom_uids:
+        ds.add(_el(0x00080016, "UI", CTImageStorage))
     ds.add(_el(0x00080018, "UI", str(sop_uid)))
     ds.add(_el(0x00080060, "CS", "CT"))
     ds.add(_el(0x00100020, "LO", str(patient_id)))

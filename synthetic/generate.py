@@ -27,7 +27,7 @@ from joblib import Parallel, delayed
 from tqdm.auto import tqdm
 
 from ich.labels import LABELS, SUBTYPES, to_long
-from .dicom_writer import write_ct_slice
+from .dicom_writer import dicom_uid, write_ct_slice
 from .phantom import HeadPhantom
 from .plan import SeriesPlan, plan_dataset
 
@@ -53,8 +53,10 @@ def series_phantom(plan: SeriesPlan) -> tuple[HeadPhantom, np.random.Generator]:
     return head, np.random.default_rng(noise)
 
 
-def render_series(plan: SeriesPlan, folder: Path) -> tuple[list, np.ndarray]:
-    """Write every slice of ``plan`` into ``folder``; return (image ids, labels (n, 6) int8)."""
+def render_series(plan: SeriesPlan, folder: Path, dicom_uids: bool = False) -> tuple[list, np.ndarray]:
+    """Write every slice of ``plan`` into ``folder``; return (image ids, labels (n, 6) int8).
+    dicom_uids: valid UIDs in the headers (synthetic.dicom_writer); the files keep their ID_ names."""
+    uid = dicom_uid if dicom_uids else str
     head, noise = series_phantom(plan)
     size, n = plan.image_size, plan.n_slices
     pad = padding_mask(size) if plan.padding else None
@@ -67,8 +69,8 @@ def render_series(plan: SeriesPlan, folder: Path) -> tuple[list, np.ndarray]:
             labels[ks, LABELS.index(subtype)] |= positive
         for i, k in enumerate(ks):
             write_ct_slice(
-                folder / f"{plan.sop_ids[k]}.dcm", hu[i], sop_uid=plan.sop_ids[k],
-                patient_id=plan.patient_id, study_uid=plan.study_id, series_uid=plan.series_id,
+                folder / f"{plan.sop_ids[k]}.dcm", hu[i], sop_uid=uid(plan.sop_ids[k]), dicom_uids=dicom_uids,
+                patient_id=plan.patient_id, study_uid=uid(plan.study_id), series_uid=uid(plan.series_id),
                 position=plan.position(int(k)), orientation=plan.orientation,
                 pixel_spacing=(plan.pixel_spacing, plan.pixel_spacing),
                 window_center=plan.window_center, window_width=plan.window_width,
@@ -109,11 +111,14 @@ def _clear(folder: Path) -> None:
 
 
 def generate_dataset(out_dir, *, n_train_patients=30, n_test_patients=8, image_size=256,
-                     seed=0, n_jobs=1, n_corrupt=1, progress=True, min_slices=20) -> dict:
+                     seed=0, n_jobs=1, n_corrupt=1, progress=True, min_slices=20, dicom_uids=False) -> dict:
     """Write a synthetic stage-2 dataset under ``out_dir``; return a summary dict.
 
     Same arguments -> byte-identical files, whatever ``n_jobs``. Earlier
     ``ID_*.dcm`` files in ``stage_2_train/`` and ``stage_2_test/`` are removed.
+    dicom_uids: headers a PACS accepts (valid UIDs, SOPClassUID; synthetic.dicom_writer) instead of
+    Kaggle's ``ID_`` ones; the files and the label CSV keep the ``ID_`` names, so such a dataset is for
+    sending to a PACS or the DICOM node, not for prepare_data (which names images by SOPInstanceUID).
     """
     t0 = time.perf_counter()
     if image_size < 32:
@@ -126,7 +131,7 @@ def generate_dataset(out_dir, *, n_train_patients=30, n_test_patients=8, image_s
         raise ValueError(f"min_slices must be >= 3, got {min_slices}")
     plans = plan_dataset(n_train_patients=n_train_patients, n_test_patients=n_test_patients,
                          image_size=image_size, seed=seed, min_slices=min_slices)
-    jobs = (delayed(render_series)(p, folders[p.split]) for p in plans)
+    jobs = (delayed(render_series)(p, folders[p.split], dicom_uids) for p in plans)
     results = Parallel(n_jobs=n_jobs, return_as="generator")(jobs)
     tables = {"train": [], "test": []}
     for plan, (ids, labels) in zip(plans, tqdm(results, total=len(plans), desc="series",

@@ -177,3 +177,45 @@ def test_the_shipped_recipe_follows_the_published_solutions():
         sizes = [cfg.size_at(e) for e in range(cfg.train.epochs)]
         assert cfg.final_size == 512 and sizes.count(512) > len(sizes) / 2, (name, sizes)
         assert cfg.train.average_last == 2 and cfg.train.freeze_epochs == 0 and cfg.train.tta_hflip, name
+
+
+# --- the DICOM node's config (node/config.py) ----------------------------------------------------
+
+def test_the_shipped_node_config_loads():
+    from node.config import load_node_config
+    from conftest import REPO
+    cfg = load_node_config(REPO / "configs" / "node" / "orthanc.yaml")
+    assert cfg.allows("ORTHANC", "127.0.0.1") and not cfg.allows("ORTHANC", "10.0.0.9")
+    assert not cfg.allows("STRANGER", "127.0.0.1") and cfg.quiet_seconds == 5
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"quiet_seconds": "5"}, "quiet_seconds must be float, got '5'"),
+    ({"callers": []}, "callers is empty"),
+    ({"callers": [{"ae_title": "X", "port": 1}]}, "unknown key(s) callers[0].port"),
+    ({"destinations": [], "stow_url": None}, "say where the SR goes"),
+    ({"destinations": [{"ae_title": "PACS", "host": "h", "port": "104"}]}, "destinations[0].port must be int"),
+    ({"ae_title": "A_TITLE_LONGER_THAN_16"}, "1 to 16 characters"),
+    ({"max_wait_seconds": 1}, "max_wait_seconds must be >= quiet_seconds"),
+    ({"quiet": 5}, "unknown key(s) quiet"),
+])
+def test_node_config_bad_values(tmp_path, change, message):
+    from node.config import load_node_config
+    from conftest import REPO
+    data = {**yaml.safe_load((REPO / "configs" / "node" / "orthanc.yaml").read_text()), **change}
+    with pytest.raises(ConfigError) as err:
+        load_node_config(write_yaml(tmp_path / "node.yaml", data))
+    assert message in str(err.value)
+
+
+def test_node_script_reports_a_bad_config_in_one_line(tmp_path):
+    path = write_yaml(tmp_path / "node.yaml", {"ae_title": "ICH", "callers": []})
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({k: str(tmp_path / v) for k, v in SETTINGS_TEMPLATE.items()}))
+    import subprocess
+    import sys
+    from conftest import REPO
+    out = subprocess.run([sys.executable, "dicom_node.py", "--settings", str(settings), "--config",
+                          "configs/predict/demo.yaml", "--node-config", str(path)], capture_output=True, text=True,
+                         cwd=REPO)
+    assert_one_line_error(out, "node.yaml: callers is empty")

@@ -316,3 +316,62 @@ def test_kernel_checks_the_submission_against_the_sample(tmp_path):
         bad.write_text(text)
         with pytest.raises(kernel.KernelError, match=message):
             kernel.check_submission(bad, sample)
+
+
+def test_kernel_takes_the_competition_zip_as_downloaded(tmp_path, monkeypatch):
+    """An input holding the competition's .zip: RAW_DATA_DIR is the zip itself (predict.py reads its members in
+    place) and the submission is checked against the sample inside it."""
+    import zipfile
+    kernel = load_script("kernel")
+    base = tmp_path / "input" / COMP
+    base.mkdir(parents=True)
+    with zipfile.ZipFile(base / f"{COMP}.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(f"{COMP}/stage_2_sample_submission.csv", "ID,Label\nID_a_any,0.5\nID_b_any,0.5\n")
+        z.writestr(f"{COMP}/stage_2_test/ID_a.dcm", b"x")
+    monkeypatch.delenv("ICH_COMPETITION_DIR", raising=False)
+    raw = kernel.competition_dir(tmp_path / "input")
+    assert raw == base / f"{COMP}.zip"
+    good = tmp_path / "good.csv"
+    good.write_text("ID,Label\nID_a_any,0.1\nID_b_any,0.3\n")
+    assert kernel.check_submission(good, raw) == 2
+    good.write_text("ID,Label\nID_b_any,0.1\nID_a_any,0.3\n")
+    with pytest.raises(kernel.KernelError, match="ID ID_b_any where"):
+        kernel.check_submission(good, raw)
+
+
+def test_one_fold_trains_from_the_read_only_input_with_no_image_written(fake, tmp_path):
+    """Stage one in a kernel's shape: the competition input read-only, prepare_data without images, then
+    train.py with input.source: dicom for one fold. No image file appears anywhere under the working
+    folder (DiskWatch, as for the streamed test split) and the input is left as it was."""
+    working = tmp_path / "working"
+    working.mkdir()
+    (working / "SETTINGS.json").write_text(json.dumps({
+        "RAW_DATA_DIR": str(fake["raw"]), "TRAIN_DATA_CLEAN_PATH": "clean/train", "TEST_DATA_CLEAN_PATH": "clean/test",
+        "MODEL_CHECKPOINT_DIR": "models", "LOGS_DIR": "logs", "SUBMISSION_DIR": "submissions"}))
+    (working / "prep.yaml").write_text(yaml.safe_dump({"image_size": 64, "n_folds": 3, "n_jobs": 1,
+                                                       "images": False}))
+    (working / "dicom.yaml").write_text(yaml.safe_dump({**TINY, "input": {**TINY["input"], "source": "dicom"}}))
+    env = {**os.environ, **ONE_THREAD, "TMPDIR": str(working / "tmp")}
+    (working / "tmp").mkdir()
+    set_writable(fake["input"] / COMP, False)
+    try:
+        before = snapshot(fake["input"] / COMP)
+        with DiskWatch(working) as disk:
+            runs = [subprocess.run([sys.executable, str(REPO / script), "--no-progress", "--settings",
+                                    str(working / "SETTINGS.json"), *extra], capture_output=True, text=True,
+                                   cwd=working, env=env)
+                    for script, extra in (("prepare_data.py", ["--split", "train", "--config", "prep.yaml"]),
+                                          ("train.py", ["--config", "dicom.yaml", "--folds", "0"]))]
+        after = snapshot(fake["input"] / COMP)
+    finally:
+        set_writable(fake["input"] / COMP, True)
+    for out in runs:
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert after == before, "the competition data was modified"
+    assert disk.caches == set(), f"an image cache was written: {sorted(disk.caches)}"
+    assert (working / "models" / "dicom" / "fold0.pt").is_file() and "fold 0: out-of-fold" in runs[1].stdout
+    clean = sorted(p.relative_to(working / "clean" / "train").as_posix()
+                   for p in (working / "clean" / "train").rglob("*") if p.is_file())
+    assert [p for p in clean if not p.startswith("parts/")] == ["cache_meta.json", "rejected.csv", "slices.parquet"]
+    npy = [p.name for p in working.rglob("*.npy")]
+    assert npy == ["fold0.oof_emb.npy"], npy  # embeddings (float16, 512-d), never an image

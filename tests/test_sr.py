@@ -33,6 +33,7 @@ def headers(tmp_path) -> list[pydicom.Dataset]:
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.ImagePositionPatient = [0.0, 0.0, i * 5.0]
+        ds.InstanceNumber = 100 - i  # a scanner's numbering need not follow z
         ds.save_as(tmp_path / f"{i}.dcm")
         out.append(pydicom.dcmread(tmp_path / f"{i}.dcm", stop_before_pixels=True))
     return out
@@ -89,6 +90,7 @@ def test_round_trip_and_marking(headers, table):
     assert NOTICE in raw.SeriesDescription
     texts = [i.TextValue for i in _items(raw) if i.get("ValueType") == "TEXT"]
     assert NOTICE in texts
+    assert any(t.startswith(f"Slices are numbered 1 to {N} by position along z") for t in texts)  # says which
     assert raw.Modality == "SR" and raw.SeriesNumber == 1 and raw.InstanceNumber == 1
     assert "research" in raw.Manufacturer
     # the private scheme is declared
@@ -99,8 +101,9 @@ def test_one_group_per_slice_with_the_table_values(headers, table):
     _, sr = _read_back(build_sr(headers, table, model=MODEL))
     summary, slices = _groups(sr)
     assert len(slices) == N
-    for row, header, group in zip(table.itertuples(), headers, slices):
-        assert group.tracking_identifier.startswith(f"slice {row.slice_index} ")
+    for number, (row, header, group) in enumerate(zip(table.itertuples(), headers, slices), start=1):
+        assert group.tracking_identifier.startswith(f"slice {number} (")  # 1-based, as the viewer shows it
+        assert f", instance {header.InstanceNumber})" in group.tracking_identifier  # the scanner's beside it
         [source] = group.source_images
         assert source.referenced_sop_instance_uid == header.SOPInstanceUID
         assert source.referenced_sop_class_uid == header.SOPClassUID
@@ -224,3 +227,76 @@ def test_threshold_counts(headers, table):
     summary, _ = _groups(sr)
     counts = {m.name.value: m.value for m in summary.get_measurements() if m.name.value.endswith("N")}
     assert counts == {PROBABILITY[lab].value + "N": float((table[lab] >= 0.3).sum()) for lab in LABELS}
+
+
+def test_outputs_number_slices_from_one_with_the_instance_number_beside(headers, table):
+    from types import SimpleNamespace
+
+    from pipeline.outputs import above_threshold, numbered
+    got = numbered(SimpleNamespace(slices=table, headers=headers))
+    assert got["slice_number"].tolist() == list(range(1, N + 1)) and "slice_index" not in got
+    assert got["instance_number"].tolist() == [100 - i for i in range(N)]
+    assert numbered(SimpleNamespace(slices=table, headers=None))["instance_number"].isna().all()
+    runs = above_threshold(table.assign(any=[0.9, 0.1, 0.8, 0.7, 0.2]), 0.5)["any"]["runs"]
+    assert runs == [[1, 1], [3, 4]]  # slice numbers, as the page's summary shows them
+
+
+def _without_made_uids(ds: pydicom.Dataset) -> dict:
+    """The dataset as JSON without what each build makes anew (its own UIDs, dates, tracking UIDs)."""
+    out = ds.to_json_dict()
+    for key in ("00080018", "0020000E", "00080012", "00080013", "00080023", "00080033", "0040A032", "0018A001"):
+        out.pop(key, None)
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("0040A040", {}).get("Value") == ["UIDREF"]:
+                node.pop("0040A124", None)  # a tracking UID
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(out)
+    return out
+
+
+@pytest.mark.parametrize("kaggle_ids", [False, True])
+def test_copied_slice_groups_equal_highdicoms_own(headers, table, kaggle_ids):
+    """The fast build (highdicom's first slice group, copied for the others; the shared items written
+    once) gives the same SR as highdicom building every group and pydicom writing it."""
+    if kaggle_ids:
+        for i, h in enumerate(headers):
+            h.SOPInstanceUID, h.StudyInstanceUID, h.SeriesInstanceUID = f"ID_{i:03d}ab9f", "ID_st0c1", "ID_se0c1"
+    fast, _ = _read_back(build_sr(headers, table, model=MODEL))
+    reference = build_sr(headers, table, model=MODEL, copy_groups=False)
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, reference, enforce_file_format=True)
+    slow = pydicom.dcmread(io.BytesIO(buf.getvalue()))
+    assert _without_made_uids(fast) == _without_made_uids(slow)
+    assert len(fast.ContentSequence[-1].ContentSequence) == N + 1  # summary + one group a slice
+    uids = [i.UID for i in _items(fast) if i.get("ValueType") == "UIDREF"
+            and i.ConceptNameCodeSequence[0].CodeValue == "112040"]
+    assert len(set(uids)) == len(uids) == N + 1  # every group its own tracking UID
+
+
+def test_a_replacing_sr_names_the_one_it_replaces(headers, table):
+    first, _ = _read_back(build_sr(headers, table, model=MODEL))
+    second, _ = _read_back(build_sr(headers, table, model=MODEL, replaces=[first]))
+    [study] = second.PredecessorDocumentsSequence
+    assert study.StudyInstanceUID == first.StudyInstanceUID
+    [ref] = study.ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert study.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+    assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (first.SOPClassUID, first.SOPInstanceUID)
+    assert "PredecessorDocumentsSequence" not in first
+
+
+@pytest.mark.parametrize("charset, name", [("ISO_IR 100", "Müller^Jürgen"), ("ISO_IR 192", "山田^太郎")])
+def test_a_patient_name_in_another_character_set_survives(headers, table, charset, name):
+    for h in headers:
+        h.SpecificCharacterSet, h.PatientName = charset, name
+    sr = build_sr(headers, table, model=MODEL)
+    raw = pydicom.dcmread(io.BytesIO(sr_bytes(sr)))  # (the validators' output is not UTF-8 here)
+    assert raw.SpecificCharacterSet == charset and str(raw.PatientName) == name
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, sr, enforce_file_format=True)
+    assert raw == pydicom.dcmread(io.BytesIO(buf.getvalue()))  # as pydicom's own writer encodes it

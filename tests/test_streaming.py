@@ -88,7 +88,8 @@ def test_fold_zero_held_out_images_through_the_engine_give_its_oof(prepared, tra
     slices = pd.read_parquet(prepared / "clean" / "train" / "slices.parquet")
     held = set(slices.loc[slices["fold"] == 0, "image_id"])
     folder = prepared / "raw" / "stage_2_train"
-    groups = [g for g in series_groups(folder, sorted(f"{i}.dcm" for i in held), 1 << 22, 0, progress=False)]
+    names = sorted(f"{i}.dcm" for i in held)
+    groups = [g for g in series_groups([folder / n for n in names], names, 1 << 22, 0, progress=False)]
     engine = Engine(PredictCfg(name="t", experiments=["tiny"], batch_size=7), work / "models", cpu(), stage_two=False)
     sink = engine.stage_one(groups, Sink())
     got = pd.DataFrame(sink.outputs()["tiny", 0][0], columns=list(LABELS), index=sink.slices()["image_id"])
@@ -120,7 +121,8 @@ def test_the_engine_rejects_what_prepare_data_rejects_with_the_same_reason(tmp_p
     want = pd.read_csv(tmp_path / "clean" / "rejected.csv").set_index("file")["reason"].to_dict()
     assert len(want) == 6
     decoder = Decoder(CFG, [InputSpec("windows", 0, 32)], num_workers=0)
-    groups = series_groups(folder, list_files(folder), CFG.max_pixels, 0, progress=False)
+    names = list_files(folder)
+    groups = series_groups([folder / n for n in names], names, CFG.max_pixels, 0, progress=False)
     decoded = list(decoder(groups))
     got = pd.concat([d.rejected for d in decoded]).set_index("file")["reason"].to_dict()
     assert got == want

@@ -36,7 +36,8 @@ def test_study_probabilities_equal_the_batch_path(prepared, study_models, tmp_pa
     assert set(got.index) == set(ids)
     np.testing.assert_allclose(got.loc[ids, list(LABELS)].to_numpy(), want.loc[ids, list(LABELS)].to_numpy(),
                                atol=1e-4, rtol=0)
-    assert got["slice_index"].tolist() == sorted(got["slice_index"])
+    assert got["slice_number"].tolist() == list(range(1, len(got) + 1))  # 1-based, in z order, as the viewer
+    assert (got["threshold"] == 0.5).all() and "instance_number" in got  # empty: generated files have none
     doc = json.loads((tmp_path / "o" / "study.json").read_text())
     reasons = {s["file"]: s["reason"] for s in doc["skipped"]}
     assert reasons["PATIENT/README.txt"] == "not_dicom"

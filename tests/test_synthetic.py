@@ -21,6 +21,7 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 from ich.labels import LABELS, SUBTYPES, read_labels
 from synthetic import generate_dataset, write_ct_slice
 from synthetic.__main__ import main as cli_main
+from synthetic.dicom_writer import dicom_uid
 from synthetic.generate import series_phantom
 from synthetic.phantom import HeadPhantom
 from synthetic.plan import plan_dataset
@@ -298,3 +299,24 @@ def test_min_slices_gives_long_series():
     assert min(p.n_slices for p in default) < 40 <= min(p.n_slices for p in long)
     assert max(p.n_slices for p in long) <= 60
     assert len(long) == len(default)  # the same number of studies and series
+
+
+def test_dicom_uids_give_headers_a_pacs_accepts(small, tmp_path):
+    """--dicom-uids: valid UIDs (the same ID_ name, the same UID), the SOP Class UID, the file meta's
+    instance UID equal to the dataset's; the files, labels and pixels as the default layout's."""
+    kaggle, _ = small
+    assert cli_main(["--out", str(tmp_path), "--train-patients", str(KW["n_train_patients"]), "--test-patients",
+                     str(KW["n_test_patients"]), "--size", str(KW["image_size"]), "--seed", str(KW["seed"]),
+                     "--quiet", "--dicom-uids"]) == 0
+    names = sorted(p.name for p in (tmp_path / "stage_2_test").glob("*.dcm"))
+    assert names == sorted(p.name for p in (kaggle / "stage_2_test").glob("*.dcm")) and names
+    for name in names[:10]:
+        ours, theirs = pydicom.dcmread(tmp_path / "stage_2_test" / name), read(kaggle / "stage_2_test" / name)
+        for key in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            assert pydicom.uid.UID(ours[key].value).is_valid, key
+            assert ours[key].value == dicom_uid(theirs[key].value)
+        assert ours.SOPClassUID == ours.file_meta.MediaStorageSOPClassUID == pydicom.uid.CTImageStorage
+        assert ours.file_meta.MediaStorageSOPInstanceUID == ours.SOPInstanceUID
+        assert "SOPClassUID" not in theirs  # the default keeps the real files' layout
+        assert np.array_equal(ours.pixel_array, theirs.pixel_array)
+    assert (tmp_path / "stage_2_train.csv").read_text() == (kaggle / "stage_2_train.csv").read_text()

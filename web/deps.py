@@ -2,9 +2,11 @@
 result (`?series=K`, default the upload's chosen series) and a download's threshold."""
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
-from contextlib import contextmanager
+import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import Depends, Query, Request
@@ -21,20 +23,35 @@ from .uploads import WorkDir
 
 
 class Slots:
-    """At most `limit` uploads in flight; one more is refused at once (503 with Retry-After), before its
-    body is read, so waiting uploads take neither disk nor memory nor a connection for long."""
+    """At most `limit` uploads in flight and `queued` more waiting for a turn (up to `wait` seconds, before
+    their body is read: a waiting upload holds only its connection); one more is refused at once (503 with
+    Retry-After), so a flood takes neither disk nor memory nor a reading process."""
 
-    def __init__(self, limit: int):
-        self.limit, self.busy = limit, 0
+    def __init__(self, limit: int, queued: int = 16, wait: float = 300):
+        self.limit, self.queued, self.wait = limit, queued, wait
+        self.busy = self.waiting = 0
         self._lock = threading.Lock()
 
-    @contextmanager
-    def slot(self):
+    @asynccontextmanager
+    async def slot(self):
         with self._lock:
-            if self.busy >= self.limit:
-                raise ApiError(503, f"the server is taking {self.limit} uploads already: try again in a minute",
-                               retry_after=15)
-            self.busy += 1
+            if self.busy >= self.limit and self.waiting >= self.queued:
+                raise ApiError(503, f"the server is taking {self.limit} uploads and {self.waiting} more wait: "
+                                    "try again in a minute", retry_after=15)
+            self.waiting += 1
+        try:
+            end = time.monotonic() + self.wait
+            while True:
+                with self._lock:
+                    if self.busy < self.limit:
+                        self.busy += 1
+                        break
+                if time.monotonic() > end:
+                    raise ApiError(503, "no turn came for this upload in time: try again in a minute", retry_after=15)
+                await asyncio.sleep(0.05)
+        finally:
+            with self._lock:
+                self.waiting -= 1
         try:
             yield
         finally:

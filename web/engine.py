@@ -35,7 +35,7 @@ from models import runtime as rt
 from pipeline.decode import decoded_from
 from pipeline.engine import Engine
 from pipeline.result import StudyResult
-from pipeline.study import model_info, study_result
+from pipeline.study import model_info, predict_study, study_result
 
 from .reader import UploadRead
 
@@ -90,6 +90,12 @@ class WebEngine:
             out[s.index] = study_result(s.files, pred, self.engine, keep_images=True, headers=s.headers,
                                         timings={"queue": queued, "read": read.seconds})
         return out
+
+    def predict_files(self, files) -> StudyResult:
+        """Files already sorted out (ich.study.StudyFiles: a DICOM node's series, dicom_node.py --web-port)
+        through the models under the uploads' lock, keeping what the viewer needs."""
+        with self._lock:
+            return predict_study(files, self.engine, keep_images=True, log=lambda *a: None)
 
     # --- Grad-CAM -------------------------------------------------------------------------------
     def _load_cam_models(self):

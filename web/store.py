@@ -12,6 +12,7 @@ network's windows), then whole results go, the newest last.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import secrets
 import threading
@@ -20,6 +21,15 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from pipeline.result import StudyResult
+
+def give_back() -> None:
+    """Return freed memory to the system: glibc keeps the heap of a dropped result for reuse, so the
+    server's RSS would stay at its peak after the results that made it are gone."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
 
 CAMS_KEPT = 64  # Grad-CAM maps (PNG bytes) kept per upload; the page asks for one slice and label at a time
 
@@ -62,6 +72,16 @@ class StoredStudy:
         return bool(kept)
 
 
+def stored_study(result: StudyResult) -> StoredStudy:
+    """One series predicted outside an upload (a DICOM node's, dicom_node.py --web-port), kept as an upload is:
+    its study's CT series listed, this one chosen and the only one with a result."""
+    series = [{**s, "description": None, "usable": s["series_id"] == result.series_id,
+               "reason": None if s["series_id"] == result.series_id else "not sent as this series"}
+              for s in result.series]
+    chosen = next(s["index"] for s in series if s["usable"])
+    return StoredStudy(results={chosen: result}, series=series, chosen=chosen, timings={})
+
+
 class StudyStore:
     def __init__(self, max_studies: int = 8, max_bytes: int | None = None):
         self.max_studies, self.max_bytes = max_studies, max_bytes
@@ -72,9 +92,13 @@ class StudyStore:
         study_id = secrets.token_urlsafe(12)  # random: says nothing of the patient, cannot be guessed
         with self._lock:
             self._items[study_id] = study
+            n = len(self._items)
             while len(self._items) > self.max_studies:
                 self._items.popitem(last=False)
             self._fit()
+            dropped = n - len(self._items)
+        if dropped:
+            give_back()
         return study_id
 
     def _fit(self) -> None:
@@ -105,7 +129,10 @@ class StudyStore:
 
     def forget(self, study_id: str) -> bool:
         with self._lock:
-            return self._items.pop(study_id, None) is not None
+            gone = self._items.pop(study_id, None) is not None
+        if gone:
+            give_back()
+        return gone
 
     def __len__(self) -> int:
         return len(self._items)

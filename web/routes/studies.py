@@ -100,7 +100,13 @@ async def upload(request: Request, series: int | None = Depends(series_param), s
         srv.engine.check_room()
     except Busy as exc:
         raise ApiError(503, str(exc), retry_after=30) from None
-    with srv.uploads.slot(), srv.work.request() as folder:
+    async with srv.uploads.slot():
+        return await _upload(request, series, srv, t0)
+
+
+async def _upload(request: Request, series: int | None, srv: Server, t0: float) -> dict:
+    cfg = srv.settings
+    with srv.work.request() as folder:
         try:
             listed = await asyncio.wait_for(receive_files(
                 request, folder, max_bytes=cfg.max_upload_mb << 20, max_files=MAX_FILES,
