@@ -33,6 +33,7 @@ def main(argv=None):
     from models.predict_split import InferenceError
     from stacking.run import StackingError
     from web.app import create_app, quiet_logs
+    from web.engine import load_engine
     from web.guard import allowed_hosts_for
     from web.protocol import timed_h11
     from web.uploads import WorkDir
@@ -48,14 +49,19 @@ def main(argv=None):
     if hosts is not None and args.host in ("0.0.0.0", "::") and not args.allow_host:
         print(f"note: bound to {args.host}, the server answers only to requests for that address: add "
               "--allow-host NAME for each name or address clients use", flush=True)
-    # the app's lifespan loads the models (a missing checkpoint: one line on stderr, and the server stops)
-    app = create_app(settings=settings, work=work, model_paths=(args.settings, args.config),
-                     load_errors=(InferenceError, CheckpointError, StackingError, StudyError, FileNotFoundError, RuntimeError),
-                     on_ready=lambda model: print(
-                         f"serving on http://{args.host}:{args.port}/  ({model['stage_two']}: "
-                         f"{', '.join(model['experiments'])})  - research use only, not for clinical use", flush=True))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", log_config=None, lifespan="on",
-                http=timed_h11(settings.header_timeout), timeout_keep_alive=5, h11_max_incomplete_event_size=64 << 10)
+    # the models are loaded before the server starts: a missing or damaged checkpoint is one line on stderr
+    # and exit code 2 (raised inside the app's lifespan, uvicorn would log its own lines and exit with 3)
+    with friendly_errors(InferenceError, CheckpointError, StackingError, StudyError, FileNotFoundError, RuntimeError):
+        engine = load_engine(args.settings, args.config)
+    app = create_app(engine, settings=settings, work=work, on_ready=lambda model: print(
+        f"serving on http://{args.host}:{args.port}/  ({model['stage_two']}: "
+        f"{', '.join(model['experiments'])})  - research use only, not for clinical use", flush=True))
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", log_config=None, lifespan="on",
+                    http=timed_h11(settings.header_timeout), timeout_keep_alive=5,
+                    h11_max_incomplete_event_size=64 << 10)
+    finally:
+        engine.close()
 
 
 if __name__ == "__main__":

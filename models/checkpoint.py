@@ -45,18 +45,21 @@ def _retrain(path: Path) -> str:
     return f"retrain that fold (train.py --folds {_fold_of(path)} --force)"
 
 
-def read(path: Path, map_location="cpu", *, keys=FOLD_KEYS, mmap: bool = False) -> dict:
+def read(path: Path, map_location="cpu", *, keys=FOLD_KEYS, mmap: bool = False, fix: str | None = None) -> dict:
     """torch.load of a checkpoint, or a CheckpointError: unreadable (0 bytes, truncated, not a torch file,
-    pickled objects weights_only refuses) or not a dict with `keys` (someone else's .pt)."""
+    pickled objects weights_only refuses) or not a dict with `keys` (someone else's .pt). fix: what the
+    message tells the user to do (default: retrain that fold)."""
     path = Path(path)
+    fix = fix or _retrain(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception:  # noqa: BLE001 - any unreadable file: name it, in one line (the same for every reader)
         size = path.stat().st_size if path.is_file() else None
-        raise CheckpointError(f"cannot read checkpoint {path} ({'missing' if size is None else f'{size:,} bytes'}"
-                              f"): it is damaged, incomplete or not a torch file; {_retrain(path)}") from None
+        raise CheckpointError(f"checkpoint {path} is damaged or incomplete ("
+                              f"{'missing' if size is None else f'{size:,} bytes'}, not a readable torch file): "
+                              f"{fix}") from None
     if not isinstance(state, dict) or not all(k in state for k in keys):
-        raise CheckpointError(f"{path} is not a checkpoint of train.py (no {', '.join(keys)}): {_retrain(path)}")
+        raise CheckpointError(f"{path} is not a checkpoint of train.py (no {', '.join(keys)}): {fix}")
     return state
 
 
@@ -68,11 +71,9 @@ def read_provenance(path: Path) -> dict | None:
 
 def read_resume(path: Path, map_location) -> dict:
     """A fold{k}.last.pt (train.py --resume)."""
-    try:
-        return read(path, map_location, keys=RESUME_KEYS)
-    except CheckpointError as exc:
-        raise CheckpointError(f"cannot resume fold {_fold_of(path)}: {exc} (it holds the only resume state of "
-                              "that fold)") from None
+    k = _fold_of(path)
+    return read(path, map_location, keys=RESUME_KEYS,
+                fix=f"it holds the only resume state of fold {k}, so retrain it: train.py --folds {k} --force")
 
 
 def save(obj: dict, path: Path) -> None:

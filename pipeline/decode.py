@@ -29,8 +29,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ich.config import PrepareConfig
 from ich.cache import open_images
+from ich.config import PrepareConfig
 from ich.prepare import decode_files
 from models.data import SliceDataset, with_neighbors
 

@@ -35,9 +35,9 @@ import torch
 
 from ich.cache import read_meta
 from ich.config import PrepareConfig, cache_settings, prepare_config_from
+from models.checkpoint import load_fold_model
 from models.config import ExperimentCfg
 from models.inference import forward, is_compiled, padded
-from models.checkpoint import load_fold_model
 from models.predict_split import InferenceError, check_cache, require_fold_checkpoints
 from models.runtime import Runtime
 

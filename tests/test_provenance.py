@@ -63,7 +63,9 @@ def test_experiments_trained_from_different_caches_are_an_error(tmp_path):
     (train / "cache_meta.json").write_text(json.dumps({"files_digest": "a" * 40}))
     for exp, digest in (("one", "a" * 40), ("two", "b" * 40), ("old", None)):
         (tmp_path / "m" / exp).mkdir(parents=True)
-        state = {"state_dict": {}} if digest is None else {"provenance": {"cache_files_digest": digest}}
+        state = {"state_dict": {}, "config": {}}  # the keys of a fold checkpoint (models.checkpoint.FOLD_KEYS)
+        if digest is not None:
+            state["provenance"] = {"cache_files_digest": digest}
         torch.save(state, tmp_path / "m" / exp / "fold0.pt")
     assert training_records(tmp_path / "m", ["one", "old"], train) == {
         "one": [{"cache_files_digest": "a" * 40}], "old": []}  # a checkpoint without a record is not compared
