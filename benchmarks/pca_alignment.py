@@ -27,7 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from ich.settings import load_settings  # noqa: E402
 from stacking.config import load_predict_config  # noqa: E402
-from stacking.run import ANY, _aligned, _embeddings, _test_fold_path, fit_signed_pca, load_stage_one  # noqa: E402
+from stacking.pca import fit_signed_pca  # noqa: E402
+from stacking.stage_one import ANY, _aligned, _embeddings, _test_fold_path, load_stage_one  # noqa: E402
 from stacking.model import logit  # noqa: E402
 
 

@@ -139,8 +139,12 @@ def _platt(logit: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
-def make_split(rng, n_rows: int, id_start: int, n_exp: int, emb_dim: int) -> dict:
-    """One split in series order: slice table (with labels), stage-one probs and embeddings per experiment."""
+def make_split(rng, n_rows: int, id_start: int, n_exp: int, emb_dim: int, phi: float = 0.9,
+               mixes: list | None = None) -> dict:
+    """One split in series order: slice table (with labels), stage-one probs and embeddings per experiment.
+
+    mixes[e]: experiment e's map from its logits to its embedding (6, emb_dim), the same network for
+    both splits: the test split passes the train split's (returned under "mixes")."""
     lengths = _series_lengths(rng, n_rows)
     n_series = len(lengths)
     per_patient = rng.choice([1, 2, 3], size=n_series, p=[0.7, 0.22, 0.08])
@@ -179,8 +183,7 @@ def make_split(rng, n_rows: int, id_start: int, n_exp: int, emb_dim: int) -> dic
     evidence = gain * np.repeat(visible, lengths, axis=0).astype(np.float32) * t
     shared_series = rng.normal(0, 1, (n_series, 6))
     shared_slice = rng.normal(0, 1, (n_rows, 6)).astype(np.float32)
-    phi = 0.9  # noise correlation between neighbor slices
-    probs, embs = [], []
+    probs, embs, own = [], [], []
     for e in range(n_exp):
         rho = 0.6  # noise shared between the experiments (same images, similar networks)
         white = rho * shared_slice + math.sqrt(1 - rho ** 2) * rng.normal(0, 1, (n_rows, 6)).astype(np.float32)
@@ -194,7 +197,8 @@ def make_split(rng, n_rows: int, id_start: int, n_exp: int, emb_dim: int) -> dic
                  + 1.0 * ar + 0.3 * fresh)
         probs.append(_platt(logit, y).astype(np.float32))
         if emb_dim:
-            mix = rng.normal(0, 1, (6, emb_dim)).astype(np.float32) / math.sqrt(6)
+            own.append(rng.normal(0, 1, (6, emb_dim)).astype(np.float32) / math.sqrt(6))  # drawn either way
+            mix = own[-1] if mixes is None else mixes[e]
             emb = logit.astype(np.float32) @ mix + rng.normal(0, 1.5, (n_rows, emb_dim)).astype(np.float32)
             embs.append(emb.astype(np.float16))
     del shared_slice
@@ -214,13 +218,16 @@ def make_split(rng, n_rows: int, id_start: int, n_exp: int, emb_dim: int) -> dic
     # prepare_data writes rows sorted by (series_id, z): random series ids make that a shuffle of series
     order = np.lexsort((index, table["series_id"].to_numpy()))
     table = table.iloc[order].reset_index(drop=True)
-    return {"table": table, "probs": [p[order] for p in probs], "embs": [e[order] for e in embs]}
+    return {"table": table, "probs": [p[order] for p in probs], "embs": [e[order] for e in embs], "mixes": own}
 
 
-def generate(seed: int, n_exp: int, emb_dim: int, n_train: int = N_TRAIN, n_test: int = N_TEST) -> tuple[dict, dict]:
+def generate(seed: int, n_exp: int, emb_dim: int, n_train: int = N_TRAIN, n_test: int = N_TEST,
+             phi: float = 0.9) -> tuple[dict, dict]:
+    """phi: the correlation of stage one's slice noise between neighbouring slices (0: independent)."""
     rng = np.random.default_rng(seed)
-    train = make_split(rng, n_train, 0, n_exp, emb_dim)
-    test = make_split(rng, n_test, 10_000_000, n_exp, emb_dim)
+    train = make_split(rng, n_train, 0, n_exp, emb_dim, phi)
+    test = make_split(rng, n_test, 10_000_000, n_exp, emb_dim, phi, mixes=train["mixes"])
+    test["labels"] = test["table"][["image_id", *LABELS]]
     test["table"] = test["table"].drop(columns=list(LABELS))
     # patient-grouped folds: patients in random order, dealt round-robin
     patients = train["table"]["patient_id"].unique()
@@ -275,6 +282,7 @@ def write_scale(folder: Path, train: dict, test: dict, keep_train: np.ndarray, k
     test_ids = test["table"]["image_id"][keep_test].to_numpy()
     table.to_parquet(folder / "train_slices.parquet", index=False)
     test["table"][keep_test].reset_index(drop=True).to_parquet(folder / "test_slices.parquet", index=False)
+    test["labels"][keep_test].reset_index(drop=True).to_parquet(folder / "test_labels.parquet", index=False)
     for e, name in enumerate(names):
         d = folder / "models" / name
         d.mkdir(parents=True)
@@ -312,22 +320,6 @@ def machine_busy_s() -> float:
     return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def apply_overrides(cfg, pairs: list[str]):
-    """--set key=value: a PredictCfg field (k_neighbors, early_stopping_rounds, members, ...), a sequence
-    member setting (sequence.hidden=32), or else a LightGBM param."""
-    import yaml
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        value = yaml.safe_load(value)
-        if key.startswith("sequence."):
-            cfg.sequence = {**cfg.sequence, key.split(".", 1)[1]: value}
-        elif key in type(cfg).__dataclass_fields__:
-            setattr(cfg, key, value)
-        else:
-            cfg.lgb = {**cfg.lgb, key: value}
-    return cfg
-
-
 def rss_gb(field: str = "VmRSS") -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -338,9 +330,9 @@ def rss_gb(field: str = "VmRSS") -> float:
 
 def child(folder: Path, args) -> dict:
     from ich.metric import weighted_log_loss
-    from stacking.config import load_predict_config
-    from stacking.model import fit_predict
-    from stacking.run import stage_two_features
+    from stacking.config import apply_overrides, load_predict_config
+    from stacking import blend
+    from stacking.run import blend_members, fit_members, stage_two_features
 
     cfg = apply_overrides(load_predict_config(args.config), args.set)
     cfg.experiments = experiment_names(cfg, args.experiments)
@@ -355,23 +347,21 @@ def child(folder: Path, args) -> dict:
     t1, c1 = time.perf_counter(), cpu_s()
     y = train[list(LABELS)].to_numpy(np.float64)
     folds = train["fold"].to_numpy()
-    res = fit_predict(feats.X, y, folds, feats.X_test, params=cfg.lgb_params,
-                      feature_names=feats.names, num_boost_round=cfg.num_boost_round,
-                      early_stopping_rounds=cfg.early_stopping_rounds, progress=False,
-                      base=feats.base, base_test=feats.base_test)
-    t2, c2 = time.perf_counter(), cpu_s()
-    assert np.isfinite(res.oof).all() and np.isfinite(res.test).all()
-    seq = None
-    if "sequence" in cfg.members:  # as stacking.run: the sequence member on the same views, then the blend
-        from stacking import blend, sequence
-        from stacking.features import series_inputs
-        inputs = lambda slices, view: series_inputs(slices, view.probs, view.pcs)  # noqa: E731
-        seq = sequence.fit_predict(train, inputs(train, feats.train), y, folds, feats.base,
-                                   {k: (test, inputs(test, v), feats.base_test[k] if feats.base_test else None)
-                                    for k, v in feats.tests.items()}, cfg.sequence_params, progress=False)
-        assert np.isfinite(seq.oof).all() and np.isfinite(seq.test).all()
-        oof_blend, _ = blend.cross_fit(y, folds, {"lightgbm": res.oof, "sequence": seq.oof})
+    cfg.members = ["lightgbm"] + [m for m in cfg.members if m != "lightgbm"]
+    members = fit_members(cfg, feats, train, test, y, folds, progress=False)  # as stacking.run, then the blend
+    res = members["lightgbm"].result
+    seq = members["sequence"].result if "sequence" in members else None
+    assert all(np.isfinite(m.oof).all() and np.isfinite(m.test).all() for m in members.values())
+    weights, oof_blend = blend_members(y, folds, members)
     t3, c3, m3 = time.perf_counter(), cpu_s(), machine_busy_s()
+    t2 = t1 + members["lightgbm"].seconds
+    c2 = c1 + (c3 - c1) * members["lightgbm"].seconds / max(t3 - t1, 1e-9)  # CPU split in proportion to wall
+    labels = pd.read_parquet(folder / "test_labels.parquet").set_index("image_id")
+    y_test = labels.loc[test["image_id"], list(LABELS)].to_numpy(np.float64)
+    test_of = {n: m.test for n, m in members.items()}
+    test_of["blend"] = blend.apply(weights, {n: m.test for n, m in members.items()})
+    test_of["stage one"] = np.mean([np.mean([v.probs[e] for v in feats.tests.values()], axis=0)
+                                    for e in cfg.experiments], axis=0)
     rounds = {label: [res.rounds[(label, k)] for k in range(N_FOLDS)] for label in LABELS}
     stage_one = np.mean(list(feats.probs.values()), axis=0)
     return {"train_rows": len(train), "test_rows": len(test), "features": feats.X.shape[1],
@@ -386,6 +376,8 @@ def child(folder: Path, args) -> dict:
             "wll_optimistic": weighted_log_loss(y, res.oof_optimistic),
             "wll_sequence": weighted_log_loss(y, seq.oof) if seq else None,
             "wll_blend": weighted_log_loss(y, oof_blend) if seq else None,
+            "test": {n: weighted_log_loss(y_test, p) for n, p in test_of.items()},
+            "sequence_weights": weights[1].round(2).tolist() if seq else None,
             "sequence_epochs": [int(seq.epochs[k]) for k in sorted(seq.epochs)] if seq else None,
             "lgb_params": cfg.lgb_params, "num_boost_round": cfg.num_boost_round,
             "start_from_stage_one": cfg.start_from_stage_one, "k": args.k,
@@ -402,6 +394,8 @@ def main():
     ap.add_argument("--k", type=int, default=None, help="neighbors each side (default: the config's k_neighbors)")
     ap.add_argument("--pca", type=int, default=None, help="PCA components per experiment (default: the config's)")
     ap.add_argument("--emb-dim", type=int, default=64, help="width of the generated embeddings")
+    ap.add_argument("--phi", type=float, default=0.9,
+                    help="correlation of stage one's slice noise between neighbouring slices (0: independent)")
     ap.add_argument("--config", default=str(REPO / "configs" / "predict" / "default.yaml"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field or a LightGBM param, e.g. --set learning_rate=0.1 (repeatable)")
@@ -413,7 +407,7 @@ def main():
     ap.add_argument("--test-rows", type=int, default=N_TEST, help="test slices at scale 1 (smaller: a quick check)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from stacking.config import load_predict_config
+    from stacking.config import apply_overrides, load_predict_config
     cfg = apply_overrides(load_predict_config(args.config), args.set)
     args.k = cfg.k_neighbors if args.k is None else args.k
     args.pca = cfg.pca_components if args.pca is None else args.pca
@@ -430,7 +424,7 @@ def main():
     print(f"generating {args.train_rows:,} train + {args.test_rows:,} test slices, "
           f"{args.experiments} stage-one experiments (embeddings {args.emb_dim}-d) ...", flush=True)
     train, test = generate(args.seed, args.experiments, args.emb_dim if args.pca else 0,
-                           args.train_rows, args.test_rows)
+                           args.train_rows, args.test_rows, args.phi)
     print(f"  done in {time.perf_counter() - t:.0f} s; any {train['table']['any'].mean():.1%}, "
           + ", ".join(f"{c[:4]} {train['table'][c].mean():.2%}" for c in SUBTYPES)
           + f"; {train['table']['series_id'].nunique():,} train series of "
@@ -475,6 +469,8 @@ def main():
                   f"{r['wll_stage_one']:.4f} -> {r['wll_stage_two']:.4f} ({r['wll_optimistic']:.4f}) "
                   f"{opt(r['wll_sequence'])} {opt(r['wll_blend'])}  {iters}"
                   + (f"; sequence epochs {r['sequence_epochs']}" if r["sequence_epochs"] else ""), flush=True)
+            print("       test: " + ", ".join(f"{n} {v:.4f}" for n, v in r["test"].items())
+                  + (f"; sequence blend weights {r['sequence_weights']}" if r["sequence_weights"] else ""), flush=True)
 
     lo, hi = results[scales[0]], results[scales[-1]]
     if len(scales) > 1:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import joblib
-import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
@@ -27,43 +25,8 @@ from . import blend
 from .config import PredictCfg
 from .features import build_features, series_inputs
 from .model import logit, predict_booster
-from .run import (SAVED, SAVED_VERSION, SEQUENCE_SAVED, StackingError, StageOne, fold_model_view, mean_probs,
-                  view_of)
-
-
-def load_saved(cfg: PredictCfg, model_dir: Path) -> tuple[dict, dict, dict]:
-    """What predict.py saved of a trained stage two: (feature names / folds / PCAs / members / blend
-    weights, {(label, k): booster} (LightGBM member), {k: sequence member} (sequence member))."""
-    out_dir = model_dir / "stacking" / cfg.name
-    if not (out_dir / SAVED).is_file():
-        raise StackingError(f"{out_dir / SAVED} not found: run predict.py with this config first (it trains "
-                            "stage two and saves it there)")
-    saved = joblib.load(out_dir / SAVED)
-    if saved.get("version") != SAVED_VERSION:
-        raise StackingError(f"{out_dir / SAVED} was saved by an older version of stage two: rerun predict.py "
-                            "with this config")
-    if saved["members"] != list(cfg.members):
-        raise StackingError(f"{out_dir / SAVED} holds the members {saved['members']}, the config lists "
-                            f"{cfg.members}: rerun predict.py with this config")
-    boosters, members = {}, {}
-    if "lightgbm" in saved["members"]:
-        for label in LABELS:
-            for k in saved["folds"]:
-                path = out_dir / "boosters" / f"{label}_fold{k}.txt"
-                if not path.is_file():
-                    raise StackingError(f"{path} not found: rerun predict.py with this config")
-                boosters[label, k] = lgb.Booster(model_file=str(path))
-    if "sequence" in saved["members"]:
-        import torch
-
-        from .sequence import Member
-        path = out_dir / SEQUENCE_SAVED
-        if not path.is_file():
-            raise StackingError(f"{path} not found: rerun predict.py with this config")
-        stored = torch.load(path, map_location="cpu", weights_only=False)
-        members = {int(k): Member(**m) for k, m in stored["members"].items()}
-        saved["sequence_params"] = stored["params"]
-    return saved, boosters, members
+from .saved import load_saved
+from .stage_one import StackingError, StageOne, fold_model_view, mean_probs, view_of
 
 
 class SavedStageTwo:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from ich.config import ConfigError, check_fields, load_yaml, need
 
 DEFAULT_LGB = {
@@ -35,9 +37,11 @@ DEFAULT_SEQUENCE = {
     "dropout": 0.1,
     "epochs": 40,          # at most; each member stops at its honest epoch (stacking.sequence)
     "patience": 5,         # epochs without improvement of the other folds' mean validation loss
+    "optimizer": "adamw",  # stacking.sequence.OPTIMIZERS: adamw | adam
     "lr": 0.002,
     "weight_decay": 0.0001,
     "batch_size": 32,      # series per step
+    "flip": False,         # train on series read either way, predict the mean of both (as the 1st place)
     "device": "auto",      # auto (CUDA when torch sees one) | cpu | cuda
     "num_threads": 0,      # torch CPU threads (0: torch's default)
     "seed": 0,
@@ -51,6 +55,9 @@ class PredictCfg:
     k_neighbors: int = 5             # previous/next slices whose probabilities become features
     neighbors: str = "mean"          # several experiments: neighbor features of their mean, or of "each"
     pca_components: int = 0          # principal components of the embeddings (0: none)
+    pca_alignment: str = "procrustes"  # procrustes: fold models rotated onto each other on the test images;
+    #                                    sign: each fold model's own components, signs fixed (stacking.pca)
+    pca_standardize: bool = False    # each fold model's components scaled to mean 0 / std 1 on its OOF rows
     lgb: dict = field(default_factory=dict)  # overrides of DEFAULT_LGB
     start_from_stage_one: bool = True  # boost from logit(mean stage-one probability): learn corrections
     num_boost_round: int = 2000
@@ -91,6 +98,9 @@ def load_predict_config(path: str | Path) -> PredictCfg:
          f"experiments must list at least one stage-one experiment name, got {cfg.experiments!r}")
     need(cfg.k_neighbors >= 0, where, f"k_neighbors must be >= 0, got {cfg.k_neighbors}")
     need(cfg.pca_components >= 0, where, f"pca_components must be >= 0, got {cfg.pca_components}")
+    need(cfg.pca_alignment in ("procrustes", "sign"), where,
+         f"pca_alignment must be procrustes or sign, got {cfg.pca_alignment!r}")
+    need(isinstance(cfg.pca_standardize, bool), where, f"pca_standardize must be true or false, got {cfg.pca_standardize!r}")
     need(cfg.num_boost_round >= 1, where, f"num_boost_round must be >= 1, got {cfg.num_boost_round}")
     need(cfg.early_stopping_rounds >= 1, where, f"early_stopping_rounds must be >= 1, got {cfg.early_stopping_rounds}")
     need(cfg.neighbors in ("mean", "each"), where, f"neighbors must be mean or each, got {cfg.neighbors!r}")
@@ -131,5 +141,23 @@ def check_members(cfg: PredictCfg, where: str) -> None:
          f"sequence.weight_decay must be a number >= 0, got {sp['weight_decay']!r}")
     need(number(sp["dropout"]) and 0 <= sp["dropout"] < 1, where,
          f"sequence.dropout must be a number in [0, 1), got {sp['dropout']!r}")
+    need(isinstance(sp["flip"], bool), where, f"sequence.flip must be true or false, got {sp['flip']!r}")
+    need(sp["optimizer"] in ("adamw", "adam"), where,
+         f"sequence.optimizer must be adamw or adam, got {sp['optimizer']!r}")
     need(sp["device"] in ("auto", "cpu", "cuda"), where,
          f"sequence.device must be auto, cpu or cuda, got {sp['device']!r}")
+
+
+def apply_overrides(cfg, pairs: list[str]):
+    """--set key=value: a PredictCfg field (k_neighbors, early_stopping_rounds, members, ...), a sequence
+    member setting (sequence.hidden=32), or else a LightGBM param."""
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        value = yaml.safe_load(value)
+        if key.startswith("sequence."):
+            cfg.sequence = {**cfg.sequence, key.split(".", 1)[1]: value}
+        elif key in type(cfg).__dataclass_fields__:
+            setattr(cfg, key, value)
+        else:
+            cfg.lgb = {**cfg.lgb, key: value}
+    return cfg

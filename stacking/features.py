@@ -141,9 +141,12 @@ def build_features(slices: pd.DataFrame, probs: dict[str, np.ndarray], *, k: int
         for sign, word in ((-1, "prev"), (1, "next")):
             add(e - _shift(e, codes, sign), [f"{t}.diff_{word}1" for t in tag])
 
-    features = np.concatenate(blocks, axis=1)
-    out = np.empty_like(features)
-    out[order] = features  # back to slices row order
+    out = np.empty((len(order), sum(b.shape[1] for b in blocks)), dtype=np.float32)
+    col = 0
+    while blocks:  # each block into place, back in slices row order, and freed: one copy of X at the peak
+        block = blocks.pop(0)
+        out[order, col:col + block.shape[1]] = block
+        col += block.shape[1]
     return out, names
 
 

@@ -17,6 +17,15 @@ improving for `early_stopping_rounds` rounds (or `num_boost_round`). The old
 protocol (each fold truncated where its own curve is best) is still computed,
 from the same boosters, for comparison only (`oof_optimistic`).
 
+Rounds for the blend, honest to the second order. Stage two's blend
+(stacking.blend) fits fold k's weights on the other folds' predictions. Those
+must not have been shaped by fold k either: booster j's rounds for that use
+are picked on the mean curve of the folds other than j *and* k
+(`pick_pairs`), and `nested[k]` holds those predictions on the rows of every
+fold j != k. So fold k's blend weights, like its OOF, never see a curve
+computed on fold k's labels. Training runs until those pair picks have
+stopped too (K >= 3; with 2 folds there is nothing left to average).
+
 Test. Booster k is applied to the test features built from stage-one fold
 model k (`X_test[k]`), which is how fold k's OOF features were made, and the
 test prediction is the mean over k: each component is exactly the function
@@ -54,6 +63,7 @@ class StackResult:
     rounds: dict = field(default_factory=dict)     # (label, fold) -> n_k (honest)
     rounds_optimistic: dict = field(default_factory=dict)  # (label, fold) -> best round on its own fold
     curves: dict = field(default_factory=dict)     # label -> (K, rounds trained) validation log loss
+    nested: np.ndarray | None = None  # (K, n_train, 6): [i] = folds != i at rounds picked without fold i too
     importance: np.ndarray | None = None  # (n_features,) total gain over all boosters, at n_k
 
 
@@ -94,10 +104,30 @@ def pick_rounds(curves: np.ndarray, patience: int) -> tuple[np.ndarray, np.ndarr
     return early_stop(loo, patience)
 
 
+def pick_pairs(curves: np.ndarray, patience: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rounds (K, K) for the nested blend: [j, k] = early stopping on the mean curve of the folds other
+    than j and k (j != k), [j, j] = the honest rounds (`pick_rounds`); and whether each has stopped.
+
+    Booster j at rounds [j, k] predicts fold j for the blend weights of fold
+    k: neither fold j's nor fold k's curve chose it (module docstring).
+    """
+    K = len(curves)
+    honest, stopped = pick_rounds(curves, patience)
+    rounds, done = np.diag(honest), np.diag(stopped)
+    if K < 3:
+        return rounds, done | ~np.eye(K, dtype=bool)
+    total = curves.sum(axis=0)
+    j, k = np.nonzero(~np.eye(K, dtype=bool))
+    pairs = (total[None, :] - curves[j] - curves[k]) / (K - 2)
+    rounds[j, k], done[j, k] = early_stop(pairs, patience)
+    return rounds, done
+
+
 def fit_predict(X: np.ndarray, y: np.ndarray, folds: np.ndarray, X_test: dict[int, np.ndarray] | None, *,
                 params: dict, feature_names: list[str], num_boost_round: int = 2000,
                 early_stopping_rounds: int = 50, progress: bool = True,
-                base: np.ndarray | None = None, base_test: dict[int, np.ndarray] | None = None) -> StackResult:
+                base: np.ndarray | None = None, base_test: dict[int, np.ndarray] | None = None,
+                y_valid: np.ndarray | None = None) -> StackResult:
     """Boost one model per (label, fold); rounds picked honestly (module docstring).
 
     X_test: fold k -> the test features built from stage-one fold model k
@@ -109,7 +139,10 @@ def fit_predict(X: np.ndarray, y: np.ndarray, folds: np.ndarray, X_test: dict[in
     stage two from falling below stage one on small data, and converges in
     fewer rounds. The boosters then predict that correction: add logit(base)
     to their raw score.
+    y_valid: the labels that score each held-out fold (its validation curve); y by default. Only a test
+    of honesty sets it: fold k's scoring labels may change without changing what the others train on.
     """
+    y_valid = y if y_valid is None else y_valid
     fold_ids = [int(k) for k in sorted(np.unique(folds))]
     if X_test is not None and sorted(X_test) != fold_ids:
         raise ValueError(f"X_test needs the test features of each fold model {fold_ids}, got {sorted(X_test)}")
@@ -131,23 +164,27 @@ def fit_predict(X: np.ndarray, y: np.ndarray, folds: np.ndarray, X_test: dict[in
     result = StackResult(oof=np.full(y.shape, np.nan), oof_optimistic=np.full(y.shape, np.nan),
                          test=np.zeros((len(next(iter(X_test.values()))), len(LABELS))) if X_test else None)
     result.importance = np.zeros(X.shape[1])
+    result.nested = np.full((len(fold_ids),) + y.shape, np.nan, dtype=np.float32)
     bar = tqdm(total=len(fold_ids) * len(LABELS), desc="stage two", unit="booster", disable=not progress)
     for j, label in enumerate(LABELS):
         for k in fold_ids:
             dtrain[k].set_label(y[folds != k, j])
-            dvalid[k].set_label(y[held[k], j])
+            dvalid[k].set_label(y_valid[held[k], j])
             if init is not None:
                 dtrain[k].set_init_score(init[folds != k, j])
                 dvalid[k].set_init_score(init[held[k], j])
         boosters, curves = _train_lockstep(params, dtrain, dvalid, num_boost_round, early_stopping_rounds)
-        honest, _ = pick_rounds(curves, early_stopping_rounds)
+        pairs, _ = pick_pairs(curves, early_stopping_rounds)
         optimistic, _ = early_stop(curves, early_stopping_rounds)
         result.curves[label] = curves
         for i, k in enumerate(fold_ids):
-            b, n, n_opt = boosters[k], int(honest[i]), int(optimistic[i])
+            b, n, n_opt = boosters[k], int(pairs[i, i]), int(optimistic[i])
             rows_init = None if init is None else init[held[k], j]
-            result.oof[held[k], j] = predict_booster(b, X_valid[k], n, rows_init)
-            result.oof_optimistic[held[k], j] = predict_booster(b, X_valid[k], n_opt, rows_init)
+            at = predict_rounds(b, X_valid[k], {n, n_opt, *pairs[i].tolist()}, rows_init)
+            result.oof[held[k], j], result.oof_optimistic[held[k], j] = at[n], at[n_opt]
+            for other in range(len(fold_ids)):
+                if other != i:
+                    result.nested[other, held[k], j] = at[int(pairs[i, other])]
             if X_test is not None:
                 test_init = None if init is None else logit(base_test[k][:, j])
                 result.test[:, j] += predict_booster(b, X_test[k], n, test_init) / len(fold_ids)
@@ -163,7 +200,8 @@ def fit_predict(X: np.ndarray, y: np.ndarray, folds: np.ndarray, X_test: dict[in
 
 def _train_lockstep(params: dict, dtrain: dict, dvalid: dict, num_boost_round: int,
                     patience: int) -> tuple[dict, np.ndarray]:
-    """The K boosters of one label, one round each at a time, until every fold's honest rounds are fixed.
+    """The K boosters of one label, one round each at a time, until every fold's honest rounds and the
+    nested blend's (`pick_pairs`) are fixed.
 
     Returns the boosters and their validation curves (K, rounds trained):
     curves[i, t] = booster i's log loss on its held-out fold after t + 1 rounds.
@@ -177,7 +215,7 @@ def _train_lockstep(params: dict, dtrain: dict, dvalid: dict, num_boost_round: i
         for i, b in enumerate(boosters.values()):
             b.update()
             curves[i, t] = b.eval_valid()[0][2]
-        if pick_rounds(curves[:, :t + 1], patience)[1].all():
+        if pick_pairs(curves[:, :t + 1], patience)[1].all():
             return boosters, curves[:, :t + 1]
     return boosters, curves
 
@@ -188,3 +226,20 @@ def predict_booster(booster: lgb.Booster, X: np.ndarray, iteration: int | None, 
         return booster.predict(X, num_iteration=iteration)
     raw = booster.predict(X, num_iteration=iteration, raw_score=True)
     return 1 / (1 + np.exp(-(raw + init)))
+
+
+def predict_rounds(booster: lgb.Booster, X: np.ndarray, rounds, init: np.ndarray | None,
+                   chunk: int = 50) -> dict[int, np.ndarray]:
+    """Probabilities of one booster after each of several numbers of rounds, for about the price of one
+    prediction at the largest: raw scores summed over blocks of `chunk` trees, shared between the
+    numbers, plus each number's remainder. The result for n depends on n alone (the same sums in the
+    same order whatever else is asked), so honesty tests can compare runs bit for bit."""
+    out, prefix, done = {}, np.zeros(len(X)), 0
+    for n in sorted({int(r) for r in rounds}):
+        while done + chunk <= n:
+            prefix = prefix + booster.predict(X, start_iteration=done, num_iteration=chunk, raw_score=True)
+            done += chunk
+        raw = prefix if n == done else prefix + booster.predict(X, start_iteration=done, num_iteration=n - done,
+                                                                  raw_score=True)
+        out[n] = 1 / (1 + np.exp(-(raw + (0 if init is None else init))))
+    return out

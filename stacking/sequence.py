@@ -35,7 +35,10 @@ The protocol is LightGBM's (stacking.model), so their honest scores compare:
   (stacking.model.pick_rounds), so neither its weights nor n_k are chosen by
   how it does on fold k;
 - at test time member k runs on stage-one fold model k's test outputs, and
-  the prediction is the mean over k.
+  the prediction is the mean over k;
+- for the blend, member j also predicts fold j at the epoch picked without
+  fold j *and* fold k, for fold k's blend weights (stacking.model.pick_pairs):
+  every epoch's weights are kept, so this costs predictions, not training.
 
 This module imports torch; the rest of stacking/ does not (tests/test_layout.py),
 so a LightGBM-only stage two runs without it, and stacking.run / stacking.apply
@@ -55,7 +58,7 @@ from tqdm.auto import tqdm
 
 from ich.labels import LABELS
 
-from .model import early_stop, logit, pick_rounds
+from .model import early_stop, logit, pick_pairs
 
 LABEL_WEIGHTS = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 2.0])  # the metric's: `any` counts twice
 
@@ -164,6 +167,7 @@ class SequenceResult:
     curves: np.ndarray | None = None     # (K, epochs trained) validation weighted log loss
     epochs: dict = field(default_factory=dict)            # k -> n_k (honest)
     epochs_optimistic: dict = field(default_factory=dict)  # k -> best epoch on fold k
+    nested: np.ndarray | None = None     # (K, n_train, 6): [i] = folds != i at epochs picked without fold i too
 
 
 def device_of(setting: str) -> torch.device:
@@ -175,23 +179,36 @@ def device_of(setting: str) -> torch.device:
 
 
 class _Data:
-    """Inputs, base logits and labels on the device, gathered into padded batches of whole series."""
+    """Inputs, base logits and labels on the device, gathered into padded batches of whole series.
 
-    def __init__(self, X: np.ndarray, base: np.ndarray | None, y: np.ndarray | None, device):
-        tensor = lambda a: torch.from_numpy(np.array(a, dtype=np.float32)).to(device)  # noqa: E731  (a copy)
-        self.X = tensor(X)
-        self.base = None if base is None else tensor(logit(base))
-        self.y = None if y is None else tensor(y)
+    The K members share one copy of the inputs (torch tensors are not
+    copied); each standardizes the rows of its batches with its own
+    (mean, std), so memory holds X once, not K times.
+    """
+
+    def __init__(self, X, base, y, device, norm: tuple[np.ndarray, np.ndarray] | None = None):
         self.device = device
+        self.X = self.tensor(X)
+        self.base = None if base is None else self.tensor(base if torch.is_tensor(base) else logit(base))
+        self.y = None if y is None else self.tensor(y)
+        self.mean, self.std = (None, None) if norm is None else (self.tensor(norm[0]), self.tensor(norm[1]))
 
-    def logits(self, net: SeriesNet, series: Series, which: np.ndarray):
+    def tensor(self, a) -> torch.Tensor:
+        return a if torch.is_tensor(a) else torch.from_numpy(np.array(a, dtype=np.float32)).to(self.device)
+
+    def logits(self, net: SeriesNet, series: Series, which: np.ndarray, flip: bool = False):
         """Logits (B, T, 6) of a batch of series padded to its longest, their rows (B, T) of X
-        (padding: any row) and the mask of real slices (B, T)."""
+        (padding: any row) and the mask of real slices (B, T). flip: the network reads each series
+        reversed (its outputs put back in slice order), as if the head were scanned the other way."""
         lengths = series.lengths[which]
         index = torch.as_tensor(series.index[which, :int(lengths.max())], device=self.device)
         mask = index >= 0
         rows = index.clamp(min=0)
-        out = net(self.X[rows], torch.as_tensor(lengths))
+        x = self.X[rows]
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        n = torch.as_tensor(lengths)
+        out = reverse_padded(net(reverse_padded(x, n), n), n) if flip else net(x, n)
         if self.base is not None:
             out = out + self.base[rows]
         return out, rows, mask
@@ -205,12 +222,16 @@ def _loss(out, y, mask):
 
 
 @torch.no_grad()
-def predict(net: SeriesNet, data: _Data, series: Series, n_rows: int, batch_size: int) -> np.ndarray:
-    """Probabilities (n_rows, 6) of every row of `series` (other rows NaN)."""
+def predict(net: SeriesNet, data: _Data, series: Series, n_rows: int, batch_size: int,
+            flip: bool = False) -> np.ndarray:
+    """Probabilities (n_rows, 6) of every row of `series` (other rows NaN); flip: the mean logit of each
+    series read forwards and reversed (test-time augmentation of a member trained with `flip`)."""
     net.eval()
     out = np.full((n_rows, len(LABELS)), np.nan)
     for which in series.batches(batch_size):
         logits, rows, mask = data.logits(net, series, which)
+        if flip:
+            logits = (logits + data.logits(net, series, which, flip=True)[0]) / 2
         out[rows[mask].cpu().numpy()] = torch.sigmoid(logits[mask].double()).cpu().numpy()
     return out
 
@@ -230,77 +251,128 @@ def standardize(X: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def fit_predict(slices: pd.DataFrame, X: np.ndarray, y: np.ndarray, folds: np.ndarray, base: np.ndarray | None,
                 tests: dict[int, tuple[pd.DataFrame, np.ndarray, np.ndarray | None]] | None, params: dict,
-                progress: bool = True) -> SequenceResult:
+                progress: bool = True, y_valid: np.ndarray | None = None) -> SequenceResult:
     """Train the K members in lockstep with honest epochs (module docstring); predict OOF and test.
 
     X: (n, d) stacking.features.series_inputs of the OOF rows (row order of `slices`); base: the
     mean stage-one OOF probability to start from (or None); tests: fold k ->
     (test slices, series_inputs of fold model k's test outputs, its base).
     params: the config's `sequence` settings (stacking.config.DEFAULT_SEQUENCE).
+    y_valid: the labels that score each held-out fold (default y; stacking.model.fit_predict).
     """
+    y_valid = y if y_valid is None else y_valid
     device = device_of(params["device"])
     if params["num_threads"]:
         torch.set_num_threads(int(params["num_threads"]))
     fold_ids = [int(k) for k in sorted(np.unique(folds))]
     if tests is not None and sorted(tests) != fold_ids:
         raise ValueError(f"tests needs the test inputs of each fold model {fold_ids}, got {sorted(tests)}")
-    held = {k: np.flatnonzero(folds == k) for k in fold_ids}
-    nets, opts, averaged, data, train_series, valid_series, norms, snapshots = {}, {}, {}, {}, {}, {}, {}, {}
-    for k in fold_ids:
-        torch.manual_seed(params["seed"] + k)
-        norms[k] = standardize(X, np.flatnonzero(folds != k))
-        data[k] = _Data((X - norms[k][0]) / norms[k][1], base, y, device)
-        train_series[k] = Series.of(slices, np.flatnonzero(folds != k))
-        valid_series[k] = Series.of(slices, held[k])
-        nets[k] = SeriesNet(X.shape[1], params["hidden"], params["layers"], params["dropout"]).to(device)
-        opts[k] = torch.optim.AdamW(nets[k].parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
-        steps = sum(1 for _ in train_series[k].batches(params["batch_size"]))
-        averaged[k] = AveragedModel(nets[k], multi_avg_fn=get_ema_multi_avg_fn(1 - 1 / max(steps, 2)))
-        snapshots[k] = []
+    members = []
+    for k in fold_ids:  # the first member's inputs on the device, shared by all
+        members.append(_Fold.start(k, slices, X, y, base, folds, members[0].data if members else None, params, device))
     epochs, patience = params["epochs"], params["patience"]
     curves = np.empty((len(fold_ids), epochs))
-    best_own = {k: (np.inf, None) for k in fold_ids}  # the optimistic protocol, for comparison only
     bar = tqdm(total=epochs, desc="stage two: sequence", unit="epoch", disable=not progress)
     trained = epochs
     for t in range(epochs):
-        for i, k in enumerate(fold_ids):
-            rng = np.random.default_rng([params["seed"], k, t])
-            nets[k].train()
-            for which in train_series[k].batches(params["batch_size"], rng):
-                out, rows, mask = data[k].logits(nets[k], train_series[k], which)
-                loss = _loss(out, data[k].y[rows], mask)
-                opts[k].zero_grad(set_to_none=True)
-                loss.backward()
-                opts[k].step()
-                averaged[k].update_parameters(nets[k])
-            p = predict(averaged[k].module, data[k], valid_series[k], len(X), params["batch_size"])[held[k]]
-            curves[i, t] = _weighted_log_loss(p, y[held[k]])
-            snapshots[k].append(copy.deepcopy(averaged[k].module.state_dict()))
-            if curves[i, t] < best_own[k][0]:
-                best_own[k] = (curves[i, t], p)
+        for i, m in enumerate(members):
+            m.epoch(np.random.default_rng([params["seed"], m.k, t]), params["batch_size"], params["flip"])
+            curves[i, t] = m.validate(y_valid, params)
         bar.update(1)
         bar.set_postfix(valid=f"{curves[:, t].mean():.4f}")
-        if pick_rounds(curves[:, :t + 1], patience)[1].all():
+        if pick_pairs(curves[:, :t + 1], patience)[1].all():
             trained = t + 1
             break
     bar.close()
     curves = curves[:, :trained]
-    honest, _ = pick_rounds(curves, patience)
+    pairs, _ = pick_pairs(curves, patience)
     optimistic, _ = early_stop(curves, patience)
     result = SequenceResult(oof=np.full(y.shape, np.nan), oof_optimistic=np.full(y.shape, np.nan),
                             test=None if tests is None else np.zeros((len(next(iter(tests.values()))[0]), 6)),
-                            curves=curves)
-    for i, k in enumerate(fold_ids):
-        n = int(honest[i])
-        member = Member(snapshots[k][n - 1], *norms[k], X.shape[1], n)
-        result.members[k], result.epochs[k], result.epochs_optimistic[k] = member, n, int(optimistic[i])
-        net = build(member, params, device)
-        result.oof[held[k]] = predict(net, data[k], valid_series[k], len(X), params["batch_size"])[held[k]]
-        result.oof_optimistic[held[k]] = best_own[k][1]
+                            curves=curves, nested=np.full((len(fold_ids),) + y.shape, np.nan, dtype=np.float32))
+    for i, m in enumerate(members):
+        k, n = m.k, int(pairs[i, i])
+        result.members[k], result.epochs[k], result.epochs_optimistic[k] = m.kept(n), n, int(optimistic[i])
+        at = {e: m.predict_at(e, params) for e in sorted(set(pairs[i].tolist()) | {int(optimistic[i])})}
+        result.oof[m.held], result.oof_optimistic[m.held] = at[n], at[int(optimistic[i])]
+        for other in range(len(fold_ids)):
+            if other != i:
+                result.nested[other, m.held] = at[int(pairs[i, other])]
         if tests is not None:
             t_slices, t_X, t_base = tests[k]
-            result.test += apply_member(member, params, t_slices, t_X, t_base, device) / len(fold_ids)
+            result.test += apply_member(result.members[k], params, t_slices, t_X, t_base, device) / len(fold_ids)
     return result
+
+
+OPTIMIZERS = {  # the member's optimizer by name (sequence.optimizer), as stage one's models/optim.py
+    "adamw": lambda params, s: torch.optim.AdamW(params, lr=s["lr"], weight_decay=s["weight_decay"]),
+    "adam": lambda params, s: torch.optim.Adam(params, lr=s["lr"], weight_decay=s["weight_decay"]),
+}
+
+
+def create_optimizer(params, settings: dict) -> torch.optim.Optimizer:
+    """The optimizer `settings["optimizer"]` names (stacking.config.DEFAULT_SEQUENCE), at its lr and weight
+    decay. Stage two keeps its own table rather than importing models.optim: stacking/ sits below stage
+    one and never imports models/ (tests/test_layout.py); the two tables are a few lines each."""
+    return OPTIMIZERS[settings["optimizer"]](params, settings)
+
+
+@dataclass
+class _Fold:
+    """Member k while it trains: its network, optimizer, weight average, series and kept epochs."""
+    k: int
+    held: np.ndarray            # rows of fold k (scored by this member only)
+    data: _Data                 # the shared inputs, standardized on the member's own training rows
+    norm: tuple                 # (mean, std) of the inputs over the training rows
+    train_series: Series
+    valid_series: Series
+    net: SeriesNet
+    opt: torch.optim.Optimizer
+    averaged: AveragedModel     # the EMA of the weights: what is evaluated and kept
+    n_rows: int
+    snapshots: list = field(default_factory=list)  # the averaged weights after each epoch
+
+    @classmethod
+    def start(cls, k: int, slices: pd.DataFrame, X: np.ndarray, y: np.ndarray, base: np.ndarray | None,
+              folds: np.ndarray, shared: _Data | None, params: dict, device) -> "_Fold":
+        torch.manual_seed(params["seed"] + k)
+        train_rows = np.flatnonzero(folds != k)
+        norm = standardize(X, train_rows)
+        data = (_Data(X, base, y, device, norm) if shared is None
+                else _Data(shared.X, shared.base, shared.y, device, norm))
+        train_series = Series.of(slices, train_rows)
+        net = SeriesNet(X.shape[1], params["hidden"], params["layers"], params["dropout"]).to(device)
+        steps = sum(1 for _ in train_series.batches(params["batch_size"]))
+        averaged = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(1 - 1 / max(steps, 2)))
+        held = np.flatnonzero(folds == k)
+        return cls(k, held, data, norm, train_series, Series.of(slices, held), net,
+                   create_optimizer(net.parameters(), params), averaged, len(X))
+
+    def epoch(self, rng: np.random.Generator, batch_size: int, flip: bool = False) -> None:
+        """One pass over the training series; flip: each batch read reversed with probability 1/2."""
+        self.net.train()
+        for which in self.train_series.batches(batch_size, rng):
+            reverse = flip and rng.random() < 0.5
+            out, rows, mask = self.data.logits(self.net, self.train_series, which, flip=reverse)
+            loss = _loss(out, self.data.y[rows], mask)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.averaged.update_parameters(self.net)
+        self.snapshots.append(copy.deepcopy(self.averaged.module.state_dict()))
+
+    def validate(self, y_valid: np.ndarray, params: dict) -> float:
+        p = predict(self.averaged.module, self.data, self.valid_series, self.n_rows, params["batch_size"],
+                    params["flip"])[self.held]
+        return _weighted_log_loss(p, y_valid[self.held])
+
+    def kept(self, epochs: int) -> Member:
+        return Member(self.snapshots[epochs - 1], *self.norm, self.data.X.shape[1], epochs)
+
+    def predict_at(self, epochs: int, params: dict) -> np.ndarray:
+        """Fold k's probabilities from the averaged weights after `epochs` epochs."""
+        net = build(self.kept(epochs), params, self.data.device)
+        return predict(net, self.data, self.valid_series, self.n_rows, params["batch_size"], params["flip"])[self.held]
 
 
 def build(member: Member, params: dict, device) -> SeriesNet:
@@ -315,5 +387,6 @@ def apply_member(member: Member, params: dict, slices: pd.DataFrame, X: np.ndarr
     device = device or device_of(params["device"])
     if X.shape[1] != member.n_inputs:
         raise ValueError(f"the sequence member was trained on {member.n_inputs} inputs per slice, got {X.shape[1]}")
-    data = _Data((X - member.mean) / member.std, base, None, device)
-    return predict(build(member, params, device), data, Series.of(slices), len(X), params["batch_size"])
+    data = _Data(X, base, None, device, (member.mean, member.std))
+    return predict(build(member, params, device), data, Series.of(slices), len(X), params["batch_size"],
+                   params.get("flip", False))

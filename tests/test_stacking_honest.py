@@ -188,6 +188,26 @@ def test_pca_components_mean_the_same_for_every_fold_model(tmp_path):
         np.testing.assert_allclose(feats.X_test[k][:, feats.names.index("e.pc1")], view.pcs["e"][:, 1], rtol=1e-5)
 
 
+def test_standardized_components_carry_the_oof_scale_to_test(tmp_path):
+    """pca_standardize: each fold model's components have mean 0 and std 1 on its own OOF rows, and its
+    test rows go through the very same map (saved with stage two)."""
+    tmp, train, test, _ = stage_one_outputs(tmp_path, 200)
+    cfg = PredictCfg(experiments=["e"], k_neighbors=1, pca_components=3, pca_standardize=True)
+    oof, views = load_stage_one(cfg, tmp / "models", train, test)
+    folds = train["fold"].to_numpy()
+    for k in range(K_FOLDS):
+        own = oof.pcs["e"][folds == k]
+        np.testing.assert_allclose(own.mean(axis=0), 0, atol=1e-4)
+        np.testing.assert_allclose(own.std(axis=0), 1, atol=1e-4)
+        emb = np.load(tmp / "models" / "e" / f"test_fold{k}_emb.npy").astype(np.float32)
+        test_rows = pd.read_parquet(tmp / "models" / "e" / f"test_fold{k}.parquet")["image_id"]
+        expect = oof.pca_models["e", k].transform(emb)[pd.Index(test_rows).get_indexer(test["image_id"])]
+        np.testing.assert_allclose(views[k].pcs["e"], expect, rtol=1e-5, atol=1e-5)
+    plain, _ = load_stage_one(PredictCfg(experiments=["e"], k_neighbors=1, pca_components=3), tmp / "models",
+                              train, test)
+    assert np.abs(plain.pcs["e"][folds == 0].std(axis=0) - 1).max() > 0.1  # not so without the option
+
+
 def test_missing_fold_test_outputs_say_to_rerun_stage_one(stage_one):
     tmp, train, test, _ = stage_one
     (tmp / "models" / "e" / "test_fold1.parquet").unlink()

@@ -50,8 +50,8 @@ def test_member_trains_on_other_folds_only_and_beats_stage_one(monkeypatch):
         init(self, *a, **kw)
         made.append(self)
 
-    def spy_logits(self, net, series, which):
-        out = logits(self, net, series, which)
+    def spy_logits(self, net, series, which, **kw):
+        out = logits(self, net, series, which, **kw)
         k = made.index(self) if self in made else -1
         rows = out[1][out[2]].numpy()
         (trained_rows if net.training else scored_rows).setdefault(k, set()).update(rows.tolist())
@@ -165,6 +165,8 @@ def test_stage_two_with_both_members_end_to_end_and_saved(stage_one):
     ({"sequence": {"hiden": 32}}, "unknown sequence setting"),
     ({"sequence": {"dropout": 1.0}}, "sequence.dropout must be a number in"),
     ({"sequence": {"device": "tpu"}}, "sequence.device must be auto, cpu or cuda"),
+    ({"sequence": {"optimizer": "lion"}}, "sequence.optimizer must be adamw or adam"),
+    ({"pca_alignment": "test"}, "pca_alignment must be procrustes or sign"),
 ])
 def test_bad_member_configs_are_one_line_errors(tmp_path, bad, message):
     path = tmp_path / "p.yaml"
@@ -179,6 +181,39 @@ def test_shipped_configs_turn_the_member_on():
     for name in ("default", "demo"):
         cfg = load_predict_config(REPO / "configs" / "predict" / f"{name}.yaml")
         assert cfg.members == ["lightgbm", "sequence"], name
+
+
+def test_member_optimizers_are_the_configs_choices():
+    import inspect
+    from stacking import config
+    assert set(sequence.OPTIMIZERS) == {"adamw", "adam"}
+    assert all(f"'{name}'" in inspect.getsource(config.check_members) or f'"{name}"' in
+               inspect.getsource(config.check_members) for name in sequence.OPTIMIZERS)
+    net = torch.nn.Linear(2, 1)
+    assert isinstance(sequence.create_optimizer(net.parameters(), {**FAST, "optimizer": "adam"}), torch.optim.Adam)
+
+
+def test_flipped_series_are_the_same_series_read_backwards():
+    """sequence.flip: the member reads a series reversed and puts its outputs back in slice order: the
+    same outputs as for a slice table whose slice_index runs the other way, and not those read forwards."""
+    slices, X, p, y, folds = series_problem(n_series=6, seed=5)
+    backwards = slices.assign(slice_index=slices["n_slices"] - 1 - slices["slice_index"])
+    data = sequence._Data(X, p, y, "cpu")
+    torch.manual_seed(0)
+    net = sequence.SeriesNet(X.shape[1], hidden=8).eval()
+    torch.nn.init.normal_(net.head.weight)
+    series, reversed_series = sequence.Series.of(slices), sequence.Series.of(backwards)
+    which = np.arange(len(series.lengths))
+    with torch.no_grad():
+        ahead, rows, mask = data.logits(net, series, which)
+        flipped = data.logits(net, series, which, flip=True)[0]
+        read_back, rows_back, mask_back = data.logits(net, reversed_series, which)
+    got = dict(zip(rows[mask].tolist(), flipped[mask]))
+    expect = dict(zip(rows_back[mask_back].tolist(), read_back[mask_back]))
+    assert sorted(got) == sorted(expect)
+    torch.testing.assert_close(torch.stack([got[r] for r in sorted(got)]),
+                               torch.stack([expect[r] for r in sorted(got)]), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ahead[mask], flipped[mask], atol=1e-4)
 
 
 def test_padding_never_reaches_a_real_slice():

@@ -13,7 +13,7 @@ from ich.submission import SubmissionError, build_submission, read_sample
 from stacking.config import load_predict_config
 from stacking.features import build_features
 from stacking.model import fit_predict
-from stacking.run import StackingError, check_folds
+from stacking.stage_one import StackingError, check_folds
 
 
 def toy_slices():
