@@ -45,6 +45,7 @@ def main():
     ap.add_argument("--config", default="configs/predict/default.yaml")
     args = ap.parse_args()
     settings, cfg = load_settings(args.settings), load_predict_config(args.config)
+    cfg.pca_alignment = "procrustes"  # the alignment is what this shows, whatever the config uses
     if not cfg.pca_components:
         sys.exit(f"{args.config} has pca_components: 0; nothing to align")
     train = pd.read_parquet(settings.train_clean_dir / "slices.parquet")

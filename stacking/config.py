@@ -55,8 +55,8 @@ class PredictCfg:
     k_neighbors: int = 5             # previous/next slices whose probabilities become features
     neighbors: str = "mean"          # several experiments: neighbor features of their mean, or of "each"
     pca_components: int = 0          # principal components of the embeddings (0: none)
-    pca_alignment: str = "procrustes"  # procrustes: fold models rotated onto each other on the test images;
-    #                                    sign: each fold model's own components, signs fixed (stacking.pca)
+    pca_alignment: str = "sign"      # sign: each fold model's own components, signs fixed; procrustes: fold
+    #                                  models rotated onto each other on the test images (stacking.pca)
     pca_standardize: bool = False    # each fold model's components scaled to mean 0 / std 1 on its OOF rows
     lgb: dict = field(default_factory=dict)  # overrides of DEFAULT_LGB
     start_from_stage_one: bool = True  # boost from logit(mean stage-one probability): learn corrections

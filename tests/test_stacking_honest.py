@@ -177,7 +177,7 @@ def test_pca_components_mean_the_same_for_every_fold_model(tmp_path):
     fix: before the Procrustes alignment they came out at about -1 between some fold models)."""
     tie = np.r_[0.8, 0.0, 0.0, 0.0, np.full(EMB_DIM - 4, 0.1)]
     tmp, train, test, _ = stage_one_outputs(tmp_path, 300, tie=tie)
-    cfg = PredictCfg(experiments=["e"], k_neighbors=1, pca_components=4)
+    cfg = PredictCfg(experiments=["e"], k_neighbors=1, pca_components=4, pca_alignment="procrustes")
     _, views = load_stage_one(cfg, tmp / "models", train, test)
     worst = min(np.corrcoef(views[j].pcs["e"][:, i], views[k].pcs["e"][:, i])[0, 1]
                 for i in range(4) for j in range(K_FOLDS) for k in range(j + 1, K_FOLDS))
