@@ -4,7 +4,7 @@ predict.py trains the boosters and predicts the test set in one go. A new
 study (or a rerun on another test set) needs the trained stage two applied
 as it is: per stage-one fold model k, its outputs on the new slices
 (`test_fold{k}.parquet` / `test_fold{k}_emb.npy`, written by
-models.predict_split), the PCA fitted on that model's OOF embeddings
+pipeline.batch.stage_one_test, file names in ich.stage_one), the PCA fitted on that model's OOF embeddings
 (saved in `stage_two.joblib`), the same neighbor features, booster k of
 each label (`boosters/<label>_fold<k>.txt`, n_k rounds), started from
 logit(mean stage-one probability of fold model k), and sequence member k
@@ -76,6 +76,6 @@ class SavedStageTwo:
 
 def apply_stage_two(cfg: PredictCfg, model_dir: Path, slices: pd.DataFrame) -> pd.DataFrame:
     """Stage two on `slices` from the per-fold-model outputs predict.py wrote for them
-    (MODEL_CHECKPOINT_DIR/<experiment>/test_fold{k}.*, models.predict_split): `SavedStageTwo.apply`."""
+    (MODEL_CHECKPOINT_DIR/<experiment>/test_fold{k}.*, written by pipeline.batch.stage_one_test): `SavedStageTwo.apply`."""
     stage_two = SavedStageTwo(cfg, model_dir)
     return stage_two.apply(slices, lambda k: fold_model_view(cfg, model_dir, slices, k, stage_two.saved["pca"]))
