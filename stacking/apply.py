@@ -76,6 +76,7 @@ class SavedStageTwo:
 
 def apply_stage_two(cfg: PredictCfg, model_dir: Path, slices: pd.DataFrame) -> pd.DataFrame:
     """Stage two on `slices` from the per-fold-model outputs predict.py wrote for them
-    (MODEL_CHECKPOINT_DIR/<experiment>/test_fold{k}.*, written by pipeline.batch.stage_one_test): `SavedStageTwo.apply`."""
+    (MODEL_CHECKPOINT_DIR/<experiment>/test_fold{k}.*, written by pipeline.batch.stage_one_test):
+    `SavedStageTwo.apply`."""
     stage_two = SavedStageTwo(cfg, model_dir)
     return stage_two.apply(slices, lambda k: fold_model_view(cfg, model_dir, slices, k, stage_two.saved["pca"]))
