@@ -77,6 +77,31 @@ def test_dicom_rows_equal_the_cache_bit_for_bit_in_every_input_mode(prepared, ra
             assert np.array_equal(from_dicom.image(i), from_cache.image(i)), (mode, i)
 
 
+
+def test_adjacent_reads_one_window_and_a_repeated_row_is_read_once(prepared, raw_zip, monkeypatch):
+    """Adjacent mode reads one window of each neighbour: decoded alone (one window's work), the same bytes as
+    the row's; a row read again within a few reads (a series' edge is its own neighbour) is not decoded again,
+    and what is kept cannot be changed by its reader."""
+    import ich.dicom_rows as dicom_rows
+    from ich import cache
+    from models.experiment import load_train_table
+    clean = prepared / "clean" / "train"
+    slices = load_train_table(clean)
+    rows = dicom_rows.open_rows(clean, raw_zip, slices)
+    images = cache.open_images(clean)
+    calls = []
+    real = dicom_rows.read_one
+    monkeypatch.setattr(dicom_rows, "read_one", lambda ref, cfg: calls.append(len(cfg.windows)) or real(ref, cfg))
+    r = int(slices["cache_row"].iloc[0])
+    for c in range(len(rows.cfg.windows)):
+        assert np.array_equal(rows[r, :, :, c], images[r, :, :, c])
+    assert calls == [1] * len(rows.cfg.windows)  # one window decoded per read, not all three
+    assert np.array_equal(rows[r, :, :, 1], images[r, :, :, 1]) and np.array_equal(rows[r], images[r])
+    assert calls == [1] * len(rows.cfg.windows) + [len(rows.cfg.windows)]  # the repeat came from memory
+    with pytest.raises(ValueError):
+        rows[r][0, 0, 0] = 1
+
+
 def test_source_cache_on_a_dir_without_images_is_a_clear_error(no_images, tmp_path):
     from models.config import load_experiment
     from models.experiment import TrainError, stage_one_images

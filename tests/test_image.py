@@ -78,3 +78,43 @@ def test_fast_path_matches_float_reference(real_slice, crop):
     ref = apply_windows(resize(hu, 128), windows)
     diff = np.abs(fast.astype(int) - ref.astype(int))
     assert diff.max() <= 2 and diff.mean() < 0.3
+
+
+
+@pytest.mark.parametrize("n_windows", [1, 2, 3, 5])
+@pytest.mark.parametrize("sigmoid", [False, True])
+def test_windows_by_table_are_the_float_passes_byte_for_byte(monkeypatch, n_windows, sigmoid):
+    """The look-up table of windows_by_table gives the very bytes (and brain_fraction) of HU + windows computed
+    on every pixel, on int16 and uint16 slices of wide and narrow value ranges, any slope, cropped or not."""
+    import ich.image as image
+    from ich.dicom import SliceHeader
+    windows = [BRAIN, Window("subdural", 80, 200), Window("bone", 40, 380), Window("wide", 0, 2000),
+               Window("narrow", 300, 50)][:n_windows]
+    table, used = image.windows_by_table, []
+
+    def counted(*args):
+        used.append(1)
+        return table(*args)
+
+    def floats(small, to_hu_small, w, s):
+        return image.windows_and_brain(to_hu_small(small), w, s)
+
+    rng = np.random.default_rng(n_windows)
+    for trial in range(8):
+        dtype = (np.int16, np.uint16)[trial % 2]
+        info = np.iinfo(dtype)
+        lo, hi = sorted(rng.integers(info.min, info.max, 2)) if trial < 4 else (0 if trial % 2 else -1100, 3000)
+        stored = rng.integers(lo, hi + 1, (256, 256)).astype(dtype)
+        header = SliceHeader("a", "p", "s", "se", (0, 0, 0), (1, 0, 0, 0, 1, 0), 256, 256, 0.5,
+                             float(rng.choice([1.0, 0.5, 2.5])), float(rng.uniform(-3000, 100)), 16,
+                             int(dtype == np.int16), 40, 80)
+        for size in (256, 128):
+            kw = dict(size=size, windows=windows, sigmoid=sigmoid, crop=bool(trial % 3 == 0))
+            monkeypatch.setattr(image, "windows_by_table", counted)
+            got, got_quality = image.process_slice(stored, header, **kw)
+            monkeypatch.setattr(image, "windows_by_table", floats)
+            want, want_quality = image.process_slice(stored, header, **kw)
+            assert got.shape == want.shape == (size, size, n_windows) and got.flags.c_contiguous
+            assert np.array_equal(got, want), (trial, size)
+            assert got_quality == want_quality
+    assert len(used) == 16  # every slice went through the table (or its own fallback for a too wide range)
