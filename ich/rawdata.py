@@ -64,14 +64,19 @@ class Member:
     method: int         # zipfile.ZIP_STORED, ZIP_DEFLATED, ...
     flags: int
 
-    def read(self, limit: int) -> bytes:
-        """The member's bytes, CRC checked; raises Rejected (prepare's reasons) when it cannot be used."""
+    def read(self, limit: int, handle=None) -> bytes:
+        """The member's bytes, CRC checked; raises Rejected (prepare's reasons) when it cannot be used.
+        handle: an open file of the archive to read through (default: this process's own, kept open)."""
         if self.file_size > limit:
             raise Rejected("too_large", f"zip member of {self.file_size:,} bytes, more than a slice can take "
                                         f"({limit:,})")
         if self.flags & 0x1:
             raise Rejected("unreadable", "zip member is encrypted")
-        f = _handle(self.archive)
+        try:
+            f = _handle(self.archive) if handle is None else handle
+        except OSError as exc:
+            raise Rejected("unreadable", f"the archive cannot be opened: {type(exc).__name__}: "
+                                         f"{exc.strerror or exc}") from None
         try:
             f.seek(self.offset)
             head = f.read(zipfile.sizeFileHeader)
@@ -119,15 +124,24 @@ class Member:
         return data
 
 
-_HANDLES: dict[tuple[str, int], io.BufferedReader] = {}
+_HANDLES: dict[tuple[str, int], tuple[io.BufferedReader, tuple]] = {}
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _handle(archive: str) -> io.BufferedReader:
-    """This process's own handle on the archive (a DataLoader or prepare worker never shares its parent's)."""
+    """This process's own handle on the archive (a DataLoader or prepare worker never shares its parent's),
+    opened again when another file took the archive's path (a study zip replaced by the next one)."""
     key = (archive, os.getpid())
-    f = _HANDLES.get(key)
-    if f is None:
-        f = _HANDLES[key] = open(archive, "rb")
+    now = _identity(os.stat(archive))
+    f, seen = _HANDLES.get(key, (None, None))
+    if f is None or seen != now:
+        if f is not None:
+            f.close()
+        f = open(archive, "rb")
+        _HANDLES[key] = f, _identity(os.fstat(f.fileno()))
     return f
 
 

@@ -12,13 +12,14 @@ Every other file gets a reason in the vocabulary of rejected.csv
 that was not chosen. Headers are read with the same ich.dicom code as
 prepare_data, with its caps.
 
-A zip is extracted with caps on entries and bytes and no path outside the
-target folder (no zip-slip): StudyError names what was refused. Members
-that are no DICOM by their first bytes (ich.dicom.sniff) are listed as
-`not_dicom` without being written, so a zip of zeros costs no disk and no
-parse; a damaged zip (bad signature or CRC, an entry longer than its header
-says, encryption, deflate64) is a one-line StudyError that names the
-problem, never a member. A `Deadline` bounds the time one study may take to
+A zip is read in place, never extracted: each member is read from the
+archive where it is used (ich.rawdata.Member, as the competition zip), with
+caps on entries and bytes and no climbing name (no zip-slip): StudyError
+names what was refused. Members that are no DICOM by their first bytes
+(ich.dicom.sniff) are listed as `not_dicom` without being inflated further,
+so a zip of zeros costs no disk and no parse; a damaged zip (bad signature
+or CRC, an entry longer than its header says, encryption, deflate64) is a
+one-line StudyError that names the problem, never a member. A `Deadline` bounds the time one study may take to
 be read.
 """
 from __future__ import annotations
@@ -32,7 +33,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .dicom import MAX_PIXELS, REASONS, SNIFF_BYTES, Rejected, read_header, sniff, spans_a_plane
+from .dicom import (MAX_PIXELS, REASONS, SNIFF_BYTES, Rejected, max_file_bytes, read_header, sniff,
+                    spans_a_plane)
+from .rawdata import Member, readable
 
 OTHER_SERIES = "other_series"  # a readable slice of a series that was not chosen (prepare_data never uses it)
 OTHER_PLANE = "other_plane"    # a slice of the chosen series in another plane than the rest of it
@@ -104,14 +107,20 @@ def _zip_problem(exc: BaseException) -> str:
     return "it is damaged"
 
 
-def unpack_zip(path: Path, target: Path, *, max_files: int | None = None, max_bytes: int | None = None,
-               deadline: Deadline = NO_DEADLINE, name: str | None = None) -> tuple[list, list]:
-    """Extract a study zip into target, numbered: ([(member name, path)], [skipped: {file, reason, detail}]).
+def zip_members(path: Path, *, max_files: int | None = None, max_bytes: int | None = None,
+                deadline: Deadline = NO_DEADLINE, name: str | None = None) -> tuple[list, list]:
+    """A study zip read in place: ([(member name, ich.rawdata.Member)], [skipped: {file, reason, detail}]).
 
-    Caps (default MAX_FILES, MAX_BYTES): entries, bytes declared, and bytes
-    actually written (a header may lie); climbing member names are refused.
-    Members that are no DICOM by their first bytes are skipped with their
-    reason, never written. name: the zip's name in messages.
+    Nothing is extracted: each member is a Member (the reader of the
+    competition zip: its offset in the archive, read and CRC checked where
+    it is used), so a study costs no disk beyond its zip. The members are
+    checked once here, as the extraction checked them: caps (default
+    MAX_FILES, MAX_BYTES) on entries, on bytes declared and on bytes that
+    actually come out (a header may lie); climbing names refused; a damaged
+    zip (signature, CRC, sizes, encryption, method) a one-line StudyError;
+    members that are no DICOM by their first bytes skipped with their reason,
+    never inflated further. A member larger than any slice within MAX_PIXELS
+    is skipped as `too_large` unread. name: the zip's name in messages.
     """
     max_files = MAX_FILES if max_files is None else max_files
     max_bytes = MAX_BYTES if max_bytes is None else max_bytes
@@ -120,7 +129,8 @@ def unpack_zip(path: Path, target: Path, *, max_files: int | None = None, max_by
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
         raise StudyError(f"{name} is not a readable zip file ({_zip_problem(exc)})") from None
-    files, skipped, written = [], [], 0
+    files, skipped, seen = [], [], 0
+    where = str(Path(path).resolve())
     with archive:
         members = [m for m in archive.infolist() if not m.is_dir()]
         if not members:
@@ -135,10 +145,13 @@ def unpack_zip(path: Path, target: Path, *, max_files: int | None = None, max_by
                 raise StudyError(f"{name} holds an unsafe path {m.filename!r}: refused")
             if m.flag_bits & 0x1:
                 raise StudyError(f"{name} cannot be read: {_zip_problem(RuntimeError('encrypted'))}")
-        target.mkdir(parents=True, exist_ok=True)
         try:
-            for i, m in enumerate(members):  # numbered: names may repeat across folders, or be odd
+            for m in members:
                 deadline.check()
+                if m.file_size > max_file_bytes(MAX_PIXELS):
+                    skipped.append({"file": m.filename, "reason": "too_large",
+                                    "detail": f"{m.file_size:,} bytes, more than a slice takes"})
+                    continue
                 with archive.open(m) as src:
                     head = src.read(SNIFF_BYTES)
                     try:
@@ -146,21 +159,19 @@ def unpack_zip(path: Path, target: Path, *, max_files: int | None = None, max_by
                     except Rejected as rej:
                         skipped.append({"file": m.filename, "reason": rej.reason, "detail": rej.detail})
                         continue
-                    out = target / f"{i:05d}"
-                    with open(out, "wb") as dst:
-                        left = m.file_size + 1
-                        chunk = head
-                        while chunk:  # the header's size may lie: count what comes out
-                            left -= len(chunk)
-                            written += len(chunk)
-                            if left < 0:
-                                raise StudyError(f"{name}: an entry is larger than its header says: refused")
-                            if written > max_bytes:
-                                raise StudyError(f"{name} unpacks to more than {max_bytes >> 20} MB: refused")
-                            dst.write(chunk)
-                            deadline.check()
-                            chunk = src.read(1 << 20)
-                files.append((m.filename, out))
+                    left = m.file_size + 1
+                    chunk = head
+                    while chunk:  # the header's size may lie: count what comes out; zipfile checks the CRC
+                        left -= len(chunk)
+                        seen += len(chunk)
+                        if left < 0:
+                            raise StudyError(f"{name}: an entry is larger than its header says: refused")
+                        if seen > max_bytes:
+                            raise StudyError(f"{name} unpacks to more than {max_bytes >> 20} MB: refused")
+                        deadline.check()
+                        chunk = src.read(1 << 20)
+                files.append((m.filename, Member(where, m.filename, m.header_offset, m.compress_size,
+                                                 m.file_size, m.CRC, m.compress_type, m.flag_bits)))
         except StudyError:
             raise
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError,
@@ -169,19 +180,19 @@ def unpack_zip(path: Path, target: Path, *, max_files: int | None = None, max_by
     return files, skipped
 
 
-def extract_zip(path: Path, target: Path, *, max_files: int | None = None, max_bytes: int | None = None) -> Path:
-    """unpack_zip, for callers that want the folder only (the files that are no DICOM are not in it)."""
-    unpack_zip(path, target, max_files=max_files, max_bytes=max_bytes)
-    return target
+def unpack_zip(path: Path, work: Path | None = None, **caps) -> tuple[list, list]:
+    """zip_members by its former name (the web app's reader calls it): nothing is unpacked, `work` is unused."""
+    return zip_members(path, **caps)
 
 
-def study_files(path: Path, work: Path, skipped: list | None = None, *,
-                deadline: Deadline = NO_DEADLINE) -> list[tuple[str, Path]]:
-    """(name to report, path to read) of every file of a study folder or zip; a zip's members that are no
-    DICOM by their first bytes go to `skipped` instead, with their reason."""
+def study_files(path: Path, work: Path | None = None, skipped: list | None = None, *,
+                deadline: Deadline = NO_DEADLINE) -> list[tuple[str, object]]:
+    """(name to report, file to read: a path or a zip's Member) of every file of a study folder or zip; a
+    zip is read in place (zip_members), its members that are no DICOM by their first bytes go to `skipped`
+    instead, with their reason. work: unused (a zip used to be extracted there)."""
     path = Path(path)
     if path.is_file() and zipfile.is_zipfile(path):
-        files, rejected = unpack_zip(path, work / "unzipped", deadline=deadline)
+        files, rejected = zip_members(path, deadline=deadline)
         if skipped is not None:
             skipped.extend(rejected)
         return files
@@ -253,7 +264,7 @@ def read_headers(files: list[tuple[str, Path]], *, max_pixels: int = MAX_PIXELS,
     for name, path in files:
         deadline.check()
         try:
-            header = read_header(path, max_pixels=max_pixels)
+            header = read_header(readable(path, max_file_bytes(max_pixels)), max_pixels=max_pixels)
         except Rejected as exc:
             skipped.append({"file": name, "reason": exc.reason, "detail": exc.detail})
             continue

@@ -9,7 +9,12 @@ reading processes import it.
 """
 from __future__ import annotations
 
+import io
+
 import pydicom
+
+from ich.dicom import MAX_PIXELS, max_file_bytes
+from ich.rawdata import Member
 
 HEADER_KEYWORDS = (
     "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
@@ -21,8 +26,11 @@ HEADER_VALUE_BYTES = 1024
 
 
 def slim_header(path) -> pydicom.Dataset:
-    """A slice's header fields a result keeps (HEADER_KEYWORDS), read from its file: the other elements
+    """A slice's header fields a result keeps (HEADER_KEYWORDS), read from its file (a path, or a zip's
+    Member): the other elements
     are skipped unread, and a long value is dropped, so a kept header never holds a file's bulk."""
+    if isinstance(path, Member):  # a study zip's member, read in place (ich.study.zip_members)
+        path = io.BytesIO(path.read(max_file_bytes(MAX_PIXELS)))
     ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_KEYWORDS),
                          defer_size=HEADER_VALUE_BYTES)
     for tag in list(ds.keys()):

@@ -16,7 +16,6 @@ notice (pipeline.notice); the CSVs as a first `#` comment line (pandas:
 """
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import pandas as pd
 import pydicom
 
 from ich.labels import LABELS
+from ich.rawdata import Member
 from ich.stage_one import fold_checkpoints
 from ich.study import (MIN_SLICES, NO_DEADLINE, Deadline, StudyError, StudyFiles, check_chosen,  # noqa: F401
                        choose_series, reason_summary, study_files)
@@ -41,16 +41,25 @@ SOURCE_PIXELS = 1024 * 1024  # keep_images: a slice above this (Rows x Columns) 
 SOURCE_FILE_BYTES = 8 * SOURCE_PIXELS + (1 << 20)  # nor a file larger than such a slice takes
 
 
-def kept_sources(paths: list[Path], headers: list[pydicom.Dataset]) -> list[bytes] | None:
-    """The series' files for the viewer's source-resolution images, or None when any slice is larger
-    than SOURCE_PIXELS / SOURCE_FILE_BYTES or all of them more than SOURCE_BYTES (the viewer then
-    shows the network's windows)."""
-    sizes = [p.stat().st_size for p in paths]
+def kept_sources(paths: list, headers: list[pydicom.Dataset]) -> list[bytes] | None:
+    """The series' files (paths, or a study zip's Members) for the viewer's source-resolution images, or
+    None when any slice is larger than SOURCE_PIXELS / SOURCE_FILE_BYTES or all of them more than
+    SOURCE_BYTES (the viewer then shows the network's windows)."""
+    sizes = [p.file_size if isinstance(p, Member) else Path(p).stat().st_size for p in paths]
     if sum(sizes) > SOURCE_BYTES or max(sizes, default=0) > SOURCE_FILE_BYTES:
         return None
     if any(int(h.get("Rows") or 0) * int(h.get("Columns") or 0) > SOURCE_PIXELS for h in headers):
         return None
-    return [p.read_bytes() for p in paths]
+    return [_file_bytes(p) for p in paths]
+
+
+def _file_bytes(ref) -> bytes:
+    """A file's bytes; a zip member through a handle of its own, closed at once: the web app calls this in
+    its long-lived process, which must not keep a deleted upload open."""
+    if not isinstance(ref, Member):
+        return Path(ref).read_bytes()
+    with open(ref.archive, "rb") as handle:
+        return ref.read(SOURCE_FILE_BYTES, handle)
 
 
 def model_info(cfg, model_dir: Path, logs_dir: Path | None = None) -> dict:
@@ -66,10 +75,10 @@ def model_info(cfg, model_dir: Path, logs_dir: Path | None = None) -> dict:
     return info
 
 
-def select_study(study, work: Path, *, series_index: int | None = None,
+def select_study(study, work: Path | None = None, *, series_index: int | None = None,
                  deadline: Deadline = NO_DEADLINE) -> StudyFiles:
     """A folder, a zip or a list of (name, path) -> its files sorted out (ich.study.choose_series); checked.
-    work: where a zip is extracted (a folder is read where it is)."""
+    A folder and a zip are read where they are (work: unused, where a zip used to be extracted)."""
     skipped: list = []
     listed = study if isinstance(study, list) else study_files(study, work, skipped, deadline=deadline)
     files = choose_series(listed, series_index=series_index, skipped=skipped, deadline=deadline)
@@ -103,7 +112,7 @@ def study_result(files: StudyFiles, pred, engine: Engine, *, keep_images: bool =
     timings = {**(timings or {}), **pred.timings}
     t = time.perf_counter()
     names = {s["image_id"]: s["file"] for s in files.chosen}
-    paths = {s["image_id"]: Path(s["path"]) for s in files.chosen}
+    paths = {s["image_id"]: s["path"] for s in files.chosen}  # a path, or a study zip's Member
     slices = pred.slices.sort_values("slice_index", kind="mergesort")
     order = slices.index.to_numpy()
     slices = slices.reset_index(drop=True)
@@ -133,7 +142,8 @@ def predict_study(files: StudyFiles, engine: Engine, *, keep_images: bool = Fals
     themselves (the viewer's source-resolution images).
     """
     check_chosen(files)
-    chosen = [SliceFile(str(s["path"]), s["file"], s["image_id"]) for s in files.chosen]
+    chosen = [SliceFile(s["path"] if isinstance(s["path"], Member) else str(s["path"]), s["file"],
+                        s["image_id"]) for s in files.chosen]
     result = study_result(files, engine.predict(chosen, keep_images=keep_images), engine, keep_images=keep_images)
     log(f"study: {len(result.slices)} slices of the chosen series predicted, {len(result.skipped)} files skipped")
     return result
@@ -151,9 +161,8 @@ def study_cli(study: str, out: str | None, settings, cfg) -> dict:
     runtime = rt.setup(cfg.amp, True)
     engine = Engine(cfg, settings.model_checkpoint_dir, runtime, train_dir=settings.train_clean_dir)
     try:
-        with tempfile.TemporaryDirectory(prefix="ich_study_") as work:  # a zip is extracted here, then gone
-            files = select_study(Path(study), Path(work))
-            result = predict_study(files, engine)
+        files = select_study(Path(study))  # a zip is read in place: nothing is extracted
+        result = predict_study(files, engine)
     finally:
         engine.close()
         rt.teardown()

@@ -242,3 +242,27 @@ def test_predict_streams_the_test_split_from_the_zip(prepared, trained, study_mo
     assert not list(test.rglob("images.npy")) and (test / "streamed" / "zip_members.parquet").is_file()
     sub = pd.read_csv(tmp_path / "sub" / "submission_stage1.csv")
     assert len(sub) == len(pd.read_csv(prepared / "raw" / "stage_2_sample_submission.csv"))
+
+
+def test_lr_finder_reads_the_zip_in_loader_workers_as_the_cache(prepared, no_images, tmp_path):
+    """The LR finder with input.source: dicom, from the zip of a dir prepared without images, in two loader
+    workers (each with its own handle on the archive): the same learning rates and losses as from the cache
+    (same seeds, CPU; 1e-6 allows for float summation order only)."""
+    from models import runtime
+    from models.config import load_experiment
+    from models.experiment import load_train_table, stage_one_images
+    from models.lr_finder import find_lr
+    clean_zip, zipped = no_images
+    cached = prepared / "clean" / "train"
+    rt = runtime.setup("none", False)
+    out = {}
+    for source, clean, raw in (("cache", cached, None), ("dicom", clean_zip, zipped)):
+        cfg = load_experiment(write_config(tmp_path, f"lr_{source}", input={"size": 32, "source": source},
+                                           train={"num_workers": 2}))
+        slices = load_train_table(clean)
+        out[source] = find_lr(cfg, slices, clean, rt, tmp_path / f"{source}.png", steps=6, progress=False,
+                              images=stage_one_images(cfg, clean, raw, slices))
+    assert len(out["dicom"]["losses"]) == 6
+    for key in ("lrs", "losses", "suggested_lr"):
+        np.testing.assert_allclose(np.asarray(out["dicom"][key], float), np.asarray(out["cache"][key], float),
+                                   atol=1e-6, rtol=0, err_msg=key)

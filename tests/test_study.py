@@ -1,5 +1,8 @@
 """The study path (predict.py --study) is the batch path: same probabilities for the same slices."""
 import json
+import os
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -9,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import run_script
+from conftest import REPO, run_script
 from ich.labels import LABELS
-from ich.study import STUDY_REASONS, StudyError, choose_series, extract_zip, study_files
+from ich.study import STUDY_REASONS, StudyError, choose_series, study_files, zip_members
 
 
 def test_study_probabilities_equal_the_batch_path(prepared, study_models, tmp_path):
@@ -27,8 +30,17 @@ def test_study_probabilities_equal_the_batch_path(prepared, study_models, tmp_pa
             z.write(prepared / "raw" / "stage_2_test" / f"{image_id}.dcm", f"PATIENT/SER2/{image_id}")
         z.writestr("PATIENT/README.txt", "not an image")
     before = set(Path(tempfile.gettempdir()).glob("ich_study_*"))
-    out = run_script("predict.py", "--settings", settings, "--config", cfg, "--study", zpath, "--out", tmp_path / "o")
+    scratch = tmp_path / "tmp"  # the CLI's temporary folder, watched: a zip is read in place, never extracted
+    scratch.mkdir()
+    with zipfile.ZipFile(zpath) as z:
+        sizes = {i.file_size for i in z.infolist() if i.file_size > 1024}
+    with FilesSeen([scratch, tmp_path / "o"]) as seen:
+        out = subprocess.run([sys.executable, str(REPO / "predict.py"), "--no-progress", "--settings", str(settings),
+                              "--config", str(cfg), "--study", str(zpath), "--out", str(tmp_path / "o")],
+                             capture_output=True, text=True, cwd=REPO, env={**os.environ, "TMPDIR": str(scratch)})
     assert out.returncode == 0, out.stderr[-3000:]
+    assert any(f.startswith(str(tmp_path / "o")) for f in seen.files)  # the watcher sees what is written
+    assert not [f for f, size in seen.files.items() if size in sizes], seen.files  # and no member came out
     assert "Research use only" in out.stdout and big not in out.stdout + out.stderr  # no UIDs in the log
     got = pd.read_csv(tmp_path / "o" / "study.csv", comment="#").set_index("image_id")
     want = pd.read_parquet(root / "models" / "stacking" / "study" / "test.parquet").set_index("image_id")
@@ -46,6 +58,48 @@ def test_study_probabilities_equal_the_batch_path(prepared, study_models, tmp_pa
     assert len(kaggle) == 6 * len(ids) and kaggle["ID"].str.rsplit("_", n=1).str[1].isin(LABELS).all()
     after = set(Path(tempfile.gettempdir()).glob("ich_study_*"))
     assert after <= before  # nothing of the study is kept
+    # the same files as a folder: the very same outputs (the zip's members are read as the files are)
+    folder = tmp_path / "folder"
+    with zipfile.ZipFile(zpath) as z:
+        z.extractall(folder)
+    out = run_script("predict.py", "--settings", settings, "--config", cfg, "--study", folder, "--out", tmp_path / "f")
+    assert out.returncode == 0, out.stderr[-3000:]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "f" / "study.csv", comment="#"),
+                                  pd.read_csv(tmp_path / "o" / "study.csv", comment="#"))
+    assert json.loads((tmp_path / "f" / "study.json").read_text())["skipped"] == doc["skipped"]
+
+
+class FilesSeen:
+    """Every regular file that appears under some folders while a run goes on, with the largest size it had
+    (polled; a file that lives shorter than a poll can be missed, an extracted slice of a study does not)."""
+
+    def __init__(self, roots, every: float = 0.02):
+        import threading
+        self.roots, self.every, self.files = roots, every, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while True:
+            for root in self.roots:
+                for dirpath, _, names in os.walk(root):
+                    for name in names:
+                        path = os.path.join(dirpath, name)
+                        try:
+                            size = os.lstat(path).st_size
+                        except OSError:
+                            continue
+                        self.files[path] = max(size, self.files.get(path, 0))
+            if self._stop.wait(self.every):
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
 def test_hostile_zips_are_refused_in_one_line(tmp_path):
@@ -53,13 +107,13 @@ def test_hostile_zips_are_refused_in_one_line(tmp_path):
     with zipfile.ZipFile(slip, "w") as z:
         z.writestr("../../evil.dcm", b"x")
     with pytest.raises(StudyError, match="unsafe path"):
-        extract_zip(slip, tmp_path / "x")
+        zip_members(slip)
     assert not (tmp_path.parent / "evil.dcm").exists()
     bomb = tmp_path / "bomb.zip"
     with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as z:
         z.writestr("big", b"\0" * (3 << 20))
     with pytest.raises(StudyError, match="unpacks to more than"):
-        extract_zip(bomb, tmp_path / "y", max_bytes=1 << 20)
+        zip_members(bomb, max_bytes=1 << 20)
     (tmp_path / "junk.zip").write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(StudyError):
         study_files(tmp_path / "junk.zip", tmp_path / "w")
