@@ -44,8 +44,8 @@ class InputSpec(NamedTuple):
 
 class SliceFile(NamedTuple):
     """One DICOM file: where it is (a path; the file's bytes: a caller that holds them in memory needs
-    no disk; or a zip's ich.rawdata.Member, read in place), the name to report it by, and its image_id (None: prepare_data's rule, the file name, or its
-    SOPInstanceUID when the name is no safe ID)."""
+    no disk; or a zip's ich.rawdata.Member, read in place), the name to report it by, and its image_id
+    (None: prepare_data's rule, the file name, or its SOPInstanceUID when the name is no safe ID)."""
     path: object  # str | bytes | ich.rawdata.Member
     name: str
     image_id: str | None = None
