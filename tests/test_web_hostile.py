@@ -186,6 +186,53 @@ def test_slow_file_reading_holds_no_one_else_up(engine, members):
     assert post(client, ("study.zip", zip_of(ser1(members)))).status_code == 201
 
 
+def test_a_decode_over_the_reading_process_memory_limit_is_refused_and_the_next_upload_works(engine, members):
+    """Slices of 4096 x 4096 (32 MB of pixels each, in a small zip) read with 16 MB of memory allowed to the
+    upload's reading process: the documented 400, no reading process left, the next upload 201. Before,
+    the limit was on address space only, and allocations inside the malloc arenas that the forkserver's
+    threads had reserved passed it: these slices were decoded (201)."""
+    client, srv = app_client(engine, upload_memory_mb=16)
+    first = next(iter(ser1(members).values()))
+    files = {f"BIG/{i}": big_slice(first, 4096, series="1.2.10", z=float(i)) for i in range(3)}
+    r = post(client, ("big.zip", zip_of(files)))
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"] == ("reading this upload needs more memory than one upload may take (16 MB): "
+                                 "upload fewer or smaller slices")
+    assert not srv.reader._running and len(srv.store) == 0 and srv.uploads.busy == 0
+    assert post(client, ("study.zip", zip_of(ser1(members)))).status_code == 201
+
+
+def test_upload_turns_go_to_the_smallest_waiting_upload_first():
+    """One turn, held; a 100 MB upload starts waiting, then a 300 kB one: the small one gets the next turn.
+    Before, turns went to whichever waiting request polled first (the large one, here, most of the time)."""
+    import asyncio
+
+    from web.deps import Slots
+
+    async def run():
+        slots, order = Slots(1, queued=4, wait=10), []
+        release = asyncio.Event()
+
+        async def upload(size, name, hold=None):
+            async with slots.slot(size):
+                order.append(name)
+                if hold is not None:
+                    await hold.wait()
+
+        first = asyncio.create_task(upload(1, "first", release))
+        await asyncio.sleep(0.1)
+        big = asyncio.create_task(upload(100 << 20, "big"))
+        await asyncio.sleep(0.2)
+        small = asyncio.create_task(upload(300 << 10, "small"))
+        await asyncio.sleep(0.2)
+        assert slots.waiting == 2
+        release.set()
+        await asyncio.gather(first, big, small)
+        return order
+
+    assert asyncio.run(run()) == ["first", "small", "big"]
+
+
 # --- what stays in memory -------------------------------------------------------------------------------
 
 def test_kept_headers_hold_only_the_fields_used(engine, members):
