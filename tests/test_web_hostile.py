@@ -202,6 +202,53 @@ def test_a_decode_over_the_reading_process_memory_limit_is_refused_and_the_next_
     assert post(client, ("study.zip", zip_of(ser1(members)))).status_code == 201
 
 
+def test_a_long_read_yields_the_cpu_to_a_later_upload(engine, tmp_path):
+    """Two uploads of slow files (tens of thousands of empty elements each) read at once: the one that has
+    been read for over a second while the later one is read is lowered (nice +10); the later one is not
+    lowered before its own second is up. Alone, a long read keeps the server's priority."""
+    from web.reader import DEMOTE_AFTER, DEMOTED_NICE, Caps, Reader
+
+    reader = Reader(engine.prepare_cfg)
+    caps = Caps(1 << 30, 8, 2 << 30, 4, 10**9)
+
+    def listed(name):
+        folder = tmp_path / name
+        folder.mkdir()
+        paths = []
+        for i in range(30):
+            (folder / f"{i}").write_bytes(b"\0" * 128 + b"DICM" + b"\x08\x00\x20\x00DA\x00\x00" * 60000)
+            paths.append((f"{i}.dcm", folder / f"{i}"))
+        return paths
+
+    def nice_of(proc):
+        import os
+        return os.getpriority(os.PRIO_PROCESS, proc.pid) - os.getpriority(os.PRIO_PROCESS, 0)
+
+    errors = []
+
+    def read(name):
+        try:
+            reader.read(listed(name), tmp_path / f"{name}_work", None, caps)
+        except Exception as exc:  # noqa: BLE001 - a StudyError (no DICOM, or out of time) is expected
+            errors.append(type(exc).__name__)
+
+    first = threading.Thread(target=read, args=("first",))
+    first.start()
+    time.sleep(DEMOTE_AFTER + 0.6)
+    (old,) = list(reader._running)
+    alone = nice_of(old)
+    second = threading.Thread(target=read, args=("second",))
+    second.start()
+    time.sleep(0.6)
+    procs = sorted(reader._running.items(), key=lambda kv: kv[1])
+    niced = [nice_of(p) for p, _ in procs]
+    first.join()
+    second.join()
+    reader.close()
+    assert alone == 0, "a read alone was lowered"
+    assert len(procs) == 2 and niced == [DEMOTED_NICE, 0], niced
+
+
 def test_upload_turns_go_to_the_smallest_waiting_upload_first():
     """One turn, held; a 100 MB upload starts waiting, then a 300 kB one: the small one gets the next turn.
     Before, turns went to whichever waiting request polled first (the large one, here, most of the time)."""

@@ -12,10 +12,12 @@ codestream larger than its header, a header of 90,000 empty elements,
   one upload's files cannot hold another's up beyond sharing the CPU;
 - shares the CPU fairly: a reading process still running after
   `DEMOTE_AFTER` seconds (a study of a few hundred slices is read in well
-  under a second) is lowered to `DEMOTED_NICE`, so an upload that arrives
-  while a hostile or huge one is being read gets the CPU first, whoever sent
-  it. Turns by client address would not do it: everyone behind one proxy
-  or NAT (or on this machine) has the same one;
+  under a second) is lowered to `DEMOTED_NICE` once a later upload is being
+  read beside it, so an upload that arrives while a hostile or huge one is
+  being read gets the CPU first, whoever sent it. Alone, a reading process
+  keeps the server's priority (a busy machine's other programs do not push
+  it down). Turns by client address would not do it: everyone behind one
+  proxy or NAT (or on this machine) has the same one;
 - prints nothing: its stdout, stderr, warnings and logging go nowhere (a
   library may print a value of a header), and its errors come back as
   reasons.
@@ -198,7 +200,7 @@ class Reader:
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload([__name__])
         self.stopping = threading.Event()
-        self._running: set = set()
+        self._running: dict = {}  # process -> when it started (time.monotonic)
         self._lock = threading.Lock()
 
     def read(self, listed: list, work: Path, series_index: int | None, caps: Caps) -> UploadRead:
@@ -206,16 +208,16 @@ class Reader:
             raise StudyError("the server is stopping")
         receive, send = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=_child, args=(send, listed, work, series_index, caps, self.cfg), daemon=True)
+        start = time.monotonic()
         with self._lock:
-            self._running.add(proc)
+            self._running[proc] = start
         try:
             proc.start()
             send.close()
-            start = time.monotonic()
             end = start + caps.seconds + 2  # its own deadline first, with its reasons
             demoted = False
             while not receive.poll(0.1):
-                if not demoted and time.monotonic() - start > DEMOTE_AFTER:
+                if not demoted and time.monotonic() - start > DEMOTE_AFTER and self._later_than(start):
                     demote(proc.pid)
                     demoted = True
                 if self.stopping.is_set():
@@ -237,12 +239,17 @@ class Reader:
                 proc.kill()
             proc.join(5)
             with self._lock:
-                self._running.discard(proc)
+                self._running.pop(proc, None)
         if kind == "failed":
             raise ReadFailed(value)
         if kind == "error":
             raise StudyError(value)
         return value
+
+    def _later_than(self, start: float) -> bool:
+        """Whether an upload that started after `start` is being read now."""
+        with self._lock:
+            return any(t > start for t in self._running.values())
 
     def close(self) -> None:
         self.stopping.set()
