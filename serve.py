@@ -26,8 +26,6 @@ def main(argv=None):
 
     import logging
 
-    import uvicorn
-
     from ich.study import StudyError
     from models.checkpoint import CheckpointError
     from models.predict_split import InferenceError
@@ -35,7 +33,7 @@ def main(argv=None):
     from web.app import create_app, quiet_logs
     from web.engine import load_engine
     from web.guard import allowed_hosts_for
-    from web.protocol import timed_h11
+    from web.protocol import serve
     from web.uploads import WorkDir
 
     quiet_logs()  # before anything is loaded: libraries' loggers and warnings never carry a header's value
@@ -57,9 +55,8 @@ def main(argv=None):
         f"serving on http://{args.host}:{args.port}/  ({model['stage_two']}: "
         f"{', '.join(model['experiments'])})  - research use only, not for clinical use", flush=True))
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", log_config=None, lifespan="on",
-                    http=timed_h11(settings.header_timeout), timeout_keep_alive=5,
-                    h11_max_incomplete_event_size=64 << 10)
+        serve(app, header_timeout=settings.header_timeout, host=args.host, port=args.port, log_level="warning",
+              log_config=None, lifespan="on", timeout_keep_alive=5, h11_max_incomplete_event_size=64 << 10)
     finally:
         engine.close()
 

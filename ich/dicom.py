@@ -331,7 +331,7 @@ def _open(path, stop_before_pixels: bool, size: int | None = None):
         ds = _dcmread(path, stop_before_pixels)
     except InvalidDicomError:
         ds = _open_bare(path, stop_before_pixels)  # no preamble / file meta: some writers omit them
-    except Rejected:
+    except (Rejected, MemoryError):  # out of memory says nothing of the file: the caller's limit
         raise
     except Exception as exc:  # noqa: BLE001 - any parse failure is a reason, not a crash
         raise Rejected("unreadable", f"{type(exc).__name__}: {exc}") from exc
@@ -350,7 +350,7 @@ def _open_bare(path, stop_before_pixels: bool):
     try:
         ds = _dcmread(path, stop_before_pixels, force=True)
         found = "SOPInstanceUID" in ds or "Modality" in ds
-    except Rejected:
+    except (Rejected, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001
         raise Rejected("not_dicom", f"{type(exc).__name__}: {exc}") from exc
@@ -376,10 +376,12 @@ def fill_transfer_syntax(ds) -> None:
 def _failing_as(reason: str):
     """Turn any exception inside into Rejected(reason): pydicom raises many kinds on damaged
     input (ValueError, NotImplementedError for an unknown VR, struct.error, ...), and the
-    RLE decoder (Rust) panics with pyo3's PanicException, a BaseException."""
+    RLE decoder (Rust) panics with pyo3's PanicException, a BaseException. MemoryError is no
+    reason of the file's: it goes up (the web app's reading process refuses the upload with its
+    memory limit; prepare_data stops with one line, and resumes)."""
     try:
         yield
-    except (Rejected, KeyboardInterrupt, SystemExit, GeneratorExit):
+    except (Rejected, KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
         raise
     except BaseException as exc:  # noqa: BLE001 - a Rust decoder's panic (pyo3) is no Exception
         raise Rejected(reason, f"{type(exc).__name__}: {exc}") from exc

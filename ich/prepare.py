@@ -153,7 +153,7 @@ def read_files(files, cfg: PrepareConfig) -> tuple[np.ndarray, pd.DataFrame]:
             row.update(reason=rej.reason, detail=rej.detail[:300])
             if rej.header is not None:  # pixels unusable, header fine: keep where the image sits
                 row.update(_header_fields(rej.header, PLACE_COLUMNS))
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit, MemoryError):  # out of memory: no reason of the file's
             raise
         except BaseException as exc:  # noqa: BLE001 - one odd file must not end a run of hours
             row.update(reason="unreadable", detail=f"unexpected {type(exc).__name__}: {exc}"[:300])

@@ -87,8 +87,11 @@ def pick_examples(slices: pd.DataFrame, probs: np.ndarray, n_tp: int = 2, n_fp: 
 
 
 def cam_for(model: nn.Module, layer: nn.Module, image: np.ndarray, label_index: int) -> np.ndarray:
-    """HxWxC uint8 network input -> HxW Grad-CAM in [0, 1] for one output label."""
-    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().unsqueeze(0)
+    """HxWxC uint8 network input -> HxW Grad-CAM in [0, 1] for one output label.
+
+    The input asks for gradients, so a model whose parameters ask for none (web.engine's) still gets
+    the target layer's gradients, and keeps no parameter gradients after the map is made."""
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().unsqueeze(0).requires_grad_(True)
     with GradCAM(model=model, target_layers=[layer]) as cam:
         grayscale = cam(input_tensor=x, targets=[ClassifierOutputTarget(label_index)])
     return grayscale[0]

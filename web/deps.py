@@ -3,6 +3,7 @@ result (`?series=K`, default the upload's chosen series) and a download's thresh
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import threading
 import time
@@ -25,25 +26,37 @@ from .uploads import WorkDir
 class Slots:
     """At most `limit` uploads in flight and `queued` more waiting for a turn (up to `wait` seconds, before
     their body is read: a waiting upload holds only its connection); one more is refused at once (503 with
-    Retry-After), so a flood takes neither disk nor memory nor a reading process."""
+    Retry-After), so a flood takes neither disk nor memory nor a reading process.
+
+    Turns go to the smallest waiting upload first (by its Content-Length; the same size in arrival order):
+    a study of a few MB does not wait behind uploads of hundreds of MB, whoever sent them (by client
+    address, everyone behind one proxy, or on this machine, would be one client). A large upload waits
+    while smaller ones come, at most `wait` seconds."""
 
     def __init__(self, limit: int, queued: int = 16, wait: float = 300):
         self.limit, self.queued, self.wait = limit, queued, wait
-        self.busy = self.waiting = 0
+        self.busy = 0
+        self._waiting: list[tuple[int, int]] = []  # (size, arrival) of each upload waiting for a turn
+        self._arrivals = itertools.count()
         self._lock = threading.Lock()
 
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
     @asynccontextmanager
-    async def slot(self):
+    async def slot(self, size: int = 0):
         with self._lock:
-            if self.busy >= self.limit and self.waiting >= self.queued:
-                raise ApiError(503, f"the server is taking {self.limit} uploads and {self.waiting} more wait: "
-                                    "try again in a minute", retry_after=15)
-            self.waiting += 1
+            if self.busy >= self.limit and len(self._waiting) >= self.queued:
+                raise ApiError(503, f"the server is taking {self.limit} uploads and {len(self._waiting)} more "
+                                    "wait: try again in a minute", retry_after=15)
+            ticket = (size, next(self._arrivals))
+            self._waiting.append(ticket)
         try:
             end = time.monotonic() + self.wait
             while True:
                 with self._lock:
-                    if self.busy < self.limit:
+                    if self.busy < self.limit and ticket == min(self._waiting):
                         self.busy += 1
                         break
                 if time.monotonic() > end:
@@ -51,7 +64,7 @@ class Slots:
                 await asyncio.sleep(0.05)
         finally:
             with self._lock:
-                self.waiting -= 1
+                self._waiting.remove(ticket)
         try:
             yield
         finally:

@@ -100,7 +100,10 @@ class WebEngine:
     # --- Grad-CAM -------------------------------------------------------------------------------
     def _load_cam_models(self):
         """The first experiment's fold models, loaded once more from the checkpoints the engine loaded, in
-        float32 and never compiled (Grad-CAM hooks a layer and needs gradients in full precision)."""
+        float32 and never compiled (Grad-CAM hooks a layer and needs gradients in full precision). Their
+        parameters ask for no gradient: a map needs the layer's gradients only (models.gradcam.cam_for
+        asks them of the input), and parameter gradients, once made, stayed allocated (the models' size in
+        float32) after every result was gone."""
         from models.gradcam import target_layer
         from models.checkpoint import load_fold_model
 
@@ -109,7 +112,7 @@ class WebEngine:
         for f in self.engine.fold_models:
             if f.experiment == exp:
                 model, cfg, _ = load_fold_model(f.path, self.runtime)
-                model = model.float().eval()
+                model = model.float().eval().requires_grad_(False)
                 models.append((model, target_layer(model, cfg.final_size), cfg))
         return models
 

@@ -11,7 +11,9 @@ security headers, and a last catch that answers JSON and logs no message (web/ap
 - Headers on every response: Content-Security-Policy (no script, style or
   image from anywhere but this server; no framing), X-Content-Type-Options,
   X-Frame-Options, Referrer-Policy, Cross-Origin-Resource-Policy; and
-  `Cache-Control: no-store` on the page and the API unless a route set its own.
+  `Cache-Control: no-store` on the page and the API unless a route set its own;
+  `Connection: close` (one request a connection, so web.protocol's time
+  limit on a request's head covers every request).
 - Any exception a route lets through becomes `{"error": ...}` with 500; the
   log gets its type only (a message may hold a file or member name).
 """
@@ -107,6 +109,8 @@ class Guard:
                     headers.append((b"content-security-policy", csp().encode()))
                 if api and b"cache-control" not in names:
                     headers.append((b"cache-control", b"no-store"))
+                if b"connection" not in names:  # one request a connection: web.protocol times its head
+                    headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
             await send(message)
 
