@@ -55,10 +55,13 @@ class PredictCfg:
     experiments: list = field(default_factory=list)   # stage-one experiment names (MODEL_CHECKPOINT_DIR/<name>)
     k_neighbors: int = 5             # previous/next slices whose probabilities become features
     neighbors: str = "mean"          # several experiments: neighbor features of their mean, or of "each"
+    neighbor_diffs: int | None = None  # differences to the nearest n neighbors each side only (None: all k)
     pca_components: int = 0          # principal components of the embeddings (0: none)
     pca_alignment: str = "sign"      # sign: each fold model's own components, signs fixed; procrustes: fold
     #                                  models rotated onto each other on the test images (stacking.pca)
     pca_standardize: bool = False    # each fold model's components scaled to mean 0 / std 1 on its OOF rows
+    test_embeddings: bool = False    # stage one on test keeps each fold model's embeddings (test_fold{k}_emb.npy)
+    #                                  instead of their aligned PCA scores only (procrustes needs them: forced)
     lgb: dict = field(default_factory=dict)  # overrides of DEFAULT_LGB
     start_from_stage_one: bool = True  # boost from logit(mean stage-one probability): learn corrections
     num_boost_round: int = 2000
@@ -96,6 +99,14 @@ class PredictCfg:
             widths.append(self.sequence_pca_components)
         return max(widths)
 
+    @property
+    def keeps_test_scores(self) -> bool:
+        """Stage one on test writes each fold model's aligned PCA scores (test_fold{k}_pcs.npy, float32,
+        pca_width columns) instead of its embeddings: the PCA is fitted on OOF embeddings only with
+        `pca_alignment: sign`, so it exists before test inference. Procrustes aligns the fold models on
+        the test embeddings, so it keeps them, as `test_embeddings: true` does."""
+        return bool(self.pca_width) and self.pca_alignment == "sign" and not self.test_embeddings
+
 
 def load_predict_config(path: str | Path) -> PredictCfg:
     """configs/predict/*.yaml -> a validated PredictCfg (ich.config.check_fields, then ranges).
@@ -116,9 +127,13 @@ def load_predict_config(path: str | Path) -> PredictCfg:
     need(cfg.experiments and all(isinstance(e, str) and e for e in cfg.experiments), where,
          f"experiments must list at least one stage-one experiment name, got {cfg.experiments!r}")
     need(cfg.k_neighbors >= 0, where, f"k_neighbors must be >= 0, got {cfg.k_neighbors}")
+    need(cfg.neighbor_diffs is None or (isinstance(cfg.neighbor_diffs, int) and not isinstance(cfg.neighbor_diffs, bool)
+                                        and cfg.neighbor_diffs >= 0), where,
+         f"neighbor_diffs must be a whole number >= 0 or null (all k_neighbors), got {cfg.neighbor_diffs!r}")
     need(cfg.pca_components >= 0, where, f"pca_components must be >= 0, got {cfg.pca_components}")
     need(cfg.pca_alignment in ("procrustes", "sign"), where,
          f"pca_alignment must be procrustes or sign, got {cfg.pca_alignment!r}")
+    need(isinstance(cfg.test_embeddings, bool), where, f"test_embeddings must be true or false, got {cfg.test_embeddings!r}")
     need(isinstance(cfg.pca_standardize, bool), where, f"pca_standardize must be true or false, got {cfg.pca_standardize!r}")
     need(cfg.num_boost_round >= 1, where, f"num_boost_round must be >= 1, got {cfg.num_boost_round}")
     need(cfg.early_stopping_rounds >= 1, where, f"early_stopping_rounds must be >= 1, got {cfg.early_stopping_rounds}")

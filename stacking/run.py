@@ -57,6 +57,12 @@ class Features:
     train: StageOne | None = None                # the OOF view
     tests: dict[int, StageOne] | None = None     # k -> fold model k's test view
 
+    def drop_boosting_inputs(self) -> None:
+        """Free X and X_test once the boosters are trained: nothing after LightGBM reads them (the
+        sequence member reads the views), and they are the largest arrays of stage two (1.9 GB at the
+        competition's size with 345 features), which would otherwise sit under the member's own peak."""
+        self.X, self.X_test = None, None
+
 
 def stage_two_features(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFrame,
                        test_slices: pd.DataFrame | None = None) -> Features:
@@ -72,7 +78,8 @@ def stage_two_features(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFr
 
     def build(slices, view):
         return build_features(slices, view.probs, k=cfg.k_neighbors,
-                              embeddings=view.first_pcs(cfg.pca_components) or None, neighbors=cfg.neighbors)
+                              embeddings=view.first_pcs(cfg.pca_components) or None, neighbors=cfg.neighbors,
+                              diffs=cfg.neighbor_diffs)
 
     X, names = build(train_slices, train)
     out = Features(X, names, train.probs, mean_probs(train) if cfg.start_from_stage_one else None,
@@ -105,7 +112,8 @@ class Member:
 def fit_members(cfg: PredictCfg, feats: Features, train_slices: pd.DataFrame, test_slices: pd.DataFrame | None,
                 y: np.ndarray, folds: np.ndarray, progress: bool = True) -> dict[str, Member]:
     """The configured members on the same stage-one views, in config order (LightGBM:
-    `stacking.model.fit_predict`, the sequence model: `stacking.sequence.fit_predict`)."""
+    `stacking.model.fit_predict`, the sequence model: `stacking.sequence.fit_predict`). LightGBM's
+    feature matrices are dropped from `feats` once it is trained (`Features.drop_boosting_inputs`)."""
     members = {}
     for name in cfg.members:
         t0 = time.perf_counter()
@@ -113,6 +121,7 @@ def fit_members(cfg: PredictCfg, feats: Features, train_slices: pd.DataFrame, te
             res = fit_predict(feats.X, y, folds, feats.X_test, params=cfg.lgb_params, feature_names=feats.names,
                               num_boost_round=cfg.num_boost_round, early_stopping_rounds=cfg.early_stopping_rounds,
                               progress=progress, base=feats.base, base_test=feats.base_test)
+            feats.drop_boosting_inputs()
         else:
             from . import sequence  # torch: only with the sequence member (tests/test_layout.py)
             inputs = lambda slices, view: series_inputs(  # noqa: E731
@@ -150,7 +159,7 @@ def run_stacking(cfg: PredictCfg, *, train_slices: pd.DataFrame, test_slices: pd
     feats = stage_two_features(cfg, model_dir, train_slices, test_slices)
     y = train_slices[list(LABELS)].to_numpy(np.float64)
     folds = train_slices["fold"].to_numpy()
-    log(f"stage two: {feats.X.shape[0]} train rows x {feats.X.shape[1]} features from {', '.join(cfg.experiments)}"
+    log(f"stage two: {feats.X.shape[0]} train rows x {len(feats.names)} features from {', '.join(cfg.experiments)}"
         + (f"; {len(test_slices)} test rows x {len(feats.X_test)} stage-one fold models" if test_slices is not None
            else "") + f"; members: {', '.join(cfg.members)}")
     members = fit_members(cfg, feats, train_slices, test_slices, y, folds, progress)
