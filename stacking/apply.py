@@ -57,7 +57,7 @@ class SavedStageTwo:
             if self.boosters:
                 X, names = build_features(slices, view.probs, k=cfg.k_neighbors,
                                           embeddings=view.first_pcs(cfg.pca_components) or None,
-                                          neighbors=cfg.neighbors, diffs=cfg.neighbor_diffs)
+                                          neighbors=cfg.neighbors)
                 if names != saved["feature_names"]:
                     raise StackingError("these slices give other stage-two features than training did ("
                                         + ", ".join(sorted(set(names) ^ set(saved["feature_names"]))[:5])

@@ -55,7 +55,6 @@ class PredictCfg:
     experiments: list = field(default_factory=list)   # stage-one experiment names (MODEL_CHECKPOINT_DIR/<name>)
     k_neighbors: int = 5             # previous/next slices whose probabilities become features
     neighbors: str = "mean"          # several experiments: neighbor features of their mean, or of "each"
-    neighbor_diffs: int | None = None  # differences to the nearest n neighbors each side only (None: all k)
     pca_components: int = 0          # principal components of the embeddings (0: none)
     pca_alignment: str = "sign"      # sign: each fold model's own components, signs fixed; procrustes: fold
     #                                  models rotated onto each other on the test images (stacking.pca)
@@ -127,9 +126,6 @@ def load_predict_config(path: str | Path) -> PredictCfg:
     need(cfg.experiments and all(isinstance(e, str) and e for e in cfg.experiments), where,
          f"experiments must list at least one stage-one experiment name, got {cfg.experiments!r}")
     need(cfg.k_neighbors >= 0, where, f"k_neighbors must be >= 0, got {cfg.k_neighbors}")
-    need(cfg.neighbor_diffs is None or (isinstance(cfg.neighbor_diffs, int) and not isinstance(cfg.neighbor_diffs, bool)
-                                        and cfg.neighbor_diffs >= 0), where,
-         f"neighbor_diffs must be a whole number >= 0 or null (all k_neighbors), got {cfg.neighbor_diffs!r}")
     need(cfg.pca_components >= 0, where, f"pca_components must be >= 0, got {cfg.pca_components}")
     need(cfg.pca_alignment in ("procrustes", "sign"), where,
          f"pca_alignment must be procrustes or sign, got {cfg.pca_alignment!r}")

@@ -78,8 +78,7 @@ def stage_two_features(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFr
 
     def build(slices, view):
         return build_features(slices, view.probs, k=cfg.k_neighbors,
-                              embeddings=view.first_pcs(cfg.pca_components) or None, neighbors=cfg.neighbors,
-                              diffs=cfg.neighbor_diffs)
+                              embeddings=view.first_pcs(cfg.pca_components) or None, neighbors=cfg.neighbors)
 
     X, names = build(train_slices, train)
     out = Features(X, names, train.probs, mean_probs(train) if cfg.start_from_stage_one else None,

@@ -37,18 +37,6 @@ def test_neighbor_features_follow_series_order():
     assert len(names) == len(set(names)) == 3 + 6 * (1 + 4 * 2 + 3)
 
 
-def test_neighbor_differences_only_close_by():
-    """neighbor_diffs: differences to the nearest n neighbors each side, values for all k; the same
-    columns as the full set, less the far differences."""
-    slices = toy_slices()
-    p = np.arange(30, dtype=float).reshape(5, 6) / 30
-    full, names = build_features(slices, {"e": p}, k=2)
-    near, near_names = build_features(slices, {"e": p}, k=2, diffs=1)
-    assert "e.epi.prev2" in near_names and "e.epi.diff_prev1" in near_names and "e.epi.diff_prev2" not in near_names
-    assert len(near_names) == len(names) - 6 * 2 and set(near_names) < set(names)
-    np.testing.assert_array_equal(near, full[:, [names.index(n) for n in near_names]])
-
-
 def test_brain_fraction_features_and_their_absence():
     slices = toy_slices().assign(brain_fraction=[0.0, 0.1, 0.3, 0.0, 0.6])
     p = np.arange(30, dtype=float).reshape(5, 6) / 30
