@@ -133,7 +133,9 @@ def fit_predict(X: np.ndarray, y: np.ndarray, folds: np.ndarray, X_test: dict[in
     """Boost one model per (label, fold); rounds picked honestly (module docstring).
 
     X_test: fold k -> the test features built from stage-one fold model k
-    (one entry per fold in `folds`), or None for no test predictions.
+    (one entry per fold in `folds`; an array, or a function that builds it,
+    called once after the boosting and the binned data are done with), or
+    None for no test predictions.
     base / base_test[k] (optional, (n, 6) probabilities, e.g. the mean over
     experiments of stage-one probabilities, for test those of fold model k):
     boosting starts from logit(base) instead of from a constant (LightGBM's
@@ -162,8 +164,7 @@ def fit_predict(X: np.ndarray, y: np.ndarray, folds: np.ndarray, X_test: dict[in
     dtrain = {k: full.subset(np.flatnonzero(folds != k)).construct() for k in fold_ids}
     dvalid = {k: full.subset(held[k]).construct() for k in fold_ids}
 
-    result = StackResult(oof=np.full(y.shape, np.nan), oof_optimistic=np.full(y.shape, np.nan),
-                         test=np.zeros((len(next(iter(X_test.values()))), len(LABELS))) if X_test else None)
+    result = StackResult(oof=np.full(y.shape, np.nan), oof_optimistic=np.full(y.shape, np.nan), test=None)
     result.importance = np.zeros(X.shape[1])
     result.nested = np.full((len(fold_ids),) + y.shape, np.nan, dtype=np.float32)
     bar = tqdm(total=len(fold_ids) * len(LABELS), desc="stage two", unit="booster", disable=not progress)
@@ -186,9 +187,6 @@ def fit_predict(X: np.ndarray, y: np.ndarray, folds: np.ndarray, X_test: dict[in
             for other in range(len(fold_ids)):
                 if other != i:
                     result.nested[other, held[k], j] = at[int(pairs[i, other])]
-            if X_test is not None:
-                test_init = None if init is None else logit(base_test[k][:, j])
-                result.test[:, j] += predict_booster(b, X_test[k], n, test_init) / len(fold_ids)
             result.importance += b.feature_importance("gain", iteration=n)
             # keep the n_k trees only, detached from the training data (as lgb.train returns its boosters)
             result.boosters[(label, k)] = lgb.Booster(model_str=b.model_to_string(num_iteration=n))
@@ -196,6 +194,15 @@ def fit_predict(X: np.ndarray, y: np.ndarray, folds: np.ndarray, X_test: dict[in
             bar.update(1)
         del boosters
     bar.close()
+    del full, dtrain, dvalid  # the binned data, before the test features are built
+    for k in fold_ids if X_test is not None else ():  # booster k (its n_k trees) on fold model k's features
+        X_k = X_test[k]() if callable(X_test[k]) else X_test[k]
+        if result.test is None:
+            result.test = np.zeros((len(X_k), len(LABELS)))
+        for j, label in enumerate(LABELS):
+            test_init = None if init is None else logit(base_test[k][:, j])
+            result.test[:, j] += predict_booster(result.boosters[label, k], X_k, None, test_init) / len(fold_ids)
+        del X_k
     return result
 
 
