@@ -60,14 +60,16 @@ def road(exp_dir: Path, kind: str, rows: int, dim: int, batch: int, pcas: dict |
     files.write_outputs(exp_dir, files.outputs_key("cache", {}, {}, rows, "x", kept),
                         [f"ID_{i:09x}" for i in range(rows)], {k: outputs["e", k][0] for k in range(N_FOLDS)},
                         {k: sink.finish(("e", k), rows) for k in range(N_FOLDS)},
-                        {"spec": kept, "models": {k: pcas["e", k] for k in range(N_FOLDS)}} if kind == "scores" else None)
+                        {"spec": kept, "models": {k: pcas["e", k] for k in range(N_FOLDS)}}
+                        if kind == "scores" else None)
     return {p.name: p.stat().st_size for p in sorted(exp_dir.iterdir()) if p.name.startswith("test")}, seconds
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=20_000, help="test slices")
-    ap.add_argument("--dim", type=int, default=2048, help="embedding width (2,048: the shipped ResNeXts' pooled features)")
+    ap.add_argument("--dim", type=int, default=2048,
+                    help="embedding width (2,048: the shipped ResNeXts' pooled features)")
     ap.add_argument("--width", type=int, default=8, help="PCA scores kept per fold model (the config's pca_width)")
     ap.add_argument("--batch", type=int, default=128, help="rows per engine batch (configs/predict/default.yaml)")
     args = ap.parse_args()

@@ -129,7 +129,8 @@ def load_predict_config(path: str | Path) -> PredictCfg:
     need(cfg.pca_components >= 0, where, f"pca_components must be >= 0, got {cfg.pca_components}")
     need(cfg.pca_alignment in ("procrustes", "sign"), where,
          f"pca_alignment must be procrustes or sign, got {cfg.pca_alignment!r}")
-    need(isinstance(cfg.test_embeddings, bool), where, f"test_embeddings must be true or false, got {cfg.test_embeddings!r}")
+    need(isinstance(cfg.test_embeddings, bool), where,
+         f"test_embeddings must be true or false, got {cfg.test_embeddings!r}")
     need(isinstance(cfg.pca_standardize, bool), where, f"pca_standardize must be true or false, got {cfg.pca_standardize!r}")
     need(cfg.num_boost_round >= 1, where, f"num_boost_round must be >= 1, got {cfg.num_boost_round}")
     need(cfg.early_stopping_rounds >= 1, where, f"early_stopping_rounds must be >= 1, got {cfg.early_stopping_rounds}")
