@@ -11,6 +11,10 @@ wider PCAs, then components they share, `common_components`). Prints the
 worst pair per component.
 
     .venv/bin/python benchmarks/pca_alignment.py --settings SETTINGS.demo.json --config configs/predict/demo.yaml
+
+It reads the test embeddings, which predict.py keeps only with
+`pca_alignment: procrustes` or `test_embeddings: true` in the predict config
+(by default it keeps their PCA scores): run predict.py with one of those first.
 """
 from __future__ import annotations
 

@@ -2,9 +2,13 @@
 
 Stage one on the test set is one loop, the in-memory engine's
 (pipeline.engine), fed from one of two sources, and writes contract 2's
-test outputs through their owner (ich.stage_one: test_fold{k}.parquet +
-_emb.npy per fold model, test.parquet their mean, test_meta.json the key
-of what made them):
+test outputs through their owner (ich.stage_one: test_fold{k}.parquet per
+fold model with, for stage two's PCA features, test_fold{k}_pcs.npy (the
+embeddings' scores through stage two's PCA of that fold model, fitted on
+the OOF embeddings before the loop: stacking.stage_one.fit_test_pcas, saved
+as test_pca.joblib) or, with procrustes alignment or `test_embeddings:
+true`, test_fold{k}_emb.npy; test.parquet their mean, test_meta.json the
+key of what made them):
 
 - cache: TEST_DATA_CLEAN_PATH holds a test cache that `prepare_data.py
   --split test` built; the engine reads its rows (pipeline.decode.CachedSlices;
@@ -18,8 +22,8 @@ of what made them):
   checkpoints and files reuses the outputs.
 
 Either way each batch runs through every fold model of every experiment
-before the next, and each fold model's embeddings stream to disk as they
-come. Both sources give the same submission (tests/test_streaming.py).
+before the next, and each fold model's scores (or embeddings) stream to
+disk as they come. Both sources give the same submission (tests/test_streaming.py).
 Series are decoded in series_id order, so the streamed slice table has
 prepare_data's row order.
 """
@@ -101,8 +105,8 @@ def series_groups(refs: list, names: list[str], max_pixels: int, num_workers: in
     return [by_series[s] for s in sorted(by_series)] + lone
 
 
-# --- the streaming sink: embeddings to disk as they come -----------------------------------------
-NPY_HEADER = 128  # bytes kept at the start of each embeddings file for its .npy header
+# --- the streaming sink: embeddings (or their PCA scores) to disk as they come ------------------
+NPY_HEADER = 128  # bytes kept at the start of each rows file for its .npy header
 
 
 def npy_header(shape: tuple, dtype=np.float16) -> bytes:
@@ -116,18 +120,22 @@ def npy_header(shape: tuple, dtype=np.float16) -> bytes:
 
 
 class StreamSink(Sink):
-    """Keeps the slice tables and probabilities; appends each fold model's embeddings to its file as
-    they come (no image is kept: a group's inputs are dropped once run).
+    """Keeps the slice tables and probabilities; appends each fold model's embeddings, or with
+    `transforms` their scores (transforms[key].transform: stage two's PCA of that fold model, fitted
+    before test inference), to its file as they come (no image is kept: a group's inputs are dropped
+    once run). No parts: nothing of the embeddings is written (no PCA features).
 
-    Each embeddings file is written in place as an .npy: room for the header
-    first, the rows after it, the header filled in once the row count is
-    known, then the file renamed to its final name. No second copy: the
-    disk a fold model's embeddings take is their own size."""
+    Each file is written in place as an .npy: room for the header first, the
+    rows after it, the header filled in once the row count is known, then the
+    file renamed to its final name. No second copy: the disk a fold model's
+    rows take is their own size (scores: pca_width float32 columns, against
+    2,048 float16 for a ResNeXt's embeddings)."""
 
-    def __init__(self, parts: dict[tuple, Path]):
+    def __init__(self, parts: dict[tuple, Path] | None, transforms: dict | None = None):
         super().__init__(keep_embeddings=False)
-        self.parts = parts
-        self.files = {key: open(path, "wb") for key, path in parts.items()}
+        self.parts = parts or {}
+        self.transforms = transforms
+        self.files = {key: open(path, "wb") for key, path in self.parts.items()}
         for f in self.files.values():
             f.write(b"\0" * NPY_HEADER)
         self.dims: dict[tuple, int] = {}
@@ -137,19 +145,25 @@ class StreamSink(Sink):
 
     def add_outputs(self, key, probs, emb) -> None:
         super().add_outputs(key, probs, None)
-        self.dims[key] = emb.shape[1]
-        self.files[key].write(np.ascontiguousarray(emb, np.float16).tobytes())
+        if key not in self.files:
+            return
+        if self.transforms is None:
+            rows = np.ascontiguousarray(emb, np.float16)
+        else:  # the float16 embeddings the file road would store, through the fold model's PCA
+            rows = np.ascontiguousarray(self.transforms[key].transform(np.asarray(emb, np.float32)), np.float32)
+        self.dims[key] = rows.shape[1]
+        self.files[key].write(rows.tobytes())
 
     def close(self) -> None:
         for f in self.files.values():
             f.close()
 
-    def finish_embeddings(self, key, rows: int) -> Path:
-        """One fold model's embeddings file, its header filled in: a complete .npy of rows x dim float16
-        (still at its part path: the outputs' owner renames it into place)."""
+    def finish(self, key, rows: int) -> Path:
+        """One fold model's rows file, its header filled in: a complete .npy of rows x dim, float16
+        embeddings or float32 scores (still at its part path: the outputs' owner renames it into place)."""
         part = self.parts[key]
         with open(part, "r+b") as f:
-            f.write(npy_header((rows, self.dims.get(key, 0))))
+            f.write(npy_header((rows, self.dims.get(key, 0)), np.float16 if self.transforms is None else np.float32))
         return part
 
 
@@ -157,6 +171,8 @@ def stage_one_test(cfg, settings, runtime, *, force: bool = False, progress: boo
     """Stage one on the test split through the engine -> (test slices, rejected, {experiment: fold-mean
     table}); from the test cache when there is one, else streamed from RAW_DATA_DIR's test DICOMs (its
     folder, or the competition zip read in place: ich.rawdata)."""
+    from stacking.stage_one import fit_test_pcas, kept_of_test
+
     test_dir = settings.test_clean_dir
     cached = has_test_cache(test_dir)
     out_dir = test_dir / STREAMED
@@ -184,8 +200,10 @@ def stage_one_test(cfg, settings, runtime, *, force: bool = False, progress: boo
                     train_dir=settings.train_clean_dir, cache=cache)
     try:
         dirs = {exp: settings.model_checkpoint_dir / exp for exp in cfg.experiments}
+        kept = kept_of_test(cfg)  # what is kept of the embeddings: their PCA scores, themselves, or nothing
+        kind = stage_one.kept_kind(kept)
         keys = {exp: stage_one.outputs_key(source, {f.k: f.path for f in engine.fold_models if f.experiment == exp},
-                                           engine.image_settings, n_files, digest) for exp in cfg.experiments}
+                                           engine.image_settings, n_files, digest, kept) for exp in cfg.experiments}
         if not force and all(stage_one.reusable(dirs[exp], keys[exp]) for exp in cfg.experiments) and (
                 cached or _streamed_table(out_dir) == keys):
             log(f"stage-one test outputs reused (same checkpoints, image settings and test files, from the "
@@ -200,8 +218,15 @@ def stage_one_test(cfg, settings, runtime, *, force: bool = False, progress: boo
         t0 = time.time()
         groups = cache.groups() if cached else series_groups(refs, names, engine.prepare_cfg.max_pixels,
                                                               cfg.num_workers, progress)
-        sink = StreamSink({f.key: stage_one.fold_test_embeddings_part(dirs[f.experiment], f.k)
-                           for f in engine.fold_models})
+        pcas = None
+        if kind == "scores":  # stage two's PCAs, from the OOF embeddings alone: test keeps only their scores
+            t1 = time.time()
+            pcas = fit_test_pcas(cfg, settings.model_checkpoint_dir,
+                                 pd.read_parquet(settings.train_clean_dir / "slices.parquet"))
+            log(f"stage two's PCA per fold model fitted on the OOF embeddings in {time.time() - t1:.0f} s: "
+                f"test inference keeps {cfg.pca_width} scores per image and fold model, not the embeddings")
+        sink = StreamSink({f.key: stage_one.fold_test_part(dirs[f.experiment], f.k, kind)
+                           for f in engine.fold_models} if kind else None, pcas)
         bar = tqdm(total=len(slices) if cached else len(names), unit="img", smoothing=0.1, disable=not progress,
                    desc=f"stage one ({'test cache' if cached else 'streamed test DICOMs'})")
         try:
@@ -219,7 +244,8 @@ def stage_one_test(cfg, settings, runtime, *, force: bool = False, progress: boo
             folds = [f.k for f in engine.fold_models if f.experiment == exp]
             tables[exp] = stage_one.write_outputs(
                 dirs[exp], keys[exp], ids, {k: outputs[exp, k][0] for k in folds},
-                {k: sink.finish_embeddings((exp, k), len(done)) for k in folds})
+                {k: sink.finish((exp, k), len(done)) for k in folds} if kind else None,
+                {"spec": kept, "models": {k: pcas[exp, k] for k in folds}} if pcas else None)
         if not cached:
             slices, rejected = done, sink.rejected()
             out_dir.mkdir(parents=True, exist_ok=True)

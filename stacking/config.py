@@ -42,6 +42,7 @@ DEFAULT_SEQUENCE = {
     "weight_decay": 0.0001,
     "batch_size": 32,      # series per step
     "flip": False,         # train on series read either way, predict the mean of both (as the 1st place)
+    "pca_components": None,  # aligned PCA components per experiment the member reads (None: pca_components)
     "device": "auto",      # auto (CUDA when torch sees one) | cpu | cuda
     "num_threads": 0,      # torch CPU threads (0: torch's default)
     "seed": 0,
@@ -58,6 +59,8 @@ class PredictCfg:
     pca_alignment: str = "sign"      # sign: each fold model's own components, signs fixed; procrustes: fold
     #                                  models rotated onto each other on the test images (stacking.pca)
     pca_standardize: bool = False    # each fold model's components scaled to mean 0 / std 1 on its OOF rows
+    test_embeddings: bool = False    # stage one on test keeps each fold model's embeddings (test_fold{k}_emb.npy)
+    #                                  instead of their aligned PCA scores only (procrustes needs them: forced)
     lgb: dict = field(default_factory=dict)  # overrides of DEFAULT_LGB
     start_from_stage_one: bool = True  # boost from logit(mean stage-one probability): learn corrections
     num_boost_round: int = 2000
@@ -76,6 +79,32 @@ class PredictCfg:
     @property
     def sequence_params(self) -> dict:
         return {**DEFAULT_SEQUENCE, **self.sequence}
+
+    @property
+    def sequence_pca_components(self) -> int:
+        """The aligned PCA components per experiment the sequence member reads (sequence.pca_components;
+        unset: the same as LightGBM's pca_components)."""
+        c = self.sequence_params["pca_components"]
+        return self.pca_components if c is None else int(c)
+
+    @property
+    def pca_width(self) -> int:
+        """Components of the one PCA fitted per (experiment, stage-one fold model): as many as the widest
+        reader needs. LightGBM's features take the first pca_components of them, the sequence member the
+        first sequence.pca_components; the components come in order of variance, so a reader of fewer
+        gets the same columns a narrower PCA would give it (sklearn's covariance solver: exactly)."""
+        widths = [self.pca_components]
+        if "sequence" in self.members:
+            widths.append(self.sequence_pca_components)
+        return max(widths)
+
+    @property
+    def keeps_test_scores(self) -> bool:
+        """Stage one on test writes each fold model's aligned PCA scores (test_fold{k}_pcs.npy, float32,
+        pca_width columns) instead of its embeddings: the PCA is fitted on OOF embeddings only with
+        `pca_alignment: sign`, so it exists before test inference. Procrustes aligns the fold models on
+        the test embeddings, so it keeps them, as `test_embeddings: true` does."""
+        return bool(self.pca_width) and self.pca_alignment == "sign" and not self.test_embeddings
 
 
 def load_predict_config(path: str | Path) -> PredictCfg:
@@ -100,6 +129,8 @@ def load_predict_config(path: str | Path) -> PredictCfg:
     need(cfg.pca_components >= 0, where, f"pca_components must be >= 0, got {cfg.pca_components}")
     need(cfg.pca_alignment in ("procrustes", "sign"), where,
          f"pca_alignment must be procrustes or sign, got {cfg.pca_alignment!r}")
+    need(isinstance(cfg.test_embeddings, bool), where,
+         f"test_embeddings must be true or false, got {cfg.test_embeddings!r}")
     need(isinstance(cfg.pca_standardize, bool), where, f"pca_standardize must be true or false, got {cfg.pca_standardize!r}")
     need(cfg.num_boost_round >= 1, where, f"num_boost_round must be >= 1, got {cfg.num_boost_round}")
     need(cfg.early_stopping_rounds >= 1, where, f"early_stopping_rounds must be >= 1, got {cfg.early_stopping_rounds}")
@@ -135,6 +166,9 @@ def check_members(cfg: PredictCfg, where: str) -> None:
         v = sp[key]
         need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, where,
              f"sequence.{key} must be a whole number >= 0, got {v!r}")
+    v = sp["pca_components"]
+    need(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0), where,
+         f"sequence.pca_components must be a whole number >= 0 or null (the same as pca_components), got {v!r}")
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     need(number(sp["lr"]) and sp["lr"] > 0, where, f"sequence.lr must be a number > 0, got {sp['lr']!r}")
     need(number(sp["weight_decay"]) and sp["weight_decay"] >= 0, where,

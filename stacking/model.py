@@ -37,7 +37,9 @@ those subsets. Histograms are built column-wise (`force_col_wise`) unless the
 params choose: with feature_fraction < 1 LightGBM then skips the unused
 columns, which measured 1.5x faster per iteration than its automatic choice
 (row-wise) on the full-scale table of benchmarks/stacking.py; the trees are
-the same. Each fold's held-out rows are copied out of X once, not per label.
+the same. A fold's held-out rows are copied out of X when its boosters
+predict them, per label: 30 copies cost seconds at the competition's size,
+where keeping one per fold would hold a second X (1 GB) through the boosting.
 """
 from __future__ import annotations
 
@@ -131,7 +133,9 @@ def fit_predict(X: np.ndarray, y: np.ndarray, folds: np.ndarray, X_test: dict[in
     """Boost one model per (label, fold); rounds picked honestly (module docstring).
 
     X_test: fold k -> the test features built from stage-one fold model k
-    (one entry per fold in `folds`), or None for no test predictions.
+    (one entry per fold in `folds`; an array, or a function that builds it,
+    called once after the boosting and the binned data are done with), or
+    None for no test predictions.
     base / base_test[k] (optional, (n, 6) probabilities, e.g. the mean over
     experiments of stage-one probabilities, for test those of fold model k):
     boosting starts from logit(base) instead of from a constant (LightGBM's
@@ -159,10 +163,8 @@ def fit_predict(X: np.ndarray, y: np.ndarray, folds: np.ndarray, X_test: dict[in
     held = {k: np.flatnonzero(folds == k) for k in fold_ids}
     dtrain = {k: full.subset(np.flatnonzero(folds != k)).construct() for k in fold_ids}
     dvalid = {k: full.subset(held[k]).construct() for k in fold_ids}
-    X_valid = {k: X[held[k]] for k in fold_ids}  # one copy per fold, shared by the six labels
 
-    result = StackResult(oof=np.full(y.shape, np.nan), oof_optimistic=np.full(y.shape, np.nan),
-                         test=np.zeros((len(next(iter(X_test.values()))), len(LABELS))) if X_test else None)
+    result = StackResult(oof=np.full(y.shape, np.nan), oof_optimistic=np.full(y.shape, np.nan), test=None)
     result.importance = np.zeros(X.shape[1])
     result.nested = np.full((len(fold_ids),) + y.shape, np.nan, dtype=np.float32)
     bar = tqdm(total=len(fold_ids) * len(LABELS), desc="stage two", unit="booster", disable=not progress)
@@ -180,14 +182,11 @@ def fit_predict(X: np.ndarray, y: np.ndarray, folds: np.ndarray, X_test: dict[in
         for i, k in enumerate(fold_ids):
             b, n, n_opt = boosters[k], int(pairs[i, i]), int(optimistic[i])
             rows_init = None if init is None else init[held[k], j]
-            at = predict_rounds(b, X_valid[k], {n, n_opt, *pairs[i].tolist()}, rows_init)
+            at = predict_rounds(b, X[held[k]], {n, n_opt, *pairs[i].tolist()}, rows_init)
             result.oof[held[k], j], result.oof_optimistic[held[k], j] = at[n], at[n_opt]
             for other in range(len(fold_ids)):
                 if other != i:
                     result.nested[other, held[k], j] = at[int(pairs[i, other])]
-            if X_test is not None:
-                test_init = None if init is None else logit(base_test[k][:, j])
-                result.test[:, j] += predict_booster(b, X_test[k], n, test_init) / len(fold_ids)
             result.importance += b.feature_importance("gain", iteration=n)
             # keep the n_k trees only, detached from the training data (as lgb.train returns its boosters)
             result.boosters[(label, k)] = lgb.Booster(model_str=b.model_to_string(num_iteration=n))
@@ -195,6 +194,15 @@ def fit_predict(X: np.ndarray, y: np.ndarray, folds: np.ndarray, X_test: dict[in
             bar.update(1)
         del boosters
     bar.close()
+    del full, dtrain, dvalid  # the binned data, before the test features are built
+    for k in fold_ids if X_test is not None else ():  # booster k (its n_k trees) on fold model k's features
+        X_k = X_test[k]() if callable(X_test[k]) else X_test[k]
+        if result.test is None:
+            result.test = np.zeros((len(X_k), len(LABELS)))
+        for j, label in enumerate(LABELS):
+            test_init = None if init is None else logit(base_test[k][:, j])
+            result.test[:, j] += predict_booster(result.boosters[label, k], X_k, None, test_init) / len(fold_ids)
+        del X_k
     return result
 
 

@@ -45,17 +45,31 @@ class Features:
 
     X / X_test are the boosters' neighbour features; `train` / `tests` the
     stage-one views they were built from, which the sequence member reads
-    directly (it sees the neighbours itself).
+    directly (it sees the neighbours itself). X_test[k] is a function that
+    builds fold model k's test features when called: stacking.model.fit_predict
+    calls each once the boosters are trained and their binned data freed, so
+    the 5 test matrices (0.84 GB at the competition's size with 345 features)
+    are never held together, nor under the boosting (`test_matrix` builds one).
     """
     X: np.ndarray
     names: list[str]
     probs: dict[str, np.ndarray]                # experiment -> its OOF probabilities
     base: np.ndarray | None                     # mean stage-one OOF probability (start_from_stage_one)
-    X_test: dict[int, np.ndarray] | None = None  # k -> test features from fold model k
+    X_test: dict | None = None                   # k -> () -> test features from fold model k
     base_test: dict[int, np.ndarray] | None = None  # k -> mean over experiments of fold model k's probabilities
     pca_models: dict = field(default_factory=dict)  # (experiment, fold k) -> AlignedPCA (saved with the boosters)
     train: StageOne | None = None                # the OOF view
     tests: dict[int, StageOne] | None = None     # k -> fold model k's test view
+
+    def drop_boosting_inputs(self) -> None:
+        """Free X and X_test once the boosters are trained: nothing after LightGBM reads them (the
+        sequence member reads the views), and they are the largest arrays of stage two (1.9 GB at the
+        competition's size with 345 features), which would otherwise sit under the member's own peak."""
+        self.X, self.X_test = None, None
+
+    def test_matrix(self, k: int) -> np.ndarray:
+        """Fold model k's test features (built now)."""
+        return self.X_test[k]()
 
 
 def stage_two_features(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFrame,
@@ -71,20 +85,24 @@ def stage_two_features(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFr
     train, tests = load_stage_one(cfg, model_dir, train_slices, test_slices)
 
     def build(slices, view):
-        return build_features(slices, view.probs, k=cfg.k_neighbors, embeddings=view.pcs or None,
-                              neighbors=cfg.neighbors)
+        return build_features(slices, view.probs, k=cfg.k_neighbors,
+                              embeddings=view.first_pcs(cfg.pca_components) or None, neighbors=cfg.neighbors)
 
     X, names = build(train_slices, train)
     out = Features(X, names, train.probs, mean_probs(train) if cfg.start_from_stage_one else None,
                    pca_models=train.pca_models, train=train, tests=tests)
     if tests is not None:
-        out.X_test = {}
-        for k, view in tests.items():
-            out.X_test[k], test_names = build(test_slices, view)
+        def test_features(view, rows=None):
+            X_test, test_names = build(test_slices if rows is None else test_slices.iloc[:rows], view)
             if test_names != names:
                 raise StackingError("train and test slices.parquet give different features ("
                                     + ", ".join(sorted(set(names) ^ set(test_names))[:5])
                                     + "): prepare both splits with the same prepare_data.py")
+            return X_test
+
+        first = next(iter(tests.values()))  # the names checked now, on one row, not after the boosting
+        test_features(StageOne({e: p[:1] for e, p in first.probs.items()}, {e: p[:1] for e, p in first.pcs.items()}), 1)
+        out.X_test = {k: (lambda v=view: test_features(v)) for k, view in tests.items()}
         out.base_test = {k: mean_probs(view) for k, view in tests.items()} if cfg.start_from_stage_one else None
     return out
 
@@ -105,7 +123,8 @@ class Member:
 def fit_members(cfg: PredictCfg, feats: Features, train_slices: pd.DataFrame, test_slices: pd.DataFrame | None,
                 y: np.ndarray, folds: np.ndarray, progress: bool = True) -> dict[str, Member]:
     """The configured members on the same stage-one views, in config order (LightGBM:
-    `stacking.model.fit_predict`, the sequence model: `stacking.sequence.fit_predict`)."""
+    `stacking.model.fit_predict`, the sequence model: `stacking.sequence.fit_predict`). LightGBM's
+    feature matrices are dropped from `feats` once it is trained (`Features.drop_boosting_inputs`)."""
     members = {}
     for name in cfg.members:
         t0 = time.perf_counter()
@@ -113,9 +132,11 @@ def fit_members(cfg: PredictCfg, feats: Features, train_slices: pd.DataFrame, te
             res = fit_predict(feats.X, y, folds, feats.X_test, params=cfg.lgb_params, feature_names=feats.names,
                               num_boost_round=cfg.num_boost_round, early_stopping_rounds=cfg.early_stopping_rounds,
                               progress=progress, base=feats.base, base_test=feats.base_test)
+            feats.drop_boosting_inputs()
         else:
             from . import sequence  # torch: only with the sequence member (tests/test_layout.py)
-            inputs = lambda slices, view: series_inputs(slices, view.probs, view.pcs)  # noqa: E731
+            inputs = lambda slices, view: series_inputs(  # noqa: E731
+                slices, view.probs, view.first_pcs(cfg.sequence_pca_components))
             tests = None if feats.tests is None else {
                 k: (test_slices, inputs(test_slices, view), feats.base_test[k] if feats.base_test else None)
                 for k, view in feats.tests.items()}
@@ -149,7 +170,7 @@ def run_stacking(cfg: PredictCfg, *, train_slices: pd.DataFrame, test_slices: pd
     feats = stage_two_features(cfg, model_dir, train_slices, test_slices)
     y = train_slices[list(LABELS)].to_numpy(np.float64)
     folds = train_slices["fold"].to_numpy()
-    log(f"stage two: {feats.X.shape[0]} train rows x {feats.X.shape[1]} features from {', '.join(cfg.experiments)}"
+    log(f"stage two: {feats.X.shape[0]} train rows x {len(feats.names)} features from {', '.join(cfg.experiments)}"
         + (f"; {len(test_slices)} test rows x {len(feats.X_test)} stage-one fold models" if test_slices is not None
            else "") + f"; members: {', '.join(cfg.members)}")
     members = fit_members(cfg, feats, train_slices, test_slices, y, folds, progress)

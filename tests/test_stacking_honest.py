@@ -141,8 +141,8 @@ def test_test_features_match_oof_features_in_distribution(tmp_path):
     feats = stage_two_features(cfg, tmp / "models", train, test)
     pc_cols = [n for n in feats.names if ".pc" in n]
     assert len(pc_cols) == 4 * 3 and sorted(feats.X_test) == [0, 1, 2]
-    for k, X_test in feats.X_test.items():
-        ks = ks_by_feature(X_test, feats.X, feats.names)
+    for k in feats.X_test:
+        ks = ks_by_feature(feats.test_matrix(k), feats.X, feats.names)
         assert ks.max() < KS_BOUND, f"fold model {k}: {ks.sort_values().tail(5)}"
     # the PCs of differently rotated fold models agree on the OOF rows too: fold j against the other folds
     for j in range(K_FOLDS):
@@ -185,7 +185,35 @@ def test_pca_components_mean_the_same_for_every_fold_model(tmp_path):
     # the OOF rows get the same rotation: PC i of every fold's rows is one function of the latent features
     feats = stage_two_features(cfg, tmp / "models", train, test)
     for k, view in views.items():
-        np.testing.assert_allclose(feats.X_test[k][:, feats.names.index("e.pc1")], view.pcs["e"][:, 1], rtol=1e-5)
+        np.testing.assert_allclose(feats.test_matrix(k)[:, feats.names.index("e.pc1")], view.pcs["e"][:, 1],
+                                   rtol=1e-5)
+
+
+def test_one_pca_per_fold_model_serves_both_widths(tmp_path):
+    """sequence.pca_components wider than pca_components: one PCA of the wider width per (experiment,
+    fold model); LightGBM's features are its first pca_components columns, equal to what a PCA of
+    pca_components alone gives, and the sequence member's view holds the wider width."""
+    from ich.config import ConfigError
+    from stacking.config import load_predict_config
+    tmp, train, test, _ = stage_one_outputs(tmp_path, 200)
+    both = PredictCfg(experiments=["e"], k_neighbors=1, pca_components=2, members=["lightgbm", "sequence"],
+                      sequence={"pca_components": 5})
+    assert both.pca_width == 5 and both.sequence_pca_components == 5
+    assert PredictCfg(pca_components=2, sequence={"pca_components": 5}).pca_width == 2  # no member: not read
+    assert PredictCfg(pca_components=3, members=["lightgbm", "sequence"]).pca_width == 3  # null: the same
+    narrow = PredictCfg(experiments=["e"], k_neighbors=1, pca_components=2)
+    wide_feats = stage_two_features(both, tmp / "models", train, test)
+    narrow_feats = stage_two_features(narrow, tmp / "models", train, test)
+    assert wide_feats.train.pcs["e"].shape[1] == 5 and wide_feats.tests[0].pcs["e"].shape[1] == 5
+    assert wide_feats.names == narrow_feats.names and "e.pc2" not in wide_feats.names
+    np.testing.assert_allclose(wide_feats.X, narrow_feats.X, rtol=1e-4, atol=1e-4)
+    for k in range(K_FOLDS):
+        np.testing.assert_allclose(wide_feats.test_matrix(k), narrow_feats.test_matrix(k), rtol=1e-4, atol=1e-4)
+    assert wide_feats.train.first_pcs(both.sequence_pca_components)["e"].shape[1] == 5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiments: [e]\nsequence: {pca_components: -1}\n")
+    with pytest.raises(ConfigError, match="sequence.pca_components"):
+        load_predict_config(bad)
 
 
 def test_standardized_components_carry_the_oof_scale_to_test(tmp_path):
@@ -244,7 +272,7 @@ def test_run_stacking_pairs_fold_models_and_never_reads_fold_means(stage_one):
         b = lgb.Booster(model_file=str(res["out_dir"] / "boosters" / f"any_fold{k}.txt"))
         assert b.num_trees() == rounds["any", k]
         base = feats.base_test[k][:, 5].astype(np.float64)  # fold model k's `any`: the init score of pairing k
-        raw = b.predict(feats.X_test[k], raw_score=True) + np.log(base / (1 - base))
+        raw = b.predict(feats.test_matrix(k), raw_score=True) + np.log(base / (1 - base))
         expect += 1 / (1 + np.exp(-raw)) / K_FOLDS
     np.testing.assert_allclose(res["test"]["any"].to_numpy(), expect, rtol=1e-5, atol=1e-7)
 

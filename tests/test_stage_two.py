@@ -172,8 +172,9 @@ def test_predict_end_to_end(prepared, trained):
     test = pd.read_parquet(tiny / "test.parquet")
     assert len(test) == n_test  # the fold mean, for stage-one-only submissions
     for k in pd.read_parquet(prepared / "clean" / "train" / "slices.parquet")["fold"].unique():
-        assert len(pd.read_parquet(tiny / f"test_fold{k}.parquet")) == len(np.load(tiny / f"test_fold{k}_emb.npy")) \
-            == n_test  # what stage two reads: one pair per fold model
+        assert len(pd.read_parquet(tiny / f"test_fold{k}.parquet")) == len(np.load(tiny / f"test_fold{k}_pcs.npy")) \
+            == n_test  # what stage two reads: one pair per fold model (the embeddings' PCA scores: contract 2)
+        assert not (tiny / f"test_fold{k}_emb.npy").exists()
     stack = work / "models" / "stacking" / "predict"
     assert len(list((stack / "boosters").glob("*_fold*.txt"))) == 18
     assert (work / "logs" / "stacking" / "predict" / "feature_importance.png").stat().st_size > 5000

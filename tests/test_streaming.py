@@ -42,14 +42,15 @@ def test_streamed_submission_equals_the_cached_one_and_writes_no_image(streamed,
         b = pd.read_parquet(cached_root / "models" / "tiny" / f"test_fold{k}.parquet")
         assert a["image_id"].tolist() == b["image_id"].tolist()
         np.testing.assert_allclose(a[list(LABELS)].to_numpy(), b[list(LABELS)].to_numpy(), atol=2e-6, rtol=0)
-        np.testing.assert_allclose(np.load(root / "models" / "tiny" / f"test_fold{k}_emb.npy").astype(np.float32),
-                                   np.load(cached_root / "models" / "tiny" / f"test_fold{k}_emb.npy").astype(np.float32),
-                                   atol=2e-2, rtol=1e-2)
+        a, b = (np.load(r / "models" / "tiny" / f"test_fold{k}_pcs.npy") for r in (root, cached_root))
+        assert a.dtype == np.float32 and a.shape == b.shape and a.shape[1] == 2  # pca_width of the config
+        # the kept PCA scores of float16 embeddings: their rounding (1e-2 relative) carried through the PCA
+        assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max(), np.abs(a - b).max()
     written = sorted(p.relative_to(root / "clean_test").as_posix() for p in (root / "clean_test").rglob("*")
                      if p.is_file())
     assert written == ["streamed/key.json", "streamed/rejected.csv", "streamed/slices.parquet"]
     assert sum((root / "clean_test" / p).stat().st_size for p in written) < 1 << 20
-    assert not list((root / "models").rglob("*.part"))  # the embeddings' raw parts are gone
+    assert not list((root / "models").rglob("*.part"))  # the scores' raw parts are gone
     record = json.loads((root / "sub" / "submission.provenance.json").read_text())
     assert record["test_road"] == "streamed"
 
@@ -66,8 +67,35 @@ def test_both_sources_have_one_key_and_one_writer(streamed, study_models):
     assert keys["dicom"] == keys["cache"] and keys["cache"]["n_files"] > 0
     names = [sorted(p.name for p in (r / "models" / "tiny").iterdir() if p.name.startswith("test"))
              for r in (root, cached_root)]
-    assert names[0] == names[1] == sorted(["test.parquet", "test_meta.json", *(f"test_fold{k}{s}" for k in range(3)
-                                                                               for s in (".parquet", "_emb.npy"))])
+    # the default road keeps each fold model's PCA scores and the PCAs they came through, no embeddings
+    assert names[0] == names[1] == sorted(["test.parquet", "test_meta.json", "test_pca.joblib",
+                                           *(f"test_fold{k}{s}" for k in range(3) for s in (".parquet", "_pcs.npy"))])
+
+
+def test_kept_scores_give_the_submission_of_the_embeddings_road(study_models, prepared, trained, tmp_path):
+    """predict.py keeping the test embeddings (`test_embeddings: true`, the road before) and predict.py
+    keeping only their PCA scores (the default, study_models) write the same submission: the same float16
+    embeddings through the same PCA (fitted on the same OOF rows), so the stage-two inputs differ at most
+    in the scores' last float32 bit; 1e-6 on the probabilities leaves room for that and nothing more
+    (tests/test_stage_two_kept.py says why)."""
+    from conftest import write_predict_config
+    _, _, work = trained
+    _, _, kept_root = study_models
+    link_models(work / "models" / "tiny", tmp_path / "models" / "tiny")
+    settings = write_paths(tmp_path / "settings.json", raw=prepared / "raw", train=prepared / "clean" / "train",
+                           test=prepared / "clean" / "test", root=tmp_path)
+    cfg = write_predict_config(tmp_path / "study.yaml", test_embeddings=True)
+    out = run_script("predict.py", "--settings", settings, "--config", cfg)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = pd.read_csv(tmp_path / "sub" / "submission.csv").set_index("ID")
+    want = pd.read_csv(kept_root / "sub" / "submission.csv").set_index("ID")
+    assert len(got) == len(want) > 0
+    np.testing.assert_allclose(got.loc[want.index, "Label"].to_numpy(), want["Label"].to_numpy(), atol=1e-6, rtol=0)
+    emb_dir, kept_dir = tmp_path / "models" / "tiny", kept_root / "models" / "tiny"
+    assert sorted(p.name for p in emb_dir.glob("test_fold*_emb.npy")) == [f"test_fold{k}_emb.npy" for k in range(3)]
+    assert not list(kept_dir.glob("test_fold*_emb.npy")) and not (emb_dir / "test_pca.joblib").exists()
+    kept_bytes = sum(p.stat().st_size for p in kept_dir.glob("test_fold*_pcs.npy"))
+    assert kept_bytes < sum(p.stat().st_size for p in emb_dir.glob("test_fold*_emb.npy")) / 4
 
 
 def test_a_second_run_reuses_the_streamed_outputs(streamed):
