@@ -149,6 +149,9 @@ def test_stage_two_with_both_members_end_to_end_and_saved(stage_one):
     expect = sum(weights.loc[m].to_numpy() * members[m][list(LABELS)].to_numpy() for m in members)
     np.testing.assert_allclose(res["test"][list(LABELS)].to_numpy(), expect, rtol=1e-9)
     assert (tmp / "logs" / "stacking" / "both" / "sequence_curves.png").stat().st_size > 5000
+    curves = pd.read_csv(tmp / "logs" / "stacking" / "both" / "sequence_curves.csv")
+    assert list(curves.columns) == ["fold", "epoch", "valid_loss", "train_loss"] and curves.notna().all().all()
+    assert sorted(curves["fold"].unique()) == [0, 1, 2] and curves.groupby("fold")["epoch"].max().iloc[0] >= 1
     again = apply_stage_two(cfg, tmp / "models", test.iloc[::-1])  # any row order
     got = again.set_index("image_id").loc[res["test"]["image_id"], list(LABELS)].to_numpy()
     np.testing.assert_allclose(got, res["test"][list(LABELS)].to_numpy(), rtol=1e-5, atol=1e-7)
