@@ -7,7 +7,7 @@ paths of a settings file:
     MODEL_CHECKPOINT_DIR/<exp>/fold{k}.pt          best weights, one per fold (not fold{k}.last.pt)
     MODEL_CHECKPOINT_DIR/<exp>/fold{k}.oof.parquet  held-out ids per fold (stage two checks its folds)
     MODEL_CHECKPOINT_DIR/<exp>/oof.parquet          stage-one out-of-fold probabilities
-    MODEL_CHECKPOINT_DIR/<exp>/oof_emb.npy          only when the config has pca_components > 0
+    MODEL_CHECKPOINT_DIR/<exp>/oof_emb.npy          only when the config has PCA features (pca_width > 0)
     MODEL_CHECKPOINT_DIR/<exp>/config.json          the experiment config (when present)
     TRAIN_DATA_CLEAN_PATH/slices.parquet            labels + folds, which stage two trains on
     TRAIN_DATA_CLEAN_PATH/cache_meta.json           how the train image cache was built
@@ -136,7 +136,7 @@ def stage(settings_path: Path, config_path: Path, out: Path, *, dataset_id: str,
         exp_dir = settings.model_checkpoint_dir / exp
         if not exp_dir.is_dir():
             raise StageError(f"no folder {exp_dir} for experiment {exp} (MODEL_CHECKPOINT_DIR of {settings_path})")
-        for name in experiment_files(exp_dir, folds, cfg.pca_components > 0):
+        for name in experiment_files(exp_dir, folds, cfg.pca_width > 0):
             plan.append((exp_dir / name, f"models/{exp}/{name}"))
     plan.append((slices_path, "train_clean/slices.parquet"))
     cache_meta = train_dir / "cache_meta.json"

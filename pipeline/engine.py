@@ -253,7 +253,7 @@ class Engine:
         """`predict` on series decoded already (Decoded, e.g. pipeline.decode.decoded_from): the models only."""
         if self.stage_two is None:
             raise InferenceError("this engine was loaded without stage two (stage_two=False)")
-        sink = self._stage_one(iter(decoded), Sink(keep_embeddings=bool(self.cfg.pca_components)))
+        sink = self._stage_one(iter(decoded), Sink(keep_embeddings=bool(self.cfg.pca_width)))
         t1 = time.perf_counter()
         slices = sink.slices()
         outputs = sink.outputs()

@@ -55,7 +55,8 @@ class SavedStageTwo:
             view = views(k)
             base = mean_probs(view) if cfg.start_from_stage_one else None
             if self.boosters:
-                X, names = build_features(slices, view.probs, k=cfg.k_neighbors, embeddings=view.pcs or None,
+                X, names = build_features(slices, view.probs, k=cfg.k_neighbors,
+                                          embeddings=view.first_pcs(cfg.pca_components) or None,
                                           neighbors=cfg.neighbors)
                 if names != saved["feature_names"]:
                     raise StackingError("these slices give other stage-two features than training did ("
@@ -67,8 +68,9 @@ class SavedStageTwo:
                                                                None if init is None else init[:, j]) / len(folds)
             if self.members:
                 from .sequence import apply_member
-                total["sequence"] += apply_member(self.members[k], saved["sequence_params"], slices,
-                                                  series_inputs(slices, view.probs, view.pcs), base) / len(folds)
+                inputs = series_inputs(slices, view.probs, view.first_pcs(cfg.sequence_pca_components))
+                total["sequence"] += apply_member(self.members[k], saved["sequence_params"], slices, inputs,
+                                                  base) / len(folds)
         out = pd.DataFrame(blend.apply(saved["blend_weights"], total), columns=list(LABELS))
         out.insert(0, "image_id", slices["image_id"].to_numpy())
         return out

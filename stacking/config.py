@@ -48,6 +48,7 @@ DEFAULT_SEQUENCE = {
     "aux_weight": 0.0,     # weight of an auxiliary loss on a per-slice head over the projection alone
     "schedule": "early_stop",  # early_stop (honest epoch per member) | cosine (all `epochs`, lr cosine to 0)
     "seeds": 1,            # networks per member, trained side by side from other seeds, logits averaged
+    "pca_components": None,  # aligned PCA components per experiment the member reads (None: pca_components)
     "device": "auto",      # auto (CUDA when torch sees one) | cpu | cuda
     "num_threads": 0,      # torch CPU threads (0: torch's default)
     "seed": 0,
@@ -82,6 +83,24 @@ class PredictCfg:
     @property
     def sequence_params(self) -> dict:
         return {**DEFAULT_SEQUENCE, **self.sequence}
+
+    @property
+    def sequence_pca_components(self) -> int:
+        """The aligned PCA components per experiment the sequence member reads (sequence.pca_components;
+        unset: the same as LightGBM's pca_components)."""
+        c = self.sequence_params["pca_components"]
+        return self.pca_components if c is None else int(c)
+
+    @property
+    def pca_width(self) -> int:
+        """Components of the one PCA fitted per (experiment, stage-one fold model): as many as the widest
+        reader needs. LightGBM's features take the first pca_components of them, the sequence member the
+        first sequence.pca_components; the components come in order of variance, so a reader of fewer
+        gets the same columns a narrower PCA would give it (sklearn's covariance solver: exactly)."""
+        widths = [self.pca_components]
+        if "sequence" in self.members:
+            widths.append(self.sequence_pca_components)
+        return max(widths)
 
 
 def load_predict_config(path: str | Path) -> PredictCfg:
@@ -141,6 +160,9 @@ def check_members(cfg: PredictCfg, where: str) -> None:
         v = sp[key]
         need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, where,
              f"sequence.{key} must be a whole number >= 0, got {v!r}")
+    v = sp["pca_components"]
+    need(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0), where,
+         f"sequence.pca_components must be a whole number >= 0 or null (the same as pca_components), got {v!r}")
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     need(number(sp["lr"]) and sp["lr"] > 0, where, f"sequence.lr must be a number > 0, got {sp['lr']!r}")
     need(number(sp["weight_decay"]) and sp["weight_decay"] >= 0, where,

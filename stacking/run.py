@@ -73,8 +73,8 @@ def stage_two_features(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFr
     train, tests = load_stage_one(cfg, model_dir, train_slices, test_slices)
 
     def build(slices, view):
-        return build_features(slices, view.probs, k=cfg.k_neighbors, embeddings=view.pcs or None,
-                              neighbors=cfg.neighbors)
+        return build_features(slices, view.probs, k=cfg.k_neighbors,
+                              embeddings=view.first_pcs(cfg.pca_components) or None, neighbors=cfg.neighbors)
 
     X, names = build(train_slices, train)
     out = Features(X, names, train.probs, mean_probs(train) if cfg.start_from_stage_one else None,
@@ -117,7 +117,8 @@ def fit_members(cfg: PredictCfg, feats: Features, train_slices: pd.DataFrame, te
                               progress=progress, base=feats.base, base_test=feats.base_test)
         else:
             from . import sequence  # torch: only with the sequence member (tests/test_layout.py)
-            inputs = lambda slices, view: series_inputs(slices, view.probs, view.pcs)  # noqa: E731
+            inputs = lambda slices, view: series_inputs(  # noqa: E731
+                slices, view.probs, view.first_pcs(cfg.sequence_pca_components))
             tests = None if feats.tests is None else {
                 k: (test_slices, inputs(test_slices, view), feats.base_test[k] if feats.base_test else None)
                 for k, view in feats.tests.items()}

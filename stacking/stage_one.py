@@ -61,8 +61,13 @@ def check_folds(exp_dir: Path, slices: pd.DataFrame) -> None:
 class StageOne:
     """What stage one hands stage two for one set of rows, per experiment (rows aligned with slices)."""
     probs: dict[str, np.ndarray]                            # (n, 6) probabilities
-    pcs: dict[str, np.ndarray] = field(default_factory=dict)  # (n, pca_components); empty without PCA
+    pcs: dict[str, np.ndarray] = field(default_factory=dict)  # (n, cfg.pca_width); empty without PCA
     pca_models: dict = field(default_factory=dict)  # (experiment, fold k) -> AlignedPCA of fold model k (train view)
+
+    def first_pcs(self, c: int) -> dict[str, np.ndarray]:
+        """Each experiment's first c aligned components: LightGBM reads cfg.pca_components of them, the
+        sequence member cfg.sequence_pca_components (both <= cfg.pca_width, the width fitted)."""
+        return {exp: p[:, :c] for exp, p in self.pcs.items()} if c else {}
 
 
 def _test_fold_path(exp_dir: Path, k: int, emb: bool = False) -> Path:
@@ -96,11 +101,12 @@ def load_stage_one(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFrame,
     the fold-averaged test.parquet / test_emb.npy are never read (their
     averaged probabilities are less extreme, and averaged embeddings of
     differently oriented spaces are not embeddings of anything).
-    With pca_components, one PCA per (experiment, fold model k), fitted on
+    With pca_width (the widest of pca_components and, with the sequence
+    member, sequence.pca_components), one PCA per (experiment, fold model k), fitted on
     that model's own OOF rows (fold k) and applied to them and to that
     model's test embeddings (`fit_signed_pca`); a single PCA of the OOF rows
     of all fold models would mix K differently oriented spaces. With test
-    slices, the K PCAs (of ALIGN_WIDTH x pca_components dimensions) of an
+    slices, the K PCAs (of ALIGN_WIDTH x pca_width dimensions) of an
     experiment are then rotated into one frame on the test images, which
     every fold model has scored (unlabeled, so no label reaches stage two
     through it), and one PCA of the aligned OOF rows picks the components
@@ -117,9 +123,9 @@ def load_stage_one(cfg: PredictCfg, model_dir: Path, train_slices: pd.DataFrame,
             raise StackingError(f"{d / 'oof.parquet'} not found: run train.py for experiment {exp} first")
         check_folds(d, train_slices)
         train.probs[exp], rows, n_oof = _aligned(d / "oof.parquet", train_slices["image_id"], "train stage-one")
-        if not cfg.pca_components:
+        if not cfg.pca_width:
             continue
-        c = cfg.pca_components
+        c = cfg.pca_width  # the widest reader's components (LightGBM's, or the sequence member's)
         align = test_slices is not None and cfg.pca_alignment == "procrustes"
         width = None  # each fold model's own components: ALIGN_WIDTH x c when they are aligned on test images
         pcs, models = None, {}
@@ -164,7 +170,7 @@ def fold_model_view(cfg: PredictCfg, model_dir: Path, slices: pd.DataFrame, k: i
     for exp in cfg.experiments:
         d = model_dir / exp
         probs, rows, n = _aligned(_test_fold_path(d, k), slices["image_id"], f"fold {k} test stage-one")
-        emb = _embeddings(_test_fold_path(d, k, emb=True), rows, n) if cfg.pca_components else None
+        emb = _embeddings(_test_fold_path(d, k, emb=True), rows, n) if cfg.pca_width else None
         outputs[exp] = (probs, emb)
     return view_of(cfg, outputs, k, pca_models)
 
@@ -178,7 +184,7 @@ def view_of(cfg: PredictCfg, outputs: dict, k: int, pca_models: dict) -> StageOn
     for exp in cfg.experiments:
         probs, emb = outputs[exp]
         view.probs[exp] = np.asarray(probs, np.float32)
-        if cfg.pca_components:
+        if cfg.pca_width:
             view.pcs[exp] = pca_models[exp, k].transform(np.asarray(emb, np.float32))
     return view
 

@@ -188,6 +188,33 @@ def test_pca_components_mean_the_same_for_every_fold_model(tmp_path):
         np.testing.assert_allclose(feats.X_test[k][:, feats.names.index("e.pc1")], view.pcs["e"][:, 1], rtol=1e-5)
 
 
+def test_one_pca_per_fold_model_serves_both_widths(tmp_path):
+    """sequence.pca_components wider than pca_components: one PCA of the wider width per (experiment,
+    fold model); LightGBM's features are its first pca_components columns, equal to what a PCA of
+    pca_components alone gives, and the sequence member's view holds the wider width."""
+    from ich.config import ConfigError
+    from stacking.config import load_predict_config
+    tmp, train, test, _ = stage_one_outputs(tmp_path, 200)
+    both = PredictCfg(experiments=["e"], k_neighbors=1, pca_components=2, members=["lightgbm", "sequence"],
+                      sequence={"pca_components": 5})
+    assert both.pca_width == 5 and both.sequence_pca_components == 5
+    assert PredictCfg(pca_components=2, sequence={"pca_components": 5}).pca_width == 2  # no member: not read
+    assert PredictCfg(pca_components=3, members=["lightgbm", "sequence"]).pca_width == 3  # null: the same
+    narrow = PredictCfg(experiments=["e"], k_neighbors=1, pca_components=2)
+    wide_feats = stage_two_features(both, tmp / "models", train, test)
+    narrow_feats = stage_two_features(narrow, tmp / "models", train, test)
+    assert wide_feats.train.pcs["e"].shape[1] == 5 and wide_feats.tests[0].pcs["e"].shape[1] == 5
+    assert wide_feats.names == narrow_feats.names and "e.pc2" not in wide_feats.names
+    np.testing.assert_allclose(wide_feats.X, narrow_feats.X, rtol=1e-4, atol=1e-4)
+    for k in range(K_FOLDS):
+        np.testing.assert_allclose(wide_feats.X_test[k], narrow_feats.X_test[k], rtol=1e-4, atol=1e-4)
+    assert wide_feats.train.first_pcs(both.sequence_pca_components)["e"].shape[1] == 5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiments: [e]\nsequence: {pca_components: -1}\n")
+    with pytest.raises(ConfigError, match="sequence.pca_components"):
+        load_predict_config(bad)
+
+
 def test_standardized_components_carry_the_oof_scale_to_test(tmp_path):
     """pca_standardize: each fold model's components have mean 0 and std 1 on its own OOF rows, and its
     test rows go through the very same map (saved with stage two)."""
