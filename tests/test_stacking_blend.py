@@ -92,23 +92,3 @@ def test_shrinkage_keeps_the_reference_without_a_clear_gain():
     assert grid[1, 0] > 0  # the grid alone trusts one fold's luck
     np.testing.assert_array_equal(shrunk[:, 0], [1.0, 0.0])
     assert set(LABELS) and np.allclose(shrunk.sum(axis=0), 1)
-
-
-def test_the_clear_gain_is_judged_on_cross_fitted_weights(monkeypatch):
-    """The shrinkage judges each fold's gain with weights fitted on the other folds, never with weights
-    chosen on the rows that judge them."""
-    rng = np.random.default_rng(1)
-    folds = np.repeat(np.arange(4), 500)
-    y = (rng.random((2000, 6)) < 0.2).astype(float)
-    ref = np.clip(np.where(y == 1, 0.6, 0.15) + rng.normal(0, 0.1, y.shape), 0.01, 0.99)
-    other = np.clip(np.where(y == 1, 0.6, 0.15) + rng.normal(0, 0.15, y.shape), 0.01, 0.99)
-    seen = []
-    monkeypatch.setattr(blend, "clear_gain", lambda y_j, blended, r, f: seen.append(blended) or True)
-    preds = {"lightgbm": ref, "other": other}
-    w = blend.fit_weights(y, preds, folds, "lightgbm")
-    assert len(seen) == int((w[0] < 1).sum()) > 0
-    j = int(np.flatnonzero(w[0] < 1)[0])
-    for f in range(4):
-        rows = folds == f
-        w_f = blend.fit_weights(y[~rows], {m: q[~rows] for m, q in preds.items()})[:, j]
-        np.testing.assert_allclose(seen[0][rows], ref[rows, j] * w_f[0] + other[rows, j] * w_f[1])
