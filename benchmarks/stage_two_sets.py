@@ -114,7 +114,7 @@ def _stored(set_dir: Path, cfg) -> Path | None:
     return set_dir / "lightgbm_cache" / f"{digest}.npz"
 
 
-def run_set(set_dir: Path, cfg, cache: dict | None = None, key=None) -> dict:
+def run_set(set_dir: Path, cfg, cache: dict | None = None, key=None, save: Path | None = None) -> dict:
     """Scores of one set under one config: {row: (honest OOF, test)}, and the blend weights.
 
     cache: members already trained on this set, by (key, member name); with a key (the variant's
@@ -144,6 +144,10 @@ def run_set(set_dir: Path, cfg, cache: dict | None = None, key=None) -> dict:
                              seconds=m.seconds)
         members[name] = cache[key, name]
     cfg.members = names
+    if save is not None:  # every member's predictions, to study the blend without training again
+        save.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(save, y=y, folds=folds, y_test=y_test,
+                 **{f"{n}_{what}": getattr(m, what) for n, m in members.items() for what in ("oof", "test", "nested")})
     weights, oof_blend = blend_members(y, folds, members)
     seconds = time.perf_counter() - t0
     test_blend = blend.apply(weights, {n: m.test for n, m in members.items()})
@@ -187,6 +191,8 @@ def main():
                          "config as it is)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the member's own setting overrides)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--save", default=None, help="a folder: each member's OOF, nested and test predictions per "
+                                                 "set and variant (SET/VARIANT.npz)")
     args = ap.parse_args()
     from stacking.config import apply_overrides, load_predict_config
 
@@ -203,7 +209,8 @@ def main():
         for name, pairs in map(parse_variant, args.variant or ["default:"]):
             cfg = apply_overrides(load_predict_config(args.config), args.set + pairs)
             key = tuple(p for p in pairs if not p.startswith("sequence."))
-            r = run_set(set_dir, cfg, cache, key)
+            save = None if args.save is None else Path(args.save) / set_dir.name / f"{name}.npz"
+            r = run_set(set_dir, cfg, cache, key, save)
             r.update(set=set_dir.name, variant=name)
             first = next((x for x in results if x["set"] == r["set"]), None)
             results.append(r)
