@@ -20,6 +20,15 @@ so an untrained member is stage one and training learns what the
 neighbours add. The loss is the competition's: binary cross-entropy with
 weight 2 for `any`, 1 for the subtypes, over every real slice.
 
+On the winners' lines, each an option of the settings (stacking.config.DEFAULT_SEQUENCE, off
+there; configs/predict/default.yaml says which the real run uses, BENCHMARKS.md why): the
+neighbours' differences as inputs (`diffs`, the 2nd place), feature dropout (`input_dropout`),
+random windows of `crop` slices in training and an auxiliary per-slice head (`aux_weight`; both
+the 1st place), series read either way with the mean of both at prediction (`flip`), several
+seeds per member (`seeds`), and a fixed schedule (`schedule: cosine`: every member trains
+`epochs` epochs with the learning rate falling to 0 and keeps the last, so no epoch is picked
+on any fold: honest by construction, and no patience epochs are spent past the best one).
+
 Each member is evaluated and kept as an exponential moving average of its
 weights (torch.optim.swa_utils, a horizon of about one epoch of steps): on
 the demo's ~40 training series per member the raw weights' validation loss
