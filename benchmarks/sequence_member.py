@@ -95,7 +95,7 @@ def fit_main(args) -> None:
         r = json.loads(line[-1][7:])
         first = first or r
         print(f"{name:>10s} {r['wall']:8.1f} {r['cpu']:8.1f} {r['inputs_gb']:9.2f} {r['peak_gb']:8.2f}  "
-              f"{r['epochs']}  {params}  (x{first["wall"] / r["wall"]:.2f} wall, x{first["cpu"] / r["cpu"]:.2f} CPU against the first)", flush=True)
+              f"{r['epochs']}  {params}  (x{first['wall'] / r['wall']:.2f} wall, x{first['cpu'] / r['cpu']:.2f} CPU against the first)", flush=True)
     print(f"load average after: {' '.join(open('/proc/loadavg').read().split()[:3])}")
 
 
