@@ -308,6 +308,6 @@ def test_seeds_average_their_logits_and_train_each_on_its_own_loss():
     y, mask = torch.zeros(2, 6, 6), torch.ones(2, 6, dtype=torch.bool)
     total, main = sequence._training_loss(out, y, mask, 0.5)
     parts = out.split(12, -1)
-    expect_main = sum(sequence._loss(q[..., :6], y, mask) for q in parts) / 3
-    expect_aux = sum(sequence._loss(q[..., 6:], y, mask) for q in parts) / 3
-    assert main == pytest.approx(float(expect_main)) and float(total) == pytest.approx(float(expect_main + 0.5 * expect_aux))
+    expect_main = float(sum(sequence._loss(q[..., :6], y, mask) for q in parts).detach()) / 3
+    expect_aux = float(sum(sequence._loss(q[..., 6:], y, mask) for q in parts).detach()) / 3
+    assert main == pytest.approx(expect_main) and float(total.detach()) == pytest.approx(expect_main + 0.5 * expect_aux)

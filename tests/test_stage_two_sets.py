@@ -36,7 +36,7 @@ def test_stage_two_sets_prints_every_members_scores_on_a_generated_table(tmp_pat
         cells = re.findall(CELL, row)
         assert len(cells) == 6, row  # prior, stage one, lightgbm, sequence, blend, grid blend
         prior, one, lgb, seq, blend, _ = [tuple(map(float, c)) for c in cells]
-        assert lgb[0] < prior[0] and seq[0] < prior[0] and blend[0] <= lgb[0] + 1e-4  # honest OOF
+        assert max(one[0], lgb[0], seq[0], blend[0]) < prior[0] and blend[0] <= lgb[0] + 0.002  # honest OOF
     assert re.search(r"fixed vs today: sequence OOF gain per fold \[.*\], mean [+-]\d\.\d{4}, spread", out)
     assert "fixed: sequence epochs [3, 3, 3, 3, 3]" in out  # the fixed schedule keeps its last epoch
     results = json.loads((tmp_path / "out.json").read_text())
