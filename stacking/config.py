@@ -42,6 +42,12 @@ DEFAULT_SEQUENCE = {
     "weight_decay": 0.0001,
     "batch_size": 32,      # series per step
     "flip": False,         # train on series read either way, predict the mean of both (as the 1st place)
+    "diffs": False,        # also each input's differences to the previous and next slice (as the 2nd place)
+    "input_dropout": 0.0,  # share of input channels zeroed per series in training (feature dropout)
+    "crop": 0,             # train on random windows of this many slices (0: whole series)
+    "aux_weight": 0.0,     # weight of an auxiliary loss on a per-slice head over the projection alone
+    "schedule": "early_stop",  # early_stop (honest epoch per member) | cosine (all `epochs`, lr cosine to 0)
+    "seeds": 1,            # networks per member, trained side by side from other seeds, logits averaged
     "pca_components": None,  # aligned PCA components per experiment the member reads (None: pca_components)
     "device": "auto",      # auto (CUDA when torch sees one) | cpu | cuda
     "num_threads": 0,      # torch CPU threads (0: torch's default)
@@ -158,11 +164,11 @@ def check_members(cfg: PredictCfg, where: str) -> None:
     need(not unknown, where, f"unknown sequence setting(s) {', '.join(map(str, unknown))}; known: "
          + ", ".join(DEFAULT_SEQUENCE))
     sp = cfg.sequence_params
-    for key in ("hidden", "layers", "epochs", "patience", "batch_size"):
+    for key in ("hidden", "layers", "epochs", "patience", "batch_size", "seeds"):
         v = sp[key]
         need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, where,
              f"sequence.{key} must be a whole number >= 1, got {v!r}")
-    for key in ("num_threads", "seed"):
+    for key in ("num_threads", "seed", "crop"):
         v = sp[key]
         need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, where,
              f"sequence.{key} must be a whole number >= 0, got {v!r}")
@@ -175,7 +181,13 @@ def check_members(cfg: PredictCfg, where: str) -> None:
          f"sequence.weight_decay must be a number >= 0, got {sp['weight_decay']!r}")
     need(number(sp["dropout"]) and 0 <= sp["dropout"] < 1, where,
          f"sequence.dropout must be a number in [0, 1), got {sp['dropout']!r}")
-    need(isinstance(sp["flip"], bool), where, f"sequence.flip must be true or false, got {sp['flip']!r}")
+    for key in ("flip", "diffs"):
+        need(isinstance(sp[key], bool), where, f"sequence.{key} must be true or false, got {sp[key]!r}")
+    for key in ("input_dropout", "aux_weight"):
+        need(number(sp[key]) and 0 <= sp[key] < (1 if key == "input_dropout" else 100), where,
+             f"sequence.{key} must be a number >= 0{' and < 1' if key == 'input_dropout' else ''}, got {sp[key]!r}")
+    need(sp["schedule"] in ("early_stop", "cosine"), where,
+         f"sequence.schedule must be early_stop or cosine, got {sp['schedule']!r}")
     need(sp["optimizer"] in ("adamw", "adam"), where,
          f"sequence.optimizer must be adamw or adam, got {sp['optimizer']!r}")
     need(sp["device"] in ("auto", "cpu", "cuda"), where,

@@ -22,17 +22,21 @@ def importance_plot(names, gain, path: Path, top: int = 30) -> Path:
     return path
 
 
-def curves_plot(curves: np.ndarray, path: Path) -> Path:
-    """The sequence members' validation curves (one per fold) and their mean: where training stopped."""
+def curves_plot(curves: np.ndarray, path: Path, train: np.ndarray | None = None) -> Path:
+    """The sequence members' validation curves (one per fold) and their mean: where training stopped;
+    with `train`, each member's training loss per epoch (dashed, same colour): how far apart they are."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.6))
     epochs = np.arange(1, curves.shape[1] + 1)
     for i, c in enumerate(curves):
-        ax.plot(epochs, c, lw=1, alpha=0.6, label=f"member {i} on its fold")
+        line, = ax.plot(epochs, c, lw=1, alpha=0.6, label=f"member {i} on its fold")
+        if train is not None:
+            ax.plot(epochs, train[i], lw=1, alpha=0.6, ls="--", color=line.get_color(),
+                    label="training loss (dashed)" if i == 0 else None)
     ax.plot(epochs, curves.mean(axis=0), color="black", lw=2, label="mean")
-    ax.set(xlabel="epoch", ylabel="validation weighted log loss", title="stage two: sequence member")
+    ax.set(xlabel="epoch", ylabel="weighted log loss", title="stage two: sequence member")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -12,7 +12,8 @@ the saved stage two (stacking.saved); to LOGS_DIR/stacking/<name>/:
 metrics.csv (the log-loss table, TABLE_NOTE says what each stage-two row is),
 blend_weights.csv, rounds.csv (rounds per label and fold, honest and
 optimistic), feature_importance.png, and with the sequence member
-sequence_epochs.csv and sequence_curves.png.
+sequence_epochs.csv, sequence_curves.csv (training and validation loss per
+fold and epoch) and sequence_curves.png.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ from .model import fit_predict
 from .plots import curves_plot, importance_plot
 from .saved import write_saved
 from .stage_one import StackingError, StageOne, load_stage_one, mean_probs
-from .tables import STAGE_TWO, STAGE_TWO_OPTIMISTIC, TABLE_NOTE, format_table, frame, member_rows  # noqa: F401
+from .tables import (STAGE_TWO, STAGE_TWO_OPTIMISTIC, TABLE_NOTE, curves_table, format_table, frame,  # noqa: F401
+                     member_rows)
 
 REFERENCE = "lightgbm"  # the member the blend shrinks towards (stacking.blend)
 
@@ -211,7 +213,8 @@ def run_stacking(cfg: PredictCfg, *, train_slices: pd.DataFrame, test_slices: pd
                               columns=["fold", "epochs", "epochs_optimistic"])
         epochs.to_csv(log_dir / "sequence_epochs.csv", index=False)
         result["sequence_epochs"] = epochs
-        result["sequence_curves_plot"] = curves_plot(seq.curves, log_dir / "sequence_curves.png")
+        curves_table(seq.curves, seq.train_curves).to_csv(log_dir / "sequence_curves.csv", index=False)
+        result["sequence_curves_plot"] = curves_plot(seq.curves, log_dir / "sequence_curves.png", seq.train_curves)
     weights_text = "\n".join(f"  {label:17s} " + ", ".join(f"{name} {weights[i, j]:.2f}"
                                                             for i, name in enumerate(members))
                              for j, label in enumerate(LABELS))

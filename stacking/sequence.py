@@ -20,6 +20,15 @@ so an untrained member is stage one and training learns what the
 neighbours add. The loss is the competition's: binary cross-entropy with
 weight 2 for `any`, 1 for the subtypes, over every real slice.
 
+On the winners' lines, each an option of the settings (stacking.config.DEFAULT_SEQUENCE, off
+there; configs/predict/default.yaml says which the real run uses, BENCHMARKS.md why): the
+neighbours' differences as inputs (`diffs`, the 2nd place), feature dropout (`input_dropout`),
+random windows of `crop` slices in training and an auxiliary per-slice head (`aux_weight`; both
+the 1st place), series read either way with the mean of both at prediction (`flip`), several
+seeds per member (`seeds`), and a fixed schedule (`schedule: cosine`: every member trains
+`epochs` epochs with the learning rate falling to 0 and keeps the last, so no epoch is picked
+on any fold: honest by construction, and no patience epochs are spent past the best one).
+
 Each member is evaluated and kept as an exponential moving average of its
 weights (torch.optim.swa_utils, a horizon of about one epoch of steps): on
 the demo's ~40 training series per member the raw weights' validation loss
@@ -120,11 +129,24 @@ class SeriesNet(nn.Module):
     (which made a CPU training step about 3x slower, measured). Several
     layers stack as in nn.GRU(bidirectional=True): each layer reads both
     directions of the one below.
+
+    Options on the winners' lines (stacking.config.DEFAULT_SEQUENCE):
+    diffs: the projection also reads each input's difference to the previous
+    and to the next slice of the series (0 at its ends), as the 2nd place fed
+    its LSTMs; input_dropout: in training, each series loses a random share
+    of its input channels (all slices alike; the inputs are standardized, so
+    0 is the channel's mean), as the 1st place's feature dropout; aux: a
+    second per-slice head on the projection alone, trained beside the main
+    one (`aux_weight`), so the projection must carry each slice's own
+    evidence. In training the output is [main, aux] on the last axis (12
+    channels); in eval the main head's 6.
     """
 
-    def __init__(self, n_inputs: int, hidden: int = 64, layers: int = 1, dropout: float = 0.1):
+    def __init__(self, n_inputs: int, hidden: int = 64, layers: int = 1, dropout: float = 0.1,
+                 diffs: bool = False, input_dropout: float = 0.0, aux: bool = False):
         super().__init__()
-        self.proj = nn.Sequential(nn.Linear(n_inputs, hidden), nn.GELU(), nn.Dropout(dropout))
+        self.diffs, self.input_dropout = diffs, input_dropout
+        self.proj = nn.Sequential(nn.Linear(n_inputs * (3 if diffs else 1), hidden), nn.GELU(), nn.Dropout(dropout))
         self.forward_grus = nn.ModuleList(nn.GRU(hidden if i == 0 else 2 * hidden, hidden, batch_first=True)
                                           for i in range(layers))
         self.backward_grus = nn.ModuleList(nn.GRU(hidden if i == 0 else 2 * hidden, hidden, batch_first=True)
@@ -133,11 +155,30 @@ class SeriesNet(nn.Module):
         self.head = nn.Linear(3 * hidden, len(LABELS))
         nn.init.zeros_(self.head.weight)  # starts as "no correction": stage one, when it starts from it
         nn.init.zeros_(self.head.bias)
+        self.aux = None
+        if aux:
+            self.aux = nn.Linear(hidden, len(LABELS))
+            nn.init.zeros_(self.aux.weight)
+            nn.init.zeros_(self.aux.bias)
+
+    def inputs(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """x with feature dropout (training) and neighbour differences (options), (B, T, d) -> (B, T, d')."""
+        if self.training and self.input_dropout > 0:
+            keep = torch.rand(x.shape[0], 1, x.shape[2], device=x.device) >= self.input_dropout
+            x = x * keep / (1 - self.input_dropout)
+        if not self.diffs:
+            return x
+        t = torch.arange(x.shape[1], device=x.device)[None, :, None]
+        n = lengths.to(x.device)[:, None, None]
+        zero = torch.zeros_like(x[:, :1])
+        behind = torch.where(t >= 1, x - torch.cat([zero, x[:, :-1]], 1), 0.0)
+        ahead = torch.where(t < n - 1, torch.cat([x[:, 1:], zero], 1) - x, 0.0)
+        return torch.cat([x, behind, ahead], dim=-1)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """x (B, T, d), lengths (B,): series padded at their ends -> (B, T, 6) logits (corrections);
         the outputs at padded steps mean nothing."""
-        h = self.proj(x)
+        h = self.proj(self.inputs(x, lengths))
         z = h
         for i, (fwd, bwd) in enumerate(zip(self.forward_grus, self.backward_grus)):
             if i:
@@ -145,7 +186,33 @@ class SeriesNet(nn.Module):
             ahead, _ = fwd(z)
             behind, _ = bwd(reverse_padded(z, lengths))
             z = torch.cat([ahead, reverse_padded(behind, lengths)], dim=-1)
-        return self.head(self.drop(torch.cat([h, z], dim=-1)))
+        out = self.head(self.drop(torch.cat([h, z], dim=-1)))
+        if self.training and self.aux is not None:
+            return torch.cat([out, self.aux(h)], dim=-1)
+        return out
+
+
+class Seeds(nn.Module):
+    """Several SeriesNets from other seeds, trained side by side on the same batches: in eval the mean of
+    their logits (seed averaging, as the 2nd place averaged 4 seeds); in training their outputs side by
+    side on the last axis, so that each net's loss is its own (`_loss`)."""
+
+    def __init__(self, nets: list[SeriesNet]):
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        outs = [net(x, lengths) for net in self.nets]
+        return torch.cat(outs, dim=-1) if self.training else torch.stack(outs).mean(dim=0)
+
+
+def make_net(n_inputs: int, params: dict) -> nn.Module:
+    """The member's network as the settings say: one SeriesNet, or `seeds` of them (`Seeds`)."""
+    net = lambda: SeriesNet(n_inputs, params["hidden"], params["layers"], params["dropout"],  # noqa: E731
+                            params.get("diffs", False), params.get("input_dropout", 0.0),
+                            params.get("aux_weight", 0.0) > 0)
+    seeds = params.get("seeds", 1)
+    return net() if seeds == 1 else Seeds([net() for _ in range(seeds)])
 
 
 @dataclass
@@ -165,6 +232,7 @@ class SequenceResult:
     oof_optimistic: np.ndarray           # (n_train, 6), member k at the epoch best on fold k (comparison only)
     members: dict = field(default_factory=dict)   # fold k -> Member
     curves: np.ndarray | None = None     # (K, epochs trained) validation weighted log loss
+    train_curves: np.ndarray | None = None  # (K, epochs trained) mean training loss of the epoch (main head)
     epochs: dict = field(default_factory=dict)            # k -> n_k (honest)
     epochs_optimistic: dict = field(default_factory=dict)  # k -> best epoch on fold k
     nested: np.ndarray | None = None     # (K, n_train, 6): [i] = folds != i at epochs picked without fold i too
@@ -194,14 +262,25 @@ class _Data:
         self.mean, self.std = (None, None) if norm is None else (self.tensor(norm[0]), self.tensor(norm[1]))
 
     def tensor(self, a) -> torch.Tensor:
-        return a if torch.is_tensor(a) else torch.from_numpy(np.array(a, dtype=np.float32)).to(self.device)
+        """float32 on the device; a float32 array on the CPU is shared, not copied (the OOF inputs at full scale)."""
+        return a if torch.is_tensor(a) else torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device)
 
-    def logits(self, net: SeriesNet, series: Series, which: np.ndarray, flip: bool = False):
+    def logits(self, net: nn.Module, series: Series, which: np.ndarray, flip: bool = False, crop: int = 0,
+               rng: np.random.Generator | None = None):
         """Logits (B, T, 6) of a batch of series padded to its longest, their rows (B, T) of X
         (padding: any row) and the mask of real slices (B, T). flip: the network reads each series
-        reversed (its outputs put back in slice order), as if the head were scanned the other way."""
+        reversed (its outputs put back in slice order), as if the head were scanned the other way.
+        crop (with rng): each series longer than `crop` slices cut to a random window of that many.
+        A network in training may give several outputs of 6 side by side (aux head, seeds): each
+        starts from the base."""
         lengths = series.lengths[which]
-        index = torch.as_tensor(series.index[which, :int(lengths.max())], device=self.device)
+        index = series.index[which, :int(lengths.max())]
+        if crop and lengths.max() > crop:
+            start = (rng.random(len(which)) * np.maximum(lengths - crop + 1, 1)).astype(np.int64)
+            index = np.take_along_axis(index, np.minimum(start[:, None] + np.arange(crop), index.shape[1] - 1), 1)
+            index = np.where(np.arange(crop) < lengths[:, None], index, -1)
+            lengths = np.minimum(lengths, crop)
+        index = torch.as_tensor(index, device=self.device)
         mask = index >= 0
         rows = index.clamp(min=0)
         x = self.X[rows]
@@ -210,7 +289,8 @@ class _Data:
         n = torch.as_tensor(lengths)
         out = reverse_padded(net(reverse_padded(x, n), n), n) if flip else net(x, n)
         if self.base is not None:
-            out = out + self.base[rows]
+            base = self.base[rows]
+            out = out + (base if out.shape[-1] == base.shape[-1] else base.repeat(1, 1, out.shape[-1] // 6))
         return out, rows, mask
 
 
@@ -219,6 +299,18 @@ def _loss(out, y, mask):
     w = LABEL_WEIGHTS.to(out.device)
     per = (nn.functional.binary_cross_entropy_with_logits(out, y, reduction="none") * w).sum(-1)
     return (per * mask).sum() / (mask.sum() * w.sum())
+
+
+def _training_loss(out, y, mask, aux_weight: float) -> tuple[torch.Tensor, float]:
+    """(what is minimized, the main heads' loss): out holds one (main[, aux]) group of outputs per
+    seed side by side; each seed's main loss, plus aux_weight x its aux loss, averaged over seeds."""
+    group = 12 if aux_weight > 0 else 6
+    parts = out.split(group, dim=-1)
+    main = sum(_loss(p[..., :6], y, mask) for p in parts) / len(parts)
+    total = main
+    if aux_weight > 0:
+        total = main + aux_weight * sum(_loss(p[..., 6:], y, mask) for p in parts) / len(parts)
+    return total, float(main.detach())
 
 
 @torch.no_grad()
@@ -234,6 +326,12 @@ def predict(net: SeriesNet, data: _Data, series: Series, n_rows: int, batch_size
             logits = (logits + data.logits(net, series, which, flip=True)[0]) / 2
         out[rows[mask].cpu().numpy()] = torch.sigmoid(logits[mask].double()).cpu().numpy()
     return out
+
+
+def eval_batch(params: dict) -> int:
+    """Series per batch when predicting: larger than in training (no gradients to keep; on one CPU
+    thread 256 series per batch predicted 1.5x faster than 32, measured), the same outputs."""
+    return max(params["batch_size"], 256)
 
 
 def _weighted_log_loss(p: np.ndarray, y: np.ndarray) -> float:
@@ -271,25 +369,28 @@ def fit_predict(slices: pd.DataFrame, X: np.ndarray, y: np.ndarray, folds: np.nd
     for k in fold_ids:  # the first member's inputs on the device, shared by all
         members.append(_Fold.start(k, slices, X, y, base, folds, members[0].data if members else None, params, device))
     epochs, patience = params["epochs"], params["patience"]
-    curves = np.empty((len(fold_ids), epochs))
+    fixed = params.get("schedule", "early_stop") == "cosine"
+    curves, train_curves = np.empty((len(fold_ids), epochs)), np.empty((len(fold_ids), epochs))
     bar = tqdm(total=epochs, desc="stage two: sequence", unit="epoch", disable=not progress)
     trained = epochs
     for t in range(epochs):
         for i, m in enumerate(members):
-            m.epoch(np.random.default_rng([params["seed"], m.k, t]), params["batch_size"], params["flip"])
+            train_curves[i, t] = m.epoch(np.random.default_rng([params["seed"], m.k, t]), params)
             curves[i, t] = m.validate(y_valid, params)
         bar.update(1)
         bar.set_postfix(valid=f"{curves[:, t].mean():.4f}")
-        if pick_pairs(curves[:, :t + 1], patience)[1].all():
+        if not fixed and pick_pairs(curves[:, :t + 1], patience)[1].all():
             trained = t + 1
             break
     bar.close()
-    curves = curves[:, :trained]
-    pairs, _ = pick_pairs(curves, patience)
+    curves, train_curves = curves[:, :trained], train_curves[:, :trained]
+    # a fixed schedule picks nothing: every member keeps its last epoch, whatever any fold's curve says
+    pairs = np.full((len(fold_ids),) * 2, trained) if fixed else pick_pairs(curves, patience)[0]
     optimistic, _ = early_stop(curves, patience)
     result = SequenceResult(oof=np.full(y.shape, np.nan), oof_optimistic=np.full(y.shape, np.nan),
                             test=None if tests is None else np.zeros((len(next(iter(tests.values()))[0]), 6)),
-                            curves=curves, nested=np.full((len(fold_ids),) + y.shape, np.nan, dtype=np.float32))
+                            curves=curves, train_curves=train_curves,
+                            nested=np.full((len(fold_ids),) + y.shape, np.nan, dtype=np.float32))
     for i, m in enumerate(members):
         k, n = m.k, int(pairs[i, i])
         result.members[k], result.epochs[k], result.epochs_optimistic[k] = m.kept(n), n, int(optimistic[i])
@@ -330,6 +431,7 @@ class _Fold:
     opt: torch.optim.Optimizer
     averaged: AveragedModel     # the EMA of the weights: what is evaluated and kept
     n_rows: int
+    schedule: object = None     # per-step learning-rate schedule (schedule: cosine), or None
     snapshots: list = field(default_factory=list)  # the averaged weights after each epoch
 
     @classmethod
@@ -341,28 +443,39 @@ class _Fold:
         data = (_Data(X, base, y, device, norm) if shared is None
                 else _Data(shared.X, shared.base, shared.y, device, norm))
         train_series = Series.of(slices, train_rows)
-        net = SeriesNet(X.shape[1], params["hidden"], params["layers"], params["dropout"]).to(device)
+        net = make_net(X.shape[1], params).to(device)
         steps = sum(1 for _ in train_series.batches(params["batch_size"]))
         averaged = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(1 - 1 / max(steps, 2)))
         held = np.flatnonzero(folds == k)
-        return cls(k, held, data, norm, train_series, Series.of(slices, held), net,
-                   create_optimizer(net.parameters(), params), averaged, len(X))
+        opt = create_optimizer(net.parameters(), params)
+        schedule = None
+        if params.get("schedule", "early_stop") == "cosine":
+            total = max(steps * params["epochs"], 1)
+            schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, total) / total)))
+        return cls(k, held, data, norm, train_series, Series.of(slices, held), net, opt, averaged, len(X), schedule)
 
-    def epoch(self, rng: np.random.Generator, batch_size: int, flip: bool = False) -> None:
-        """One pass over the training series; flip: each batch read reversed with probability 1/2."""
+    def epoch(self, rng: np.random.Generator, params: dict) -> float:
+        """One pass over the training series (flip: each batch read reversed with probability 1/2; crop:
+        random windows); returns the epoch's mean training loss of the main head(s)."""
         self.net.train()
-        for which in self.train_series.batches(batch_size, rng):
-            reverse = flip and rng.random() < 0.5
-            out, rows, mask = self.data.logits(self.net, self.train_series, which, flip=reverse)
-            loss = _loss(out, self.data.y[rows], mask)
+        total, n = 0.0, 0
+        for which in self.train_series.batches(params["batch_size"], rng):
+            reverse = params["flip"] and rng.random() < 0.5
+            out, rows, mask = self.data.logits(self.net, self.train_series, which, flip=reverse,
+                                               crop=params.get("crop", 0), rng=rng)
+            loss, main = _training_loss(out, self.data.y[rows], mask, params.get("aux_weight", 0.0))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
+            if self.schedule is not None:
+                self.schedule.step()
             self.averaged.update_parameters(self.net)
+            total, n = total + main, n + 1
         self.snapshots.append(copy.deepcopy(self.averaged.module.state_dict()))
+        return total / max(n, 1)
 
     def validate(self, y_valid: np.ndarray, params: dict) -> float:
-        p = predict(self.averaged.module, self.data, self.valid_series, self.n_rows, params["batch_size"],
+        p = predict(self.averaged.module, self.data, self.valid_series, self.n_rows, eval_batch(params),
                     params["flip"])[self.held]
         return _weighted_log_loss(p, y_valid[self.held])
 
@@ -372,11 +485,11 @@ class _Fold:
     def predict_at(self, epochs: int, params: dict) -> np.ndarray:
         """Fold k's probabilities from the averaged weights after `epochs` epochs."""
         net = build(self.kept(epochs), params, self.data.device)
-        return predict(net, self.data, self.valid_series, self.n_rows, params["batch_size"], params["flip"])[self.held]
+        return predict(net, self.data, self.valid_series, self.n_rows, eval_batch(params), params["flip"])[self.held]
 
 
-def build(member: Member, params: dict, device) -> SeriesNet:
-    net = SeriesNet(member.n_inputs, params["hidden"], params["layers"], params["dropout"]).to(device)
+def build(member: Member, params: dict, device) -> nn.Module:
+    net = make_net(member.n_inputs, params).to(device)
     net.load_state_dict(member.state)
     return net.eval()
 
@@ -388,5 +501,5 @@ def apply_member(member: Member, params: dict, slices: pd.DataFrame, X: np.ndarr
     if X.shape[1] != member.n_inputs:
         raise ValueError(f"the sequence member was trained on {member.n_inputs} inputs per slice, got {X.shape[1]}")
     data = _Data(X, base, None, device, (member.mean, member.std))
-    return predict(build(member, params, device), data, Series.of(slices), len(X), params["batch_size"],
+    return predict(build(member, params, device), data, Series.of(slices), len(X), eval_batch(params),
                    params.get("flip", False))

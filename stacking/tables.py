@@ -44,3 +44,14 @@ def format_table(table: pd.DataFrame) -> str:
     for name, row in table.iterrows():
         lines.append(f"{name:{width}s}" + "".join(f"{v:11.4f}" for v in row.to_numpy()))
     return "\n".join(lines)
+
+
+def curves_table(valid: np.ndarray, train: np.ndarray | None) -> pd.DataFrame:
+    """The sequence members' curves, one row per (fold, epoch): the validation loss on the member's own
+    fold (what picks epochs, stacking.sequence) and its mean training loss over the epoch."""
+    k, n = valid.shape
+    out = pd.DataFrame({"fold": np.repeat(np.arange(k), n), "epoch": np.tile(np.arange(1, n + 1), k),
+                        "valid_loss": valid.ravel()})
+    if train is not None:
+        out["train_loss"] = train.ravel()
+    return out

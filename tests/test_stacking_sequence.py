@@ -149,6 +149,9 @@ def test_stage_two_with_both_members_end_to_end_and_saved(stage_one):
     expect = sum(weights.loc[m].to_numpy() * members[m][list(LABELS)].to_numpy() for m in members)
     np.testing.assert_allclose(res["test"][list(LABELS)].to_numpy(), expect, rtol=1e-9)
     assert (tmp / "logs" / "stacking" / "both" / "sequence_curves.png").stat().st_size > 5000
+    curves = pd.read_csv(tmp / "logs" / "stacking" / "both" / "sequence_curves.csv")
+    assert list(curves.columns) == ["fold", "epoch", "valid_loss", "train_loss"] and curves.notna().all().all()
+    assert sorted(curves["fold"].unique()) == [0, 1, 2] and curves.groupby("fold")["epoch"].max().iloc[0] >= 1
     again = apply_stage_two(cfg, tmp / "models", test.iloc[::-1])  # any row order
     got = again.set_index("image_id").loc[res["test"]["image_id"], list(LABELS)].to_numpy()
     np.testing.assert_allclose(got, res["test"][list(LABELS)].to_numpy(), rtol=1e-5, atol=1e-7)
@@ -167,6 +170,10 @@ def test_stage_two_with_both_members_end_to_end_and_saved(stage_one):
     ({"sequence": {"device": "tpu"}}, "sequence.device must be auto, cpu or cuda"),
     ({"sequence": {"optimizer": "lion"}}, "sequence.optimizer must be adamw or adam"),
     ({"pca_alignment": "test"}, "pca_alignment must be procrustes or sign"),
+    ({"sequence": {"schedule": "linear"}}, "sequence.schedule must be early_stop or cosine"),
+    ({"sequence": {"input_dropout": 1.0}}, "sequence.input_dropout must be a number >= 0 and < 1"),
+    ({"sequence": {"seeds": 0}}, "sequence.seeds must be a whole number >= 1"),
+    ({"sequence": {"diffs": "yes"}}, "sequence.diffs must be true or false"),
 ])
 def test_bad_member_configs_are_one_line_errors(tmp_path, bad, message):
     path = tmp_path / "p.yaml"
@@ -216,10 +223,12 @@ def test_flipped_series_are_the_same_series_read_backwards():
     assert not torch.allclose(ahead[mask], flipped[mask], atol=1e-4)
 
 
-def test_padding_never_reaches_a_real_slice():
-    """A series' outputs are the same alone and in a batch padded to a longer series (both directions)."""
+@pytest.mark.parametrize("diffs", [False, True])
+def test_padding_never_reaches_a_real_slice(diffs):
+    """A series' outputs are the same alone and in a batch padded to a longer series (both directions;
+    with neighbour differences too: the last real slice has no next one, whatever the padding holds)."""
     torch.manual_seed(0)
-    net = sequence.SeriesNet(5, hidden=8, layers=2, dropout=0.0).eval()
+    net = sequence.SeriesNet(5, hidden=8, layers=2, dropout=0.0, diffs=diffs).eval()
     torch.nn.init.normal_(net.head.weight)  # not the zero start: the test must see the GRUs
     short, long = torch.randn(1, 7, 5), torch.randn(1, 12, 5)
     alone = net(short, torch.tensor([7]))
@@ -230,3 +239,75 @@ def test_padding_never_reaches_a_real_slice():
     # and reversal in place keeps the padding at the end
     x = torch.arange(8.0).reshape(2, 4, 1)
     assert sequence.reverse_padded(x, torch.tensor([3, 4]))[..., 0].tolist() == [[2, 1, 0, 3], [7, 6, 5, 4]]
+
+
+def test_neighbour_differences_stay_inside_the_series():
+    """diffs: each slice's inputs, its difference to the previous slice and to the next, 0 at the ends."""
+    net = sequence.SeriesNet(2, hidden=4, diffs=True).eval()
+    x = torch.tensor([[[1.0, 0.0], [3.0, 1.0], [6.0, 3.0], [99.0, 99.0]]])  # 3 real slices, then padding
+    got = net.inputs(x, torch.tensor([3]))[0, :3]
+    expect = torch.tensor([[1, 0, 0, 0, 2, 1], [3, 1, 2, 1, 3, 2], [6, 3, 3, 2, 0, 0]], dtype=torch.float32)
+    torch.testing.assert_close(got, expect)
+    assert net.proj[0].in_features == 6
+
+
+def test_crops_are_windows_of_one_series():
+    """crop: each series longer than the window is cut to `crop` consecutive slices of its own, at random
+    places (both ends reached over draws); shorter series stay whole."""
+    slices, X, p, y, folds = series_problem(n_series=12, seed=3)
+    series = sequence.Series.of(slices)
+    data = sequence._Data(X, p, y, "cpu")
+    net = sequence.SeriesNet(X.shape[1], hidden=4).eval()
+    which, crop, rng = np.arange(len(series.lengths)), 5, np.random.default_rng(0)
+    starts = set()
+    for _ in range(300):
+        with torch.no_grad():
+            _, rows, mask = data.logits(net, series, which, crop=crop, rng=rng)
+        for b, s in enumerate(which):
+            own = series.index[s, :series.lengths[s]]
+            got = rows[b][mask[b]].numpy()
+            assert len(got) == min(crop, series.lengths[s])
+            start = int(np.flatnonzero(own == got[0])[0])
+            np.testing.assert_array_equal(got, own[start:start + len(got)])  # consecutive, in slice order
+            starts.add((s, start))
+    longest = int(np.argmax(series.lengths))
+    assert {start for s, start in starts if s == longest} == set(range(int(series.lengths[longest]) - crop + 1))
+
+
+def test_fixed_schedule_picks_nothing_so_fold_k_labels_move_nothing_of_fold_k():
+    """schedule cosine: every member keeps its last epoch; with fold 0's validation labels inverted, the
+    OOF and the blend's nested predictions stay exactly the same (only fold 0's curve moves)."""
+    slices, X, p, y, folds = series_problem(seed=4)
+    params = {**FAST, "schedule": "cosine", "epochs": 3, "diffs": True, "input_dropout": 0.2, "crop": 10,
+              "aux_weight": 0.5, "seeds": 2}
+    before = sequence.fit_predict(slices, X, y, folds, p, None, params, progress=False)
+    y_valid = y.copy()
+    y_valid[folds == 0] = 1 - y_valid[folds == 0]
+    after = sequence.fit_predict(slices, X, y, folds, p, None, params, progress=False, y_valid=y_valid)
+    assert before.epochs == after.epochs == {0: 3, 1: 3, 2: 3}
+    np.testing.assert_array_equal(before.oof, after.oof)
+    np.testing.assert_array_equal(before.nested, after.nested)
+    assert not np.allclose(before.curves[0], after.curves[0]) and np.allclose(before.curves[1:], after.curves[1:])
+    assert before.train_curves.shape == (3, 3) and np.isfinite(before.train_curves).all()
+    assert weighted_log_loss(y, before.oof) < weighted_log_loss(y, p)
+
+
+def test_seeds_average_their_logits_and_train_each_on_its_own_loss():
+    torch.manual_seed(0)
+    params = {**FAST, "seeds": 3, "aux_weight": 0.5}
+    net = sequence.make_net(4, params)
+    for sub in net.nets:
+        torch.nn.init.normal_(sub.head.weight)
+        torch.nn.init.normal_(sub.aux.weight)
+    x, n = torch.randn(2, 6, 4), torch.tensor([6, 4])
+    net.eval()
+    torch.testing.assert_close(net(x, n), torch.stack([sub(x, n) for sub in net.nets]).mean(0))
+    net.train()
+    out = net(x, n)
+    assert out.shape == (2, 6, 3 * 12)  # per seed: main (6) and aux (6) side by side
+    y, mask = torch.zeros(2, 6, 6), torch.ones(2, 6, dtype=torch.bool)
+    total, main = sequence._training_loss(out, y, mask, 0.5)
+    parts = out.split(12, -1)
+    expect_main = float(sum(sequence._loss(q[..., :6], y, mask) for q in parts).detach()) / 3
+    expect_aux = float(sum(sequence._loss(q[..., 6:], y, mask) for q in parts).detach()) / 3
+    assert main == pytest.approx(expect_main) and float(total.detach()) == pytest.approx(expect_main + 0.5 * expect_aux)
