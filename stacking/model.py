@@ -158,7 +158,11 @@ def fit_predict(X: np.ndarray, y: np.ndarray, folds: np.ndarray, X_test: dict[in
         params["force_col_wise"] = True  # same trees, faster here (module docstring)
     # binned once for all folds and labels, with the binning settings training checks against
     binning = {key: params[key] for key in BINNING if key in params}
-    full = lgb.Dataset(X, label=y[:, 0], feature_name=feature_names, free_raw_data=False,
+    # free_raw_data: the Dataset drops its reference to X once binned. With False, each fold's subset
+    # copied its rows of X as well as their bins (lightgbm's Dataset.subset -> get_data), 4x the binned
+    # bytes: at full scale the 10 fold datasets took 6.5 GB instead of about 1.3 (BENCHMARKS.md, "Stage
+    # two's cost at full scale"). Same trees either way; X itself is still the caller's.
+    full = lgb.Dataset(X, label=y[:, 0], feature_name=feature_names, free_raw_data=True,
                        params={"max_bin": 255, **binning, "verbose": -1}).construct()
     held = {k: np.flatnonzero(folds == k) for k in fold_ids}
     dtrain = {k: full.subset(np.flatnonzero(folds != k)).construct() for k in fold_ids}
