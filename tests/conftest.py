@@ -297,3 +297,30 @@ def dies_in_epoch(monkeypatch, n: int):
 
     monkeypatch.setattr(trainer, "run_epoch", dying)
     return real
+
+
+class Poller:
+    """A background thread that calls `poll()` every `every` seconds while a `with` block runs (the tests'
+    disk and file watchers), and once more is not guaranteed: a file living shorter than a poll can be missed."""
+
+    def __init__(self, every: float):
+        import threading
+        self.every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.poll()
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, Poller
 from conftest import TINY as BASE_TINY
 from ich.config import PrepareConfig
 from ich.prepare import prepare_split
@@ -128,41 +128,29 @@ def run_kernel(env, cwd):
                           env=env, cwd=cwd)
 
 
-class DiskWatch:
+class DiskWatch(Poller):
     """The bytes of regular files (links not followed) under a folder, polled while a run goes on: the peak,
     and every image cache file (ich.cache.IMAGES) that appeared at any moment."""
 
     def __init__(self, root: Path, every: float = 0.05):
-        import threading
-        self.root, self.every, self.peak, self.caches = root, every, 0, set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(every)
+        self.root, self.peak, self.caches = root, 0, set()
 
-    def _run(self):
+    def poll(self):
         from ich.cache import IMAGES
-        while not self._stop.is_set():
-            total = 0
-            for dirpath, _, files in os.walk(self.root):
-                for name in files:
-                    path = Path(dirpath) / name
-                    try:
-                        st = path.lstat()
-                    except OSError:
-                        continue
-                    if not path.is_symlink():
-                        total += st.st_size
-                    if name == IMAGES:
-                        self.caches.add(str(path))
-            self.peak = max(self.peak, total)
-            self._stop.wait(self.every)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+        total = 0
+        for dirpath, _, files in os.walk(self.root):
+            for name in files:
+                path = Path(dirpath) / name
+                try:
+                    st = path.lstat()
+                except OSError:
+                    continue
+                if not path.is_symlink():
+                    total += st.st_size
+                if name == IMAGES:
+                    self.caches.add(str(path))
+        self.peak = max(self.peak, total)
 
 
 def test_upload_script_stages_a_dry_run_folder(fake):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO, run_script
+from conftest import REPO, Poller, run_script
 from ich.labels import LABELS
 from ich.study import STUDY_REASONS, StudyError, choose_series, study_files, zip_members
 
@@ -69,37 +69,24 @@ def test_study_probabilities_equal_the_batch_path(prepared, study_models, tmp_pa
     assert json.loads((tmp_path / "f" / "study.json").read_text())["skipped"] == doc["skipped"]
 
 
-class FilesSeen:
+class FilesSeen(Poller):
     """Every regular file that appears under some folders while a run goes on, with the largest size it had
     (polled; a file that lives shorter than a poll can be missed, an extracted slice of a study does not)."""
 
     def __init__(self, roots, every: float = 0.02):
-        import threading
-        self.roots, self.every, self.files = roots, every, {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(every)
+        self.roots, self.files = roots, {}
 
-    def _run(self):
-        while True:
-            for root in self.roots:
-                for dirpath, _, names in os.walk(root):
-                    for name in names:
-                        path = os.path.join(dirpath, name)
-                        try:
-                            size = os.lstat(path).st_size
-                        except OSError:
-                            continue
-                        self.files[path] = max(size, self.files.get(path, 0))
-            if self._stop.wait(self.every):
-                return
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+    def poll(self):
+        for root in self.roots:
+            for dirpath, _, names in os.walk(root):
+                for name in names:
+                    path = os.path.join(dirpath, name)
+                    try:
+                        size = os.lstat(path).st_size
+                    except OSError:
+                        continue
+                    self.files[path] = max(size, self.files.get(path, 0))
 
 
 def test_hostile_zips_are_refused_in_one_line(tmp_path):
