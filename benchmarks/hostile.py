@@ -139,6 +139,17 @@ def upload(port: int, data: bytes, name: str = "study.zip") -> tuple[int, dict]:
 
 
 # --- hostile files -----------------------------------------------------------------------------------------
+def upload_times(port: int, study: Path, n: int) -> tuple[list[float], dict]:
+    """The normal user's upload times over n uploads, each result deleted after, and the last answer."""
+    times, doc = [], {}
+    for _ in range(n):
+        t0 = time.time()
+        _, doc = upload(port, study)
+        times.append(time.time() - t0)
+        request(port, f"/api/studies/{doc.get('id')}", method="DELETE")
+    return times, doc
+
+
 def _save(ds) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
@@ -268,12 +279,7 @@ def main():
                      "slices/0/cam.png"):
             request(port, f"/api/studies/{doc['id']}/{path}")
         request(port, f"/api/studies/{doc['id']}", method="DELETE")
-        idle_times = []
-        for _ in range(5):
-            t0 = time.time()
-            status, doc = upload(port, study)
-            idle_times.append(time.time() - t0)
-            request(port, f"/api/studies/{doc['id']}", method="DELETE")
+        idle_times, doc = upload_times(port, study, 5)
         idle_s = float(np.median(idle_times))
         time.sleep(1)
         idle = rss_mb(proc.pid)
@@ -432,12 +438,8 @@ def main():
             if args.only and not any(part in what for part in args.only.split(",")):
                 continue
             made.clear()
-            here_idle = []  # the normal upload just before the case: the other sessions' load drifts over a run
-            for _ in range(3):
-                t0 = time.time()
-                status, doc = upload(port, study)
-                here_idle.append(time.time() - t0)
-                request(port, f"/api/studies/{doc.get('id')}", method="DELETE")
+            # the normal upload just before the case: the other sessions' load drifts over a run
+            here_idle, _ = upload_times(port, study, 3)
             case_idle = float(np.median(here_idle))
             started.clear()
             finished.clear()
