@@ -56,6 +56,8 @@ import this module only when the config lists the member.
 from __future__ import annotations
 
 import copy
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,6 +121,23 @@ def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 # --- the network ---------------------------------------------------------------------------------------
 
+class Dropout(nn.Module):
+    """nn.Dropout that draws from the network's own generator (`use_generator`), not torch's
+    global one: members trained side by side in threads (`fit_predict`) would otherwise interleave their
+    draws in whatever order the threads run, and no two runs would train the same members."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.generator = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.empty_like(x).bernoulli_(1 - self.p, generator=self.generator)
+        return x * keep / (1 - self.p)
+
+
 class SeriesNet(nn.Module):
     """Per-slice projection, bidirectional GRU along the series, per-slice head (module docstring).
 
@@ -146,12 +165,13 @@ class SeriesNet(nn.Module):
                  diffs: bool = False, input_dropout: float = 0.0, aux: bool = False):
         super().__init__()
         self.diffs, self.input_dropout = diffs, input_dropout
-        self.proj = nn.Sequential(nn.Linear(n_inputs * (3 if diffs else 1), hidden), nn.GELU(), nn.Dropout(dropout))
+        self.proj = nn.Sequential(nn.Linear(n_inputs * (3 if diffs else 1), hidden), nn.GELU(), Dropout(dropout))
         self.forward_grus = nn.ModuleList(nn.GRU(hidden if i == 0 else 2 * hidden, hidden, batch_first=True)
                                           for i in range(layers))
         self.backward_grus = nn.ModuleList(nn.GRU(hidden if i == 0 else 2 * hidden, hidden, batch_first=True)
                                            for i in range(layers))
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
+        self.generator = None  # every random draw in training (dropout, feature dropout) comes from it
         self.head = nn.Linear(3 * hidden, len(LABELS))
         nn.init.zeros_(self.head.weight)  # starts as "no correction": stage one, when it starts from it
         nn.init.zeros_(self.head.bias)
@@ -164,7 +184,7 @@ class SeriesNet(nn.Module):
     def inputs(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """x with feature dropout (training) and neighbour differences (options), (B, T, d) -> (B, T, d')."""
         if self.training and self.input_dropout > 0:
-            keep = torch.rand(x.shape[0], 1, x.shape[2], device=x.device) >= self.input_dropout
+            keep = torch.rand(x.shape[0], 1, x.shape[2], device=x.device, generator=self.generator) >= self.input_dropout
             x = x * keep / (1 - self.input_dropout)
         if not self.diffs:
             return x
@@ -204,6 +224,13 @@ class Seeds(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         outs = [net(x, lengths) for net in self.nets]
         return torch.cat(outs, dim=-1) if self.training else torch.stack(outs).mean(dim=0)
+
+
+def use_generator(net: nn.Module, generator: torch.Generator) -> None:
+    """Every random draw of `net` in training (dropout, feature dropout) from `generator`: the member's own."""
+    for m in net.modules():
+        if isinstance(m, (Dropout, SeriesNet)):
+            m.generator = generator
 
 
 def make_net(n_inputs: int, params: dict) -> nn.Module:
@@ -360,8 +387,9 @@ def fit_predict(slices: pd.DataFrame, X: np.ndarray, y: np.ndarray, folds: np.nd
     """
     y_valid = y if y_valid is None else y_valid
     device = device_of(params["device"])
+    threads = int(params["num_threads"]) or torch.get_num_threads()
     if params["num_threads"]:
-        torch.set_num_threads(int(params["num_threads"]))
+        torch.set_num_threads(threads)
     fold_ids = [int(k) for k in sorted(np.unique(folds))]
     if tests is not None and sorted(tests) != fold_ids:
         raise ValueError(f"tests needs the test inputs of each fold model {fold_ids}, got {sorted(tests)}")
@@ -370,20 +398,9 @@ def fit_predict(slices: pd.DataFrame, X: np.ndarray, y: np.ndarray, folds: np.nd
         members.append(_Fold.start(k, slices, X, y, base, folds, members[0].data if members else None, params, device))
     epochs, patience = params["epochs"], params["patience"]
     fixed = params.get("schedule", "early_stop") == "cosine"
-    curves, train_curves = np.empty((len(fold_ids), epochs)), np.empty((len(fold_ids), epochs))
     bar = tqdm(total=epochs, desc="stage two: sequence", unit="epoch", disable=not progress)
-    trained = epochs
-    for t in range(epochs):
-        for i, m in enumerate(members):
-            train_curves[i, t] = m.epoch(np.random.default_rng([params["seed"], m.k, t]), params)
-            curves[i, t] = m.validate(y_valid, params)
-        bar.update(1)
-        bar.set_postfix(valid=f"{curves[:, t].mean():.4f}")
-        if not fixed and pick_pairs(curves[:, :t + 1], patience)[1].all():
-            trained = t + 1
-            break
+    curves, train_curves, trained = _train_side_by_side(members, y_valid, params, fixed, threads, bar)
     bar.close()
-    curves, train_curves = curves[:, :trained], train_curves[:, :trained]
     # a fixed schedule picks nothing: every member keeps its last epoch, whatever any fold's curve says
     pairs = np.full((len(fold_ids),) * 2, trained) if fixed else pick_pairs(curves, patience)[0]
     optimistic, _ = early_stop(curves, patience)
@@ -403,6 +420,81 @@ def fit_predict(slices: pd.DataFrame, X: np.ndarray, y: np.ndarray, folds: np.nd
             t_slices, t_X, t_base = tests[k]
             result.test += apply_member(result.members[k], params, t_slices, t_X, t_base, device) / len(fold_ids)
     return result
+
+
+def _train_side_by_side(members: list, y_valid: np.ndarray, params: dict, fixed: bool, threads: int,
+                        bar) -> tuple[np.ndarray, np.ndarray, int]:
+    """Train the K members' epochs until every honest and nested pick has stopped (or `epochs`); returns
+    (validation curves, training curves, epochs trained), each curve (K, epochs trained).
+
+    On the CPU with several threads, the members train side by side, one Python thread each at a time
+    and every torch op on one thread: a GRU this small keeps a second core busy only this way (two
+    members in two threads trained 1.75-1.87x as fast as one after the other; torch's own two threads
+    on one member 1.1x; BENCHMARKS.md). A free thread takes the member with the fewest epochs done, so
+    no member runs more than one epoch ahead of the slowest, and training stops as soon as the first t
+    epochs of all members decide it: at most one epoch per thread is trained past that and not used.
+    Each member's epoch t depends on nothing but its own state and its own random streams (the rng of
+    (seed, k, t), its network's generator), so the members, the curves and the epochs picked are the
+    same whatever the number of threads (tests/test_stacking_sequence.py).
+    """
+    K, epochs, patience = len(members), params["epochs"], params["patience"]
+    curves, train_curves = np.full((K, epochs), np.nan), np.full((K, epochs), np.nan)
+    cond = threading.Condition()
+    state = {"next": [0] * K, "busy": [False] * K, "complete": 0, "trained": None}
+
+    def take():  # under the lock: the member to train next and its epoch, or None when there is nothing left
+        while state["trained"] is None:
+            free = [i for i in range(K) if not state["busy"][i] and state["next"][i] < epochs]
+            if free:
+                i = min(free, key=lambda i: (state["next"][i], i))
+                state["busy"][i] = True
+                return i, state["next"][i]
+            if not any(state["busy"]):
+                return None
+            cond.wait()
+        return None
+
+    def work():
+        while True:
+            with cond:
+                task = take()
+            if task is None:
+                return
+            i, t = task
+            m = members[i]
+            try:
+                loss = m.epoch(np.random.default_rng([params["seed"], m.k, t]), params)
+                valid = m.validate(y_valid, params)
+            except BaseException:
+                with cond:  # the others stop at their next turn; the error reaches the caller
+                    state["trained"] = -1
+                    cond.notify_all()
+                raise
+            with cond:
+                train_curves[i, t], curves[i, t] = loss, valid
+                state["next"][i], state["busy"][i] = t + 1, False
+                while state["trained"] is None and state["complete"] < min(state["next"]):
+                    c = state["complete"] = state["complete"] + 1  # every member has trained c epochs
+                    bar.update(1)
+                    bar.set_postfix(valid=f"{curves[:, c - 1].mean():.4f}")
+                    if c == epochs or (not fixed and pick_pairs(curves[:, :c], patience)[1].all()):
+                        state["trained"] = c
+                cond.notify_all()
+
+    parallel = min(threads, K) if members[0].data.device.type == "cpu" else 1
+    if parallel <= 1:
+        work()
+    else:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(parallel) as pool:
+                for f in [pool.submit(work) for _ in range(parallel)]:
+                    f.result()
+        finally:
+            torch.set_num_threads(before)
+    trained = state["trained"]
+    return curves[:, :trained], train_curves[:, :trained], trained
 
 
 OPTIMIZERS = {  # the member's optimizer by name (sequence.optimizer), as stage one's models/optim.py
@@ -444,6 +536,9 @@ class _Fold:
                 else _Data(shared.X, shared.base, shared.y, device, norm))
         train_series = Series.of(slices, train_rows)
         net = make_net(X.shape[1], params).to(device)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(np.random.SeedSequence([params["seed"], k]).generate_state(1)[0]))
+        use_generator(net, generator)
         steps = sum(1 for _ in train_series.batches(params["batch_size"]))
         averaged = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(1 - 1 / max(steps, 2)))
         held = np.flatnonzero(folds == k)

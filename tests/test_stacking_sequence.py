@@ -107,6 +107,30 @@ def test_member_k_runs_on_fold_model_k():
     assert np.abs(swapped - res.test).max() > 1e-3  # the pairing matters, so the check above means something
 
 
+def test_members_trained_side_by_side_in_threads_are_the_members_trained_one_after_the_other():
+    """On the CPU the K members train in up to num_threads Python threads (stacking.sequence
+    `_train_side_by_side`); each member draws from its own generators, so the curves, the epochs picked,
+    the weights and every prediction are those of one thread, bit for bit, whatever the threads' order."""
+    slices, X, p, y, folds = series_problem(n_series=60, seed=3)
+    test = slices.iloc[:150].copy()
+    tests = {k: (test, X[:150] + np.float32(0.1 * k), p[:150]) for k in range(3)}
+    params = {**FAST, "input_dropout": 0.2, "dropout": 0.2, "epochs": 6, "patience": 2}
+    one = sequence.fit_predict(slices, X, y, folds, p, tests, {**params, "num_threads": 1}, progress=False)
+    assert torch.get_num_threads() == 1
+    three = sequence.fit_predict(slices, X, y, folds, p, tests, {**params, "num_threads": 3}, progress=False)
+    assert torch.get_num_threads() == 3  # the setting stays; the side-by-side training ran each op on one thread
+    np.testing.assert_array_equal(one.curves, three.curves)
+    assert one.epochs == three.epochs and one.curves.shape[1] >= 2
+    for what in ("oof", "nested", "test"):
+        np.testing.assert_array_equal(getattr(one, what), getattr(three, what))
+    for k in range(3):
+        for name, w in one.members[k].state.items():
+            torch.testing.assert_close(three.members[k].state[name], w, rtol=0, atol=0)
+    again = sequence.fit_predict(slices, X, y, folds, p, None, {**params, "num_threads": 2, "seed": 1},
+                                 progress=False)
+    assert np.abs(again.oof - one.oof).max() > 1e-4  # another seed trains other members: the check can fail
+
+
 def test_blend_is_cross_fitted_and_picks_the_better_member():
     rng = np.random.default_rng(0)
     y = (rng.random((3000, 6)) < 0.2).astype(float)
