@@ -546,8 +546,8 @@ def _read_in_place(path, size: int, max_pixels: int) -> tuple[SliceHeader, np.nd
 
     pydicom reads the pixel element into a fresh 512 KB buffer, a copy of
     the bytes the file (or the inflated zip member) already holds in memory,
-    page faults included: its full read of a 512-px slice took 0.65 ms, this
-    one 0.30 ms (BENCHMARKS.md, the loader). Here the header is parsed up to the pixel
+    page faults included: its full read of a 512-px slice took 0.67 ms, this
+    one 0.33 ms (benchmarks/zip_slice.py, BENCHMARKS.md). Here the header is parsed up to the pixel
     element (stop_before_pixels) and the pixels are a numpy view of the
     file's own bytes at the element's offset. Taken only when every check of
     the full read passes and the pixels need no decoder: uncompressed little

@@ -180,6 +180,14 @@ def test_loader_benchmark():
     assert "prepare without images:" in out and "members read alone:" in out and "targets:" in out
 
 
+def test_zip_slice_benchmark():
+    """benchmarks/zip_slice.py: every piece of a zip slice's time, and the in-place read against the full read."""
+    out = bench("zip_slice.py", "--repeats", "1", "--file-size", "64")
+    pieces = re.findall(r"^(.+?)\s+([\d.]+) ms$", out, flags=re.M)
+    assert len(pieces) == 8 and all(float(ms) > 0 for _, ms in pieces)
+    assert re.search(r"the read in place against the full read: [\d.]+x faster", out)
+
+
 def test_node_benchmark_sr_build():
     out = bench("node.py", "--sr-only")
     for n in (40, 200):
