@@ -165,11 +165,27 @@ def test_loader_benchmark():
     """benchmarks/loader.py: the bare decode, every road x mode x size, the workers table and the targets line."""
     out = bench("loader.py", "--patients", "2", "--items", "4", "--repeats", "1", "--file-size", "64")
     assert re.search(r"\(a\) bare dcmread \+ pixel_array:\s+[\d.]+ slices/s per worker", out)
-    rows = re.findall(r"^\| (cache|folder|zip) \| ([a-z ]+) \| (\d+) \| [\d,.]+ \| [\d.]+x \|$", out, flags=re.M)
-    assert len(rows) == 3 * 2 * 3 + 2  # 3 roads x 2 modes x 3 sizes, and the decode alone of folder and zip
+    assert re.search(r"\(z\) bare zip read \(zipfile\) \+ dcmread \+ pixel_array:\s+[\d.]+ slices/s per worker", out)
+    rows = re.findall(r"^\| (cache|folder|zip)(, no augmentation|, pydicom's full read)? \| ([a-z ]+) \| (\d+) \| "
+                      r"[\d,.]+ \| [\d.]+x \| [\d.]+x \|$", out, flags=re.M)
+    roads = {(road + variant) for road, variant, _, _ in rows}
+    assert {"cache", "folder", "zip", "cache, no augmentation", "zip, no augmentation", "folder, pydicom's full read",
+            "zip, pydicom's full read"} == roads
+    # 3 roads x 2 modes x 3 sizes and the decode alone of folder and zip; no augmentation: 2 roads x 2 modes x 2
+    # sizes; the full read: 2 roads x (2 modes x 2 sizes + the decode alone)
+    assert len(rows) == 3 * 2 * 3 + 2 + 2 * 2 * 2 + 2 * 5
+    assert len(re.findall(r"^  (folder|zip) [a-z ]+ \d+: [\d.]+x$", out, flags=re.M)) == 8
     workers = re.findall(r"^\| (\w+) \| (windows|adjacent) \| (\d+) \| [\d,]+ \| (\d+) \|$", out, flags=re.M)
     assert {w[0] for w in workers} == {"seresnext50_512", "resnext50_512", "resnext101_512"}
     assert "prepare without images:" in out and "members read alone:" in out and "targets:" in out
+
+
+def test_zip_slice_benchmark():
+    """benchmarks/zip_slice.py: every piece of a zip slice's time, and the in-place read against the full read."""
+    out = bench("zip_slice.py", "--repeats", "1", "--file-size", "64")
+    pieces = re.findall(r"^(.+?)\s+([\d.]+) ms$", out, flags=re.M)
+    assert len(pieces) == 8 and all(float(ms) > 0 for _, ms in pieces)
+    assert re.search(r"the read in place against the full read: [\d.]+x faster", out)
 
 
 def test_node_benchmark_sr_build():

@@ -164,3 +164,63 @@ def test_fast_paths_match_pydicom(tmp_path, kind, real_slice):
     wc = ds.WindowCenter
     assert header.window_center == float(wc[0] if isinstance(wc, pydicom.multival.MultiValue) else wc)
     assert header.intercept == float(ds.RescaleIntercept) and header.slope == float(ds.RescaleSlope)
+
+
+def _pydicom_file_as_ct(name, dst):
+    """One of pydicom's own test files, its encoding kept, with what prepare requires of a CT slice."""
+    from pydicom.data import get_testdata_file
+    ds = pydicom.dcmread(get_testdata_file(name))
+    ds.Modality = "CT"
+    for keyword, value in (("RescaleSlope", "1"), ("RescaleIntercept", "-1024")):
+        if keyword not in ds:
+            setattr(ds, keyword, value)
+    ds.save_as(dst)
+    return dst
+
+
+@pytest.mark.parametrize("kind, in_place", [
+    ("generated", True), ("bits12", True), ("real", True), ("ct_small", True), ("implicit", True),
+    ("big_endian", False), ("rle", False), ("bytes_after_pixels", False)])
+def test_pixels_in_place_equal_pydicom(tmp_path, kind, in_place, real_slice):
+    """read_stored's common road (header parsed up to the pixels, the pixels a view of the file's own
+    bytes) gives pydicom's pixel_array and the full read's header; what it cannot take (big endian,
+    compressed, bytes after the pixel element) goes to pydicom and gives the same."""
+    from pydicom.data import get_testdata_file
+
+    from ich import dicom
+    path = {"generated": lambda: write(tmp_path / "a.dcm"),
+            "bits12": lambda: write(tmp_path / "a.dcm", bits12_quirk=True),
+            "real": lambda: real_slice,
+            "ct_small": lambda: get_testdata_file("CT_small.dcm"),  # trailing padding after its pixels
+            "implicit": lambda: _pydicom_file_as_ct("MR_small_implicit.dcm", tmp_path / "a.dcm"),
+            "big_endian": lambda: _pydicom_file_as_ct("MR_small_bigendian.dcm", tmp_path / "a.dcm"),
+            "rle": lambda: write(tmp_path / "a.dcm", transfer_syntax=RLELossless),
+            "bytes_after_pixels": lambda: tmp_path / "a.dcm"}[kind]()
+    if kind == "bytes_after_pixels":  # an extra element after the pixels: the full read parses it
+        write(path)
+        pydicom.dcmread(path)  # a plain file first
+        with open(path, "ab") as f:
+            f.write(struct.pack("<HH2sHI", 0x7FE1, 0x0010, b"OB", 0, 4) + b"\x01\x02\x03\x04")
+    data = open(path, "rb").read()
+    want = pydicom.dcmread(path).pixel_array
+    full_header, full = dicom._read_stored_pydicom(path, len(data), dicom.MAX_PIXELS)
+    assert (dicom._read_in_place(data, len(data), dicom.MAX_PIXELS) is not None) == in_place
+    assert (dicom._read_in_place(path, len(data), dicom.MAX_PIXELS) is not None) == in_place
+    for source in (path, data):
+        header, stored = dicom.read_stored(source)
+        assert stored.dtype == want.dtype and stored.shape == want.shape
+        assert stored.tobytes() == want.tobytes() == full.tobytes()
+        assert repr(header) == repr(full_header)
+    if in_place:
+        assert np.shares_memory(dicom.read_stored(data)[1], np.frombuffer(data, np.uint8))  # no copy
+
+
+def test_pixels_in_place_rejects_as_the_full_read(tmp_path):
+    """A file the common road would take but for a flaw gets the full read's reason: cut in its pixels
+    (truncated), a header of another modality (not_ct)."""
+    path = write(tmp_path / "a.dcm")
+    data = open(path, "rb").read()
+    for bad, reason in ((data[:-100], "truncated"), (data.replace(b"CT", b"MR", 1), "not_ct")):
+        with pytest.raises(Rejected) as exc:
+            read_hu(bad)
+        assert exc.value.reason == reason

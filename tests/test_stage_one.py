@@ -180,11 +180,31 @@ def test_resume_after_kill_matches_uninterrupted(prepared, tmp_path, monkeypatch
         torch.testing.assert_close(a["model"][key], b["model"][key], msg=key)
 
 
-def test_torchrun_two_cpu_processes(prepared, tmp_path):
+@pytest.mark.parametrize("source, port", [("cache", 29531), ("dicom", 29532)])
+def test_torchrun_two_cpu_processes(prepared, tmp_path, source, port):
+    """Two processes (gloo) train one epoch and write the whole OOF once; with input.source: dicom both read
+    the competition-like zip, each through its own handle, into a clean dir prepared without images: no
+    images.npy there to read, and none written anywhere."""
     settings = settings_for(prepared, tmp_path)
-    cfg = write_config(tmp_path, "ddp", train={"epochs": 1})
+    if source == "dicom":
+        import json
+        import zipfile
+
+        from ich.config import PrepareConfig
+        from ich.prepare import prepare_split
+        raw = prepared / "raw"
+        with zipfile.ZipFile(tmp_path / "data.zip", "w", zipfile.ZIP_DEFLATED) as z:
+            for path in sorted(p for p in raw.rglob("*") if p.is_file()):
+                z.write(path, path.relative_to(raw).as_posix())
+        clean = tmp_path / "clean" / "train"
+        prepare_split(tmp_path / "data.zip", clean, "train",
+                      PrepareConfig(image_size=64, n_folds=3, n_jobs=1, images=False), progress=False)
+        paths = json.loads(settings.read_text())
+        settings.write_text(json.dumps({**paths, "RAW_DATA_DIR": str(tmp_path / "data.zip"),
+                                        "TRAIN_DATA_CLEAN_PATH": str(clean)}))
+    cfg = write_config(tmp_path, "ddp", train={"epochs": 1}, input={"source": source})
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_port=29531", str(REPO / "train.py"), "--no-progress", "--settings",
+                          f"--master_port={port}", str(REPO / "train.py"), "--no-progress", "--settings",
                           str(settings), "--config", str(cfg)], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "x 2 processes" in out.stdout and out.stdout.count("OOF weighted log loss") == 1
@@ -192,6 +212,8 @@ def test_torchrun_two_cpu_processes(prepared, tmp_path):
     slices = pd.read_parquet(prepared / "clean" / "train" / "slices.parquet")
     assert oof["image_id"].tolist() == slices["image_id"].tolist()
     assert oof[list(LABELS)].notna().all().all() and (oof[list(LABELS)].to_numpy() > 0).all()
+    if source == "dicom":
+        assert not list(tmp_path.rglob("images*.npy")) and not list(clean.rglob("*.npy"))
 
 
 def test_cli_missing_weights_and_lr_finder(prepared, tmp_path):
