@@ -46,3 +46,21 @@ def test_stage_two_sets_prints_every_members_scores_on_a_generated_table(tmp_pat
     again = run(tmp_path, "today:")  # the table and LightGBM's predictions are reused, scores identical
     row = next(line for line in again.splitlines() if line.startswith("| tiny | today"))
     assert re.findall(CELL, row)[:3] == re.findall(CELL, rows[0])[:3]
+
+
+def test_lightgbm_variants_prints_cost_and_scores_per_variant(tmp_path):
+    """benchmarks/lightgbm_variants.py (how LightGBM's settings were chosen for speed): per variant its
+    CPU seconds, rounds trained and honest OOF / test, and the per-fold gain against the first variant;
+    a variant that boosts fewer rounds must say so."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "lightgbm_variants.py"), "--tables", str(tmp_path),
+           "--table", "tiny:seed=1,rows=2500,test=800,phi=0.9", "--set", "num_boost_round=40",
+           "--set", "k_neighbors=3", "--set", "num_threads=1",
+           "--variant", "slow:learning_rate=0.05", "--variant", "fast:learning_rate=0.3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("tiny ")]
+    assert [line.split(":")[0] for line in lines] == ["tiny slow", "tiny fast"]
+    rounds = [int(re.search(r"rounds trained (\d+)", line).group(1)) for line in lines]
+    scores = [tuple(map(float, re.search(r"honest OOF (\d\.\d+), test (\d\.\d+)", line).groups())) for line in lines]
+    assert rounds[1] < rounds[0] and all(0 < s < 0.3 for pair in scores for s in pair)
+    assert re.search(r"OOF gain per fold vs slow \[.*\], mean [+-]\d\.\d{5}, sd", lines[1])
