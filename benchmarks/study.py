@@ -50,6 +50,10 @@ def main():
     ap.add_argument("--config", default="configs/predict/demo.yaml")
     ap.add_argument("--slices", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--malloc", choices=("server", "glibc"), default="server",
+                    help="server: blocks of 1 MB and more mapped on their own, as serve.py sets it "
+                         "(web.store.large_blocks_mapped); glibc: glibc's own moving threshold, to measure "
+                         "what the server's setting costs (a process-wide setting: run the two in turn)")
     args = ap.parse_args()
 
     import torch
@@ -59,6 +63,9 @@ def main():
     from web.app import create_app
     from web.engine import load_engine
 
+    if args.malloc == "glibc":
+        import web.app
+        web.app.large_blocks_mapped = lambda: None
     t = time.perf_counter()
     engine = load_engine(args.settings, args.config)
     client = TestClient(create_app(engine), base_url="http://127.0.0.1")  # a Host the server answers to
@@ -66,7 +73,7 @@ def main():
     data = study_bytes(load_settings(args.settings), args.slices)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(f"machine: {platform.node()} ({device}); torch threads {torch.get_num_threads()}")
-    print(f"model: {engine.model['folds']} + stage two {engine.model['stage_two']}")
+    print(f"model: {engine.model['folds']} + stage two {engine.model['stage_two']}; malloc: {args.malloc}")
     print(f"server start-up (load + warm the models, not counted below): {startup:.2f} s")
     runs = []
     for i in range(args.repeats + 1):
