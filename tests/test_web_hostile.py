@@ -320,6 +320,42 @@ def test_bodies_are_admitted_within_a_disk_budget_and_one_upload_too_many_is_ref
     assert asyncio.run(run()) == (["first", "third", "second"], 0, 0)
 
 
+def test_a_large_body_waits_while_a_much_smaller_upload_starts_its_turn(monkeypatch):
+    """Slots.yield_to_smaller: while a 300 kB upload is in the first seconds of its turn, a 100 MB body
+    waits before its next chunk (at most those seconds); a body of similar size does not wait, nor does
+    any once the small upload's turn has ended."""
+    import asyncio
+
+    from web.deps import Slots
+
+    monkeypatch.setattr(Slots, "YIELD_SECONDS", 0.6)
+
+    async def run():
+        slots = Slots(2, queued=4, wait=10)
+        done = asyncio.Event()
+
+        async def small():
+            async with slots.turn(300 << 10):
+                await done.wait()
+
+        task = asyncio.create_task(small())
+        await asyncio.sleep(0.05)
+        waits = []
+        for size in (100 << 20, 600 << 10):
+            t0 = time.monotonic()
+            await slots.yield_to_smaller(size)
+            waits.append(time.monotonic() - t0)
+        done.set()
+        await task
+        t0 = time.monotonic()
+        await slots.yield_to_smaller(100 << 20)
+        waits.append(time.monotonic() - t0)
+        return waits
+
+    big, similar, after = asyncio.run(run())
+    assert 0.4 < big < 2.0 and similar < 0.05 and after < 0.05, (big, similar, after)
+
+
 def test_bodies_arriving_slowly_hold_no_turn_from_a_normal_upload(served, members):
     """serve.py (4 turns): 4 uploads whose 40 MB bodies arrive slowly (a little every second, never
     stalling for the body timeout), and meanwhile a normal study: it is answered 201 while they are still

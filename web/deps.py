@@ -34,7 +34,8 @@ class Slots:
        Content-Length: the disk they may fill); one that does not fit waits
        before its body is read (holding only its connection).
     2. `turn(size)`: one of `limit` turns to be read (its own process) and
-       predicted, taken once the body is in.
+       predicted, taken once the body is in. In the first seconds of a
+       turn, bodies of 4x its size or more wait (`yield_to_smaller`).
 
     Why the body is received before the turn (measured: 2 uploads whose
     files are slow to read held 2 of the 4 turns for their 120 s, and ten
@@ -59,6 +60,7 @@ class Slots:
         self.busy = 0      # turns held
         self._for_bytes: list[tuple[int, int]] = []  # (size, arrival) of each upload waiting to be received
         self._for_turn: list[tuple[int, int]] = []   # ... and waiting for a turn
+        self._turns: dict[int, tuple[int, float]] = {}  # arrival -> (size, when its turn began)
         self._arrivals = itertools.count()
         self._lock = threading.Lock()
 
@@ -121,12 +123,34 @@ class Slots:
                 return True
             return False
 
-        await self._wait(self._for_turn, (size, next(self._arrivals)), free)
+        ticket = (size, next(self._arrivals))
+        await self._wait(self._for_turn, ticket, free)
+        with self._lock:
+            self._turns[ticket[1]] = (size, time.monotonic())
         try:
             yield
         finally:
             with self._lock:
                 self.busy -= 1
+                self._turns.pop(ticket[1], None)
+
+    YIELD_SECONDS = 5.0  # the first seconds of a turn, during which larger bodies wait (a study: about 1 s)
+
+    async def yield_to_smaller(self, size: int) -> None:
+        """Before the next chunk of a body of `size` bytes is read: wait while an upload of a quarter of that
+        or less is in the first YIELD_SECONDS of its turn (at most that long). Why (measured, BENCHMARKS.md):
+        ten 100 MB bodies arriving at once took the CPU that a study of 300 kB needed to be read and
+        predicted (its models took 4x their idle time); a body that is not read costs neither the server
+        nor its sender any CPU (the sender waits on TCP), and a study's turn lasts about a second."""
+        end = time.monotonic() + self.YIELD_SECONDS
+        while True:
+            now = time.monotonic()
+            with self._lock:
+                ahead = any(4 * small <= size and now - began < self.YIELD_SECONDS
+                            for small, began in self._turns.values())
+            if not ahead or now > end:
+                return
+            await asyncio.sleep(0.05)
 
 
 @dataclass

@@ -110,7 +110,8 @@ async def _upload(request: Request, series: int | None, srv: Server, t0: float, 
         try:
             listed = await asyncio.wait_for(receive_files(
                 request, folder, max_bytes=cfg.max_upload_mb << 20, max_files=MAX_FILES,
-                body_timeout=cfg.body_timeout), cfg.upload_seconds)
+                body_timeout=cfg.body_timeout, pace=lambda: srv.uploads.yield_to_smaller(length)),
+                cfg.upload_seconds)
         except ClientGone:
             log.info("upload: the client went away before the upload ended")
             return Response(status_code=400)
