@@ -50,7 +50,7 @@ from .reader import Reader
 from .render import Renders
 from .routes import downloads, pages, studies, views
 from .settings import ServerSettings
-from .store import StudyStore, large_blocks_mapped
+from .store import StudyStore
 from .uploads import WorkDir
 
 HERE = Path(__file__).resolve().parent
@@ -67,7 +67,6 @@ def create_app(engine: WebEngine | None = None, settings: ServerSettings | None 
     import dataclasses
 
     settings = dataclasses.replace(settings or ServerSettings(), **overrides)
-    large_blocks_mapped()  # a result's arrays go back to the system when it is deleted (web.store)
     work = work or WorkDir(settings.work_dir)
     store = StudyStore(settings.max_studies, settings.store_mb << 20)
 
