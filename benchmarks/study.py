@@ -50,6 +50,11 @@ def main():
     ap.add_argument("--config", default="configs/predict/demo.yaml")
     ap.add_argument("--slices", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--malloc", choices=("glibc", "mapped"), default="glibc",
+                    help="glibc: its own moving mmap threshold (what serve.py runs with); mapped: blocks of "
+                         "1 MB and more mapped on their own (mallopt M_MMAP_THRESHOLD), which returns a deleted "
+                         "result's memory sooner but cost stage one 40%% (BENCHMARKS.md, session 9); a "
+                         "process-wide setting: run the two in turn")
     args = ap.parse_args()
 
     import torch
@@ -59,6 +64,9 @@ def main():
     from web.app import create_app
     from web.engine import load_engine
 
+    if args.malloc == "mapped":
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     t = time.perf_counter()
     engine = load_engine(args.settings, args.config)
     client = TestClient(create_app(engine), base_url="http://127.0.0.1")  # a Host the server answers to
@@ -66,7 +74,7 @@ def main():
     data = study_bytes(load_settings(args.settings), args.slices)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(f"machine: {platform.node()} ({device}); torch threads {torch.get_num_threads()}")
-    print(f"model: {engine.model['folds']} + stage two {engine.model['stage_two']}")
+    print(f"model: {engine.model['folds']} + stage two {engine.model['stage_two']}; malloc: {args.malloc}")
     print(f"server start-up (load + warm the models, not counted below): {startup:.2f} s")
     runs = []
     for i in range(args.repeats + 1):

@@ -4,8 +4,10 @@ made here (tests/hostile.py) and scaled down with the caps they meet (the same m
 Also: the API's one error shape (422 included), several series predicted at one upload (`?series=K`), the
 threshold in the downloads' names and columns, and the SR on headers a scanner may write."""
 import io
+import json
 import threading
 import time
+import urllib.error
 import zipfile
 
 import numpy as np
@@ -261,7 +263,7 @@ def test_upload_turns_go_to_the_smallest_waiting_upload_first():
         release = asyncio.Event()
 
         async def upload(size, name, hold=None):
-            async with slots.slot(size):
+            async with slots.slot(size), slots.turn(size):
                 order.append(name)
                 if hold is not None:
                     await hold.wait()
@@ -278,6 +280,134 @@ def test_upload_turns_go_to_the_smallest_waiting_upload_first():
         return order
 
     assert asyncio.run(run()) == ["first", "small", "big"]
+
+
+def test_bodies_are_admitted_within_a_disk_budget_and_one_upload_too_many_is_refused_at_once():
+    """Admission and room for bodies (web.deps.Slots.slot): with 1 turn, 2 queued and 100 bytes of bodies,
+    a 60-byte body waits for room while another is held, a 30-byte one that arrives later is let in first
+    (smallest first), and a fourth upload in the server is a 503 with Retry-After at once."""
+    import asyncio
+
+    from web.deps import Slots
+    from web.errors import ApiError
+
+    async def run():
+        slots, order = Slots(1, queued=2, wait=10, budget=100), []
+        release = asyncio.Event()
+
+        async def upload(size, name, hold=None):
+            async with slots.slot(size):
+                order.append(name)
+                if hold is not None:
+                    await hold.wait()
+
+        first = asyncio.create_task(upload(60, "first", release))
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(upload(60, "second"))
+        await asyncio.sleep(0.2)
+        third = asyncio.create_task(upload(30, "third", release))
+        await asyncio.sleep(0.2)
+        assert order == ["first", "third"] and slots.held == 90 and slots.admitted == 3
+        t0 = time.monotonic()
+        with pytest.raises(ApiError) as refused:
+            async with slots.slot(1):
+                pass
+        assert refused.value.status == 503 and refused.value.retry_after and time.monotonic() - t0 < 0.05
+        release.set()
+        await asyncio.gather(first, second, third)
+        return order, slots.held, slots.admitted
+
+    assert asyncio.run(run()) == (["first", "third", "second"], 0, 0)
+
+
+def test_a_large_body_waits_while_a_much_smaller_upload_starts_its_turn(monkeypatch):
+    """Slots.yield_to_smaller: while a 300 kB upload is in the first seconds of its turn, a 100 MB body
+    waits before its next chunk (at most those seconds); a body of similar size does not wait, nor does
+    any once the small upload's turn has ended."""
+    import asyncio
+
+    from web.deps import Slots
+
+    monkeypatch.setattr(Slots, "YIELD_SECONDS", 0.6)
+
+    async def run():
+        slots = Slots(2, queued=4, wait=10)
+        done = asyncio.Event()
+
+        async def small():
+            async with slots.turn(300 << 10):
+                await done.wait()
+
+        task = asyncio.create_task(small())
+        await asyncio.sleep(0.05)
+        waits = []
+        for size in (100 << 20, 600 << 10):
+            t0 = time.monotonic()
+            await slots.yield_to_smaller(size)
+            waits.append(time.monotonic() - t0)
+        done.set()
+        await task
+        t0 = time.monotonic()
+        await slots.yield_to_smaller(100 << 20)
+        waits.append(time.monotonic() - t0)
+        return waits
+
+    big, similar, after = asyncio.run(run())
+    assert 0.4 < big < 2.0 and similar < 0.05 and after < 0.05, (big, similar, after)
+
+
+def test_bodies_arriving_slowly_hold_no_turn_from_a_normal_upload(served, members):
+    """serve.py (4 turns): 4 uploads whose 40 MB bodies arrive slowly (a little every second, never
+    stalling for the body timeout), and meanwhile a normal study: it is answered 201 while they are still
+    arriving. Before, an upload took its turn before its body was read and held it while the body arrived:
+    with every turn held by a slow body, the study waited for one of them to end (minutes here)."""
+    import socket
+    import urllib.request
+
+    url, _, _ = served
+    port = int(url.rsplit(":", 1)[1])
+    size = 40 << 20
+    boundary = "slowbody"
+    head = (f"POST /api/studies HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; "
+            f"boundary={boundary}\r\nContent-Length: {size}\r\n\r\n--{boundary}\r\nContent-Disposition: "
+            f"form-data; name=\"files\"; filename=\"big.dcm\"\r\n\r\n").encode()
+    slow = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+    stop = threading.Event()
+
+    def trickle():
+        for s in slow:
+            s.sendall(head + bytes(1 << 16))
+        while not stop.wait(1.0):
+            for s in slow:
+                s.sendall(bytes(1 << 10))
+
+    feeder = threading.Thread(target=trickle, daemon=True)
+    feeder.start()
+    try:
+        time.sleep(2)
+        study = zip_of(ser1(members))
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"study.zip\"\r\n\r\n"
+                ).encode() + study + f"\r\n--{boundary}--\r\n".encode()
+        req = urllib.request.Request(url + "/api/studies", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        t0 = time.time()
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                status, doc = r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            status, doc = e.code, e.read()
+        except OSError as e:  # timed out: still waiting for a turn
+            status, doc = 0, type(e).__name__
+        seconds = time.time() - t0
+        assert feeder.is_alive(), "the slow bodies stopped arriving before the study was answered"
+    finally:
+        stop.set()
+        feeder.join()
+        for s in slow:
+            s.close()
+    assert status == 201, (status, str(doc)[:300], seconds)
+    assert seconds < 45, seconds
+    urllib.request.urlopen(urllib.request.Request(f"{url}/api/studies/{doc['id']}", method="DELETE"), timeout=30)
 
 
 # --- what stays in memory -------------------------------------------------------------------------------

@@ -20,8 +20,10 @@ with Retry-After when the server is full.
 Safety (README "What happens to bad input"; BENCHMARKS.md's hostile
 table): web.guard checks Host and Origin and sets the security headers;
 each upload is streamed into its own folder under one server-owned folder
-(web.uploads) within a total time, at most `max_uploads` at once, deleted
-when the request ends, on error too, or at the next start after a crash.
+(web.uploads) within a total time, at most `max_uploads + max_queued` in
+the server and `max_uploads` read and predicted at once (web.deps.Slots),
+deleted when the request ends, on error too, or at the next start after a
+crash.
 The files are read, sorted out and decoded in a process of the upload's own
 with a memory and a time limit (web.reader), outside the model's lock; the
 models run under one lock (web.engine). Results live in memory only, within
@@ -48,7 +50,7 @@ from .reader import Reader
 from .render import Renders
 from .routes import downloads, pages, studies, views
 from .settings import ServerSettings
-from .store import StudyStore, large_blocks_mapped
+from .store import StudyStore
 from .uploads import WorkDir
 
 HERE = Path(__file__).resolve().parent
@@ -65,13 +67,13 @@ def create_app(engine: WebEngine | None = None, settings: ServerSettings | None 
     import dataclasses
 
     settings = dataclasses.replace(settings or ServerSettings(), **overrides)
-    large_blocks_mapped()  # a result's arrays go back to the system when it is deleted (web.store)
     work = work or WorkDir(settings.work_dir)
     store = StudyStore(settings.max_studies, settings.store_mb << 20)
 
     def build(engine: WebEngine) -> Server:
         return Server(settings, engine, store, Reader(engine.prepare_cfg), work,
-                      Renders(settings.max_renders, settings.render_wait), Slots(settings.max_uploads, settings.max_queued, settings.upload_seconds))
+                      Renders(settings.max_renders, settings.render_wait), Slots(settings.max_uploads, settings.max_queued, settings.upload_seconds,
+                            settings.max_uploads * settings.max_upload_mb << 20))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

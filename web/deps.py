@@ -24,52 +24,133 @@ from .uploads import WorkDir
 
 
 class Slots:
-    """At most `limit` uploads in flight and `queued` more waiting for a turn (up to `wait` seconds, before
-    their body is read: a waiting upload holds only its connection); one more is refused at once (503 with
-    Retry-After), so a flood takes neither disk nor memory nor a reading process.
+    """Uploads in flight, in two steps, each with its bound (BENCHMARKS.md's hostile section):
 
-    Turns go to the smallest waiting upload first (by its Content-Length; the same size in arrival order):
-    a study of a few MB does not wait behind uploads of hundreds of MB, whoever sent them (by client
-    address, everyone behind one proxy, or on this machine, would be one client). A large upload waits
-    while smaller ones come, at most `wait` seconds."""
+    1. `slot(size)`, admission: at most `limit + queued` uploads are in the
+       server at once; one more is refused at once (503 with Retry-After),
+       so a flood takes neither disk nor memory nor a reading process. An
+       admitted upload's body is received as it arrives, as long as the
+       bodies being held take at most `budget` bytes in all (by their
+       Content-Length: the disk they may fill); one that does not fit waits
+       before its body is read (holding only its connection).
+    2. `turn(size)`: one of `limit` turns to be read (its own process) and
+       predicted, taken once the body is in. In the first seconds of a
+       turn, bodies of 4x its size or more wait (`yield_to_smaller`).
 
-    def __init__(self, limit: int, queued: int = 16, wait: float = 300):
+    Why the body is received before the turn (measured: 2 uploads whose
+    files are slow to read held 2 of the 4 turns for their 120 s, and ten
+    100 MB uploads took the other two while their bodies arrived, so a
+    normal study of 300 kB waited for a 100 MB body to arrive): a body
+    that is arriving holds no turn, so a turn is held only for the seconds
+    of reading and predicting, and a few MB study is received beside large
+    bodies in milliseconds.
+
+    Both waits go to the smallest upload first (by Content-Length; the
+    same size in arrival order): a study of a few MB does not wait behind
+    uploads of hundreds of MB, whoever sent them (by client address,
+    everyone behind one proxy, or on this machine, would be one client). A
+    large upload waits while smaller ones come, at most `wait` seconds per
+    step."""
+
+    def __init__(self, limit: int, queued: int = 16, wait: float = 300, budget: int | None = None):
         self.limit, self.queued, self.wait = limit, queued, wait
-        self.busy = 0
-        self._waiting: list[tuple[int, int]] = []  # (size, arrival) of each upload waiting for a turn
+        self.budget = budget if budget is not None else limit << 30
+        self.admitted = 0  # uploads in the server (admitted, not yet answered)
+        self.held = 0      # bytes of the bodies admitted to be received (their Content-Length)
+        self.busy = 0      # turns held
+        self._for_bytes: list[tuple[int, int]] = []  # (size, arrival) of each upload waiting to be received
+        self._for_turn: list[tuple[int, int]] = []   # ... and waiting for a turn
+        self._turns: dict[int, tuple[int, float]] = {}  # arrival -> (size, when its turn began)
         self._arrivals = itertools.count()
         self._lock = threading.Lock()
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        """Uploads waiting: for room for their body, or for a turn."""
+        return len(self._for_bytes) + len(self._for_turn)
 
-    @asynccontextmanager
-    async def slot(self, size: int = 0):
+    async def _wait(self, queue: list, ticket: tuple[int, int], free) -> None:
+        """Until `free()` and `ticket` is the smallest in `queue` (then its side is taken under the lock)."""
         with self._lock:
-            if self.busy >= self.limit and len(self._waiting) >= self.queued:
-                raise ApiError(503, f"the server is taking {self.limit} uploads and {len(self._waiting)} more "
-                                    "wait: try again in a minute", retry_after=15)
-            ticket = (size, next(self._arrivals))
-            self._waiting.append(ticket)
+            queue.append(ticket)
         try:
             end = time.monotonic() + self.wait
             while True:
                 with self._lock:
-                    if self.busy < self.limit and ticket == min(self._waiting):
-                        self.busy += 1
-                        break
+                    if ticket == min(queue) and free():
+                        return
                 if time.monotonic() > end:
                     raise ApiError(503, "no turn came for this upload in time: try again in a minute", retry_after=15)
                 await asyncio.sleep(0.05)
         finally:
             with self._lock:
-                self._waiting.remove(ticket)
+                queue.remove(ticket)
+
+    @asynccontextmanager
+    async def slot(self, size: int = 0):
+        """Admission, then room for the body's `size` bytes (a body larger than the budget alone is let in
+        when nothing else is held)."""
+        with self._lock:
+            if self.admitted >= self.limit + self.queued:
+                raise ApiError(503, f"the server is taking {self.admitted} uploads: try again in a minute",
+                               retry_after=15)
+            self.admitted += 1
+        try:
+            ticket = (size, next(self._arrivals))
+
+            def room() -> bool:
+                if self.held + size <= self.budget or self.held == 0:
+                    self.held += size
+                    return True
+                return False
+
+            await self._wait(self._for_bytes, ticket, room)
+            try:
+                yield
+            finally:
+                with self._lock:
+                    self.held -= size
+        finally:
+            with self._lock:
+                self.admitted -= 1
+
+    @asynccontextmanager
+    async def turn(self, size: int = 0):
+        """One of `limit` turns to read and predict an upload whose body is in."""
+        def free() -> bool:
+            if self.busy < self.limit:
+                self.busy += 1
+                return True
+            return False
+
+        ticket = (size, next(self._arrivals))
+        await self._wait(self._for_turn, ticket, free)
+        with self._lock:
+            self._turns[ticket[1]] = (size, time.monotonic())
         try:
             yield
         finally:
             with self._lock:
                 self.busy -= 1
+                self._turns.pop(ticket[1], None)
+
+    YIELD_SECONDS = 5.0  # the first seconds of a turn, during which larger bodies wait (a study: about 1 s)
+
+    async def yield_to_smaller(self, size: int) -> None:
+        """Before the next chunk of a body of `size` bytes is read: wait while an upload of a quarter of that
+        or less is in the first YIELD_SECONDS of its turn (at most that long). Why (measured, BENCHMARKS.md):
+        ten 100 MB bodies arriving at once took the CPU that a study of 300 kB needed to be read and
+        predicted (its models took 4x their idle time); a body that is not read costs neither the server
+        nor its sender any CPU (the sender waits on TCP), and a study's turn lasts about a second."""
+        end = time.monotonic() + self.YIELD_SECONDS
+        while True:
+            now = time.monotonic()
+            with self._lock:
+                ahead = any(4 * small <= size and now - began < self.YIELD_SECONDS
+                            for small, began in self._turns.values())
+            if not ahead or now > end:
+                return
+            await asyncio.sleep(0.05)
 
 
 @dataclass

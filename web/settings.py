@@ -3,8 +3,9 @@
 Why these bounds (README "What happens to bad input", BENCHMARKS.md's hostile
 table): every surface of the server runs under one budget. An upload is
 received within `upload_seconds` (and `body_timeout` per stall), at most
-`max_uploads` at once and `max_queued` waiting for a turn before their body
-is read (more: 503 with Retry-After);
+`max_uploads + max_queued` in the server at once (more: 503 with
+Retry-After), their bodies within `max_uploads x max_upload_mb` of disk,
+`max_uploads` read and predicted at once (web.deps.Slots);
 it is read and decoded in its own process with `upload_memory_mb` of address
 space and `read_seconds` of time, up to `max_series` series and
 `max_source_mpx` source pixels; results keep at most `store_mb` of images
@@ -30,9 +31,11 @@ class ServerSettings:
     upload_seconds: float = _opt(300, "time one upload's body may take to arrive, in all")
     body_timeout: float = _opt(30, "seconds an upload may stall")
     header_timeout: float = _opt(10, "seconds a connection may take to send a request's headers")
-    max_uploads: int = _opt(4, "uploads in flight at once (receiving, reading, waiting for the model)")
-    max_queued: int = _opt(16, "uploads waiting for one of those turns (before their body is read); more are "
-                               "told to come back (503 with Retry-After)")
+    max_uploads: int = _opt(4, "uploads read and predicted at once (a turn each, taken once its body is in; "
+                               "smallest first); the bodies being received hold at most this many times "
+                               "max_upload_mb of disk")
+    max_queued: int = _opt(16, "uploads in the server beside those turns (receiving their body, or waiting for "
+                               "room or a turn); one more is told to come back (503 with Retry-After)")
     max_series: int = _opt(4, "series of one upload decoded and predicted (the page switches between them)")
     max_source_mpx: int = _opt(512, "megapixels of source slices decoded per upload (512: 2,000 slices of 512 x 512)")
     upload_memory_mb: int = _opt(2048, "memory (address space) one upload's reading process may take")

@@ -31,23 +31,6 @@ def give_back() -> None:
         pass
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-
-
-def large_blocks_mapped(threshold: int = 1 << 20) -> None:
-    """Blocks of `threshold` bytes and more are mapped on their own (glibc mmap), so freeing one gives it
-    back to the system at once. By default glibc raises that threshold up to 32 MB as large blocks are
-    freed, and from then on places them in its arenas, where a freed block stays (malloc_trim cannot return
-    a page that a small live block shares). Measured on a Grad-CAM flood (80 maps from 40 clients, then
-    the result deleted and trimmed, twice, in one process): the heap's live bytes came back both times,
-    and the process kept +41 / +75 MB with 211 / 256 MB free in the arenas; with the threshold fixed at
-    1 MB, +29 / +27 MB with 56 / 57 MB free."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 CAMS_KEPT = 64  # Grad-CAM maps (PNG bytes) kept per upload; the page asks for one slice and label at a time
 
 

@@ -161,8 +161,9 @@ class _Parts:
 
 
 async def receive_files(request, folder: Path, *, max_bytes: int, max_files: int,
-                        body_timeout: float) -> list[tuple[str, Path]]:
-    """The upload's complete files as (name as uploaded, path in folder); UploadError or ClientGone."""
+                        body_timeout: float, pace=None) -> list[tuple[str, Path]]:
+    """The upload's complete files as (name as uploaded, path in folder); UploadError or ClientGone.
+    pace: an async callable awaited before each chunk is read (web.deps.Slots.yield_to_smaller)."""
     ctype, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if ctype != b"multipart/form-data" or not boundary:
@@ -173,6 +174,8 @@ async def receive_files(request, folder: Path, *, max_bytes: int, max_files: int
     stream = request.stream().__aiter__()
     try:
         while True:
+            if pace is not None:
+                await pace()
             try:
                 chunk = await asyncio.wait_for(stream.__anext__(), body_timeout)
             except StopAsyncIteration:

@@ -101,16 +101,17 @@ async def upload(request: Request, series: int | None = Depends(series_param), s
     except Busy as exc:
         raise ApiError(503, str(exc), retry_after=30) from None
     async with srv.uploads.slot(int(length)):
-        return await _upload(request, series, srv, t0)
+        return await _upload(request, series, srv, t0, int(length))
 
 
-async def _upload(request: Request, series: int | None, srv: Server, t0: float) -> dict:
+async def _upload(request: Request, series: int | None, srv: Server, t0: float, length: int) -> dict:
     cfg = srv.settings
     with srv.work.request() as folder:
         try:
             listed = await asyncio.wait_for(receive_files(
                 request, folder, max_bytes=cfg.max_upload_mb << 20, max_files=MAX_FILES,
-                body_timeout=cfg.body_timeout), cfg.upload_seconds)
+                body_timeout=cfg.body_timeout, pace=lambda: srv.uploads.yield_to_smaller(length)),
+                cfg.upload_seconds)
         except ClientGone:
             log.info("upload: the client went away before the upload ended")
             return Response(status_code=400)
@@ -126,11 +127,12 @@ async def _upload(request: Request, series: int | None, srv: Server, t0: float) 
         caps = Caps(cfg.max_unpacked_mb << 20, cfg.read_seconds, cfg.upload_memory_mb << 20, cfg.max_series,
                     cfg.max_source_mpx * 10**6)
         try:
-            t_read = time.time()
-            read = await run_in_threadpool(srv.reader.read, listed, folder / "unzipped", series, caps)
-            t_run = time.time()
-            results = await run_in_threadpool(srv.engine.run, read)
-            t_done = time.time()
+            async with srv.uploads.turn(length):  # the body is in: a turn to read and predict it
+                t_read = time.time()
+                read = await run_in_threadpool(srv.reader.read, listed, folder / "unzipped", series, caps)
+                t_run = time.time()
+                results = await run_in_threadpool(srv.engine.run, read)
+                t_done = time.time()
         except StudyError as exc:
             raise ApiError(400, str(exc).replace(str(srv.work.root), "(server folder)")) from None
         except ReadFailed as exc:
@@ -146,9 +148,11 @@ async def _upload(request: Request, series: int | None, srv: Server, t0: float) 
         if s["index"] == read.chosen:
             s["why_chosen"] = ("picked on upload (?series=)" if series is not None
                                else "the axial series with the most slices")
+    # "upload": from the request to its body in (a wait for room included); "turn": the wait for a turn;
     # "read" (the reading process's own time) is within "reading" (from its start to its answer here);
     # "models" holds the model's "queue", "stage one" and "stage two"
-    study = StoredStudy(results, listing, read.chosen, {"upload": received, "reading": t_run - t_read,
+    study = StoredStudy(results, listing, read.chosen, {"upload": received, "turn": t_read - t0 - received,
+                                                        "reading": t_run - t_read,
                                                         "models": t_done - t_run, "total": time.time() - t0},
                         {i: png for i, r in results.items() if (png := thumbnail(r.images)) is not None})
     study_id = srv.store.add(study)
