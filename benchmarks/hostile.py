@@ -7,7 +7,8 @@ study, times that study's upload when idle, then runs each case of
 BENCHMARKS.md's hostile table for a bounded time. Per case it measures:
 - the server's peak memory above idle, its process and every process under
   it (the upload readers, the forkserver) together, sampled every 50 ms, as
-  PSS (a page shared by the forked readers counts once in all);
+  PSS (a page shared by the forked readers counts once in all), and how it
+  was split at the peak sample (main, forkserver, readers: where to look);
 - the normal user's upload time during the attack against idle (or its
   503 and Retry-After, where the server says it is full): the worst of up
   to 3 uploads made one after the other while the attack lasts, the first
