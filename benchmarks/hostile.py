@@ -7,7 +7,8 @@ study, times that study's upload when idle, then runs each case of
 BENCHMARKS.md's hostile table for a bounded time. Per case it measures:
 - the server's peak memory above idle, its process and every process under
   it (the upload readers, the forkserver) together, sampled every 50 ms, as
-  PSS (a page shared by the forked readers counts once in all);
+  PSS (a page shared by the forked readers counts once in all), and how it
+  was split at the peak sample (main, forkserver, readers: where to look);
 - the normal user's upload time during the attack against idle (or its
   503 and Retry-After, where the server says it is full): the worst of up
   to 3 uploads made one after the other while the attack lasts, the first
@@ -89,9 +90,36 @@ def rss_mb(pid: int) -> float:
     return sum(_pss_kb(p) for p in _tree(pid)) / 1024
 
 
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def tree_mb(pid: int) -> dict:
+    """The tree's PSS by process (MB): main (serve.py), forkserver (multiprocessing's, a child of main), the
+    upload readers (forked from the forkserver: summed, with their count) and other (the resource tracker)."""
+    out = {"main": 0.0, "forkserver": 0.0, "readers": 0.0, "n_readers": 0, "other": 0.0}
+    for p in _tree(pid):
+        try:
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            cmd = b""
+        parent = _parent(p)
+        kind = ("main" if p == pid else "forkserver" if b"forkserver" in cmd and parent == pid
+                else "readers" if parent != pid else "other")
+        out[kind] += _pss_kb(p) / 1024
+        out["n_readers"] += kind == "readers"
+    return out
+
+
 class Peak:
+    """The tree's peak PSS, sampled every 50 ms, and how it was split at that sample (main, forkserver,
+    readers)."""
+
     def __init__(self, pid):
-        self.pid, self.peak, self.done = pid, 0.0, threading.Event()
+        self.pid, self.peak, self.done, self.split = pid, 0.0, threading.Event(), {}
 
     def __enter__(self):
         self.peak = rss_mb(self.pid)
@@ -101,7 +129,10 @@ class Peak:
 
     def watch(self):
         while not self.done.is_set():
-            self.peak = max(self.peak, rss_mb(self.pid))
+            split = tree_mb(self.pid)
+            now = split["main"] + split["forkserver"] + split["readers"] + split["other"]
+            if now > self.peak:
+                self.peak, self.split = now, split
             time.sleep(0.05)
 
     def __exit__(self, *exc):
@@ -286,6 +317,7 @@ def main():
         idle_s = float(np.median(idle_times))
         time.sleep(1)
         idle = rss_mb(proc.pid)
+        print(f"idle by process: { {k: round(v) for k, v in tree_mb(proc.pid).items()} }", flush=True)
         print(f"idle: {idle:.0f} MB (PSS of the server and its processes), a normal upload {idle_s:.2f} s (median "
               f"of {[round(t, 2) for t in idle_times]}; server's timings of the last: {doc.get('timings_s')}; load "
               f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)", flush=True)
@@ -485,6 +517,7 @@ def main():
             counts = {s: statuses.count(s) for s in sorted(set(statuses))}
             row = {"case": what, "statuses": counts, "seconds": round(seconds, 1),
                    "peak_above_idle_mb": round(peak.peak - idle), "before_mb": round(before - idle),
+                   "peak_split_mb": {k: round(v) for k, v in peak.split.items()},
                    "after_delete_above_idle_mb": round(rss_mb(proc.pid) - idle),
                    "normal_status": normal.get("status"), "normal_s": round(normal.get("seconds", 0), 2),
                    "normal_each_s": normal.get("all_s"),
