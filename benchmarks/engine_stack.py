@@ -12,7 +12,7 @@ at `--size` px (python -m synthetic's phantoms) is run through
 `Engine.stage_one` `--repeats` times (median), as a study and, decoded by
 `--workers` DataLoader workers, as a test split (slices/s for the whole
 stack, decode included). Stage two is not included (it needs trained
-boosters; on the demo it costs 0.03 s a study). Targets (issue 18): a
+boosters; on the demo it costs 0.03 s a study). Targets: a
 40-slice study <= 2 s on a GPU with this stack. One command for a GPU
 session:
 

@@ -5,7 +5,7 @@ For each experiment of a predict config, on the test images every fold
 model has scored (test_fold{k}_emb.npy), the correlation of component i of
 fold model j with component i of fold model k, for every pair (j, k):
 with each fold model's own PCA, each component's sign fixed by the model's
-`any` logit (before issue 16), and the components stage two now uses
+`any` logit (before the sequence member), and the components stage two now uses
 (stacking.run.load_stage_one: Procrustes alignment of the fold models'
 wider PCAs, then components they share, `common_components`). Prints the
 worst pair per component.

@@ -26,8 +26,8 @@ work shows as the wait in `enumerate(DataLoader)...__next__`). Usage:
     .venv/bin/python benchmarks/predict.py --config configs/seresnext50_256.yaml ...   # backbone, size, input mode
 
 It prints the projected time of the 121,232 stage-2 test slices per fold
-model and for 5 folds x 2 experiments (configs/predict/default.yaml). Target
-(issue 11): (b) >= 4,000 img/s per fold model with flip TTA on one H100.
+model and for 5 folds x 2 experiments (configs/predict/default.yaml). Target:
+(b) >= 4,000 img/s per fold model with flip TTA on one H100.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ the upload's folder, the in-memory engine: decode, stage one with every fold mod
 stage two and the JSON answer, as serve.py runs them). The server's
 start-up (loading and warming the models) is timed on its own line; then
 the study is posted `--repeats` times and the median is reported with the
-time of each stage. Targets: <= 0.5 s (issue 18; 5 s in issue 12) on 2 CPU cores with the demo
+time of each stage. Targets: <= 0.5 s (5 s before the in-memory engine) on 2 CPU cores with the demo
 model, <= 2 s on a GPU with the shipped experiments. Usage:
 
     .venv/bin/python benchmarks/study.py --settings SETTINGS.demo.json --config configs/predict/demo.yaml
@@ -95,7 +95,7 @@ def main():
           f"(target <= 0.5 s on 2 CPU cores with the demo model, <= 2 s on a GPU)")
     print("median per stage: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()))
 
-    # the viewer's slice step (issue 20: < 100 ms): one slice at its source resolution in HU (hu.png)
+    # the viewer's slice step (target: < 100 ms): one slice at its source resolution in HU (hu.png)
     doc = client.post("/api/studies", files={"files": ("study.zip", data, "application/zip")}).json()
     steps = []
     for row in range(len(doc["slices"])):

@@ -101,7 +101,7 @@ class SliceNet(nn.Module):
         compiled once, with kernels specialised to that size. Progressive
         resizing changes the size a few times per fold; with torch's default
         (automatic dynamic shapes) the second size recompiled the backbone as
-        one dynamic-shape graph (about 125 s on an H200, issue 17) whose
+        one dynamic-shape graph (about 125 s on an H200, BENCHMARKS.md) whose
         kernels ran at rates nobody had measured. Shapes must then stay
         fixed within a size: the trainer drops a compiled run's short last
         training batch, and models.inference pads the last evaluation batch.

@@ -86,7 +86,7 @@ def align_fold_models(scores: dict[int, np.ndarray], iterations: int = 10) -> di
 
 def common_components(wide: np.ndarray, folds: np.ndarray, models: dict, common: dict[int, np.ndarray],
                       anchor: np.ndarray, n_components: int) -> tuple[dict, np.ndarray]:
-    """The experiment's components, the same function for every fold model (issue 16).
+    """The experiment's components, the same function for every fold model.
 
     wide: (n, m) the OOF rows, each through its own fold model's PCA of m >
     n_components components (`models[k]`); common[k]: (n_common, m) fold

@@ -1,4 +1,4 @@
-"""Bad input and faults (issue 10): never a traceback, never lost work, memory bounded by design.
+"""Bad input and faults: never a traceback, never lost work, memory bounded by design.
 
 Each test reproduces a failure a probe found (pydicom's test corpus, kill -9,
 crafted headers) on the code before the fix.

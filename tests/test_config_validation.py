@@ -1,4 +1,4 @@
-"""Issue 10 item E: every config kind is type-checked on load, by one routine, with one error style.
+"""Every config kind is type-checked on load, by one routine, with one error style.
 
 Each bad value below gave a traceback (or was silently misread) before: the
 check must now stop the run at load time with

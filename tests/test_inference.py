@@ -1,4 +1,4 @@
-"""Stage-one inference (models.inference, models.predict_split) on the input path issue 11 reworked.
+"""Stage-one inference (models.inference, models.predict_split) on its reworked input path.
 
 predict must give the outputs the straightforward loop gave (a `.cpu()` per
 batch), make every item exactly once, feed a compiled model full batches only,
@@ -43,7 +43,7 @@ def model():
 
 
 def reference(model, dataset, batch_size, tta=True):
-    """The loop as it was before issue 11: two device->host copies per batch, float16 on the host."""
+    """The loop as it was before the rework: two device->host copies per batch, float16 on the host."""
     probs, embs = [], []
     with torch.no_grad():
         for x, _, _ in DataLoader(dataset, batch_size=batch_size):

@@ -1,4 +1,4 @@
-"""Stage one is the same function at training and at test time (issue 9, items 3, 4, 5, 6, 7, 8).
+"""Stage one is the same function at training and at test time.
 
 Each test here fails on a pipeline with the asymmetry it names: test
 predictions that differ from out-of-fold ones for the same image, outputs
@@ -284,7 +284,7 @@ def test_checkpoints_are_written_atomically(prepared, tmp_path, monkeypatch):
 
 
 def test_damaged_resume_state_is_named_in_one_line(prepared, tmp_path):
-    """Issue 10 C: a truncated fold{k}.last.pt made --resume raise a traceback."""
+    """A truncated fold{k}.last.pt made --resume raise a traceback."""
     from conftest import run_train, settings_for
     settings = settings_for(prepared, tmp_path)
     cfg = write_config(tmp_path, "broken")
@@ -296,7 +296,7 @@ def test_damaged_resume_state_is_named_in_one_line(prepared, tmp_path):
 
 
 def test_submission_has_every_sample_row_for_pydicom_corpus(prepared, trained, tmp_path):
-    """Issue 10: pydicom's own test files as a test split: no crash, and a submission with every sample row."""
+    """pydicom's own test files as a test split: no crash, and a submission with every sample row."""
     import shutil
     from pathlib import Path
 

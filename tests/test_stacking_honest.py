@@ -1,6 +1,6 @@
 """Stage two is honest: test features like the OOF ones, OOF rounds not picked on the scored fold.
 
-Each test here would have failed on the stage two before issue 9 (one PCA on
+Each test here would have failed on the stage two of before (one PCA on
 the mixture of fold models' OOF embeddings applied to fold-averaged test
 embeddings and probabilities; early stopping on the fold then scored).
 """

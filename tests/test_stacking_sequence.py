@@ -1,4 +1,4 @@
-"""Stage two's sequence member and the blend: the same honest protocol as LightGBM (issue 16).
+"""Stage two's sequence member and the blend: the same honest protocol as LightGBM.
 
 - member k trains on the rows of folds != k only and is the only model that scores fold k;
 - its epochs are picked on the other folds' curves, so a falsified fold-k curve moves nothing of fold k;

@@ -255,7 +255,7 @@ def test_compile_failure_falls_back_to_eager_and_checkpoints_stay_plain(prepared
 
 
 def test_one_persistent_loader_per_fold_trains_each_epoch_at_its_size(prepared, tmp_path, monkeypatch):
-    """Issue 11: train_fold builds one DataLoader per fold, its workers persistent; progressive
+    """train_fold builds one DataLoader per fold, its workers persistent; progressive
     resizing still trains each epoch at its size, and the network gets exactly the batches of a
     DataLoader built for that epoch with the worker_init_fn seeding (the code before). Recorded
     where the network sees them, so nothing between the loader and the model may draw from the

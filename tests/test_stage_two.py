@@ -235,7 +235,7 @@ def test_test_cache_must_match_train_cache(tmp_path):
 
 
 def test_prior_fill_with_float32_predictions_and_duplicate_ids(tmp_path):
-    """Issue 10 A: images without prediction or series get the prior (float32 preds made pandas 3 raise)."""
+    """Images without prediction or series get the prior (float32 preds made pandas 3 raise)."""
     ids = ["ID_a", "ID_nodicom"]
     sample = pd.DataFrame({"ID": [f"{i}_{c}" for i in ids for c in LABELS], "Label": 0.5})
     sample.to_csv(tmp_path / "sample.csv", index=False)
@@ -253,7 +253,7 @@ def test_prior_fill_with_float32_predictions_and_duplicate_ids(tmp_path):
 
 
 def test_flip_tta_is_an_experiment_fact_not_a_predict_setting(tmp_path):
-    """Issue 9 item 6: TTA lived in two places (experiment for OOF, predict config for test)."""
+    """TTA lived in two places (experiment for OOF, predict config for test)."""
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump({"experiments": ["x"], "tta_hflip": False}))
     with pytest.raises(ConfigError, match="train.tta_hflip"):

@@ -1,5 +1,5 @@
 """The in-memory engine (pipeline.engine) is the batch path: same images, same probabilities, same rejections,
-and predict.py without a test cache gives the cached submission while writing no image (issue 18)."""
+and predict.py without a test cache gives the cached submission while writing no image."""
 import json
 
 import numpy as np

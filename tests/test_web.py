@@ -202,7 +202,7 @@ def test_the_page_is_served_with_the_notice(client):
     assert health["ok"] and health["model"]["stage_two"] == "study"
 
 
-# --- issue 19: the web application under a hostile client ------------------------------------------
+# --- the web application under a hostile client -------------------------------------------------
 # Each test reproduces one finding over HTTP (TestClient, or serve.py itself on 127.0.0.1); the hostile
 # files are generated here (tests/hostile.py).
 
@@ -532,7 +532,7 @@ def _sr_counts(data: bytes) -> dict:
 
 
 def test_every_download_takes_the_threshold_and_a_result_tag(client, study):
-    """Issue 20, items 1, 9, 10: ?threshold= into every output (else a 400), a valid SR from Kaggle-style
+    """?threshold= into every output (else a 400), a valid SR from Kaggle-style
     IDs, names by the result's tag, never by patient data."""
     zpath, ids = study
     doc = post(client, ("study.zip", zpath.read_bytes())).json()

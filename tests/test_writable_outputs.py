@@ -1,4 +1,4 @@
-"""Issue 10 item F: a read-only output folder is found before any work, and named in one line.
+"""A read-only output folder is found before any work, and named in one line.
 
 Before, each entry point found it at its first (predict.py: its last) write,
 as a PermissionError traceback. Now ich.settings.require_writable checks
