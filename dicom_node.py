@@ -18,6 +18,9 @@ def main(argv=None):
     p.add_argument("--web-port", type=int, default=None,
                    help="also serve the web app on this port of 127.0.0.1 (results viewable by the logged link)")
     args = p.parse_args(argv)
+    from web.heap import one_arena
+
+    one_arena()  # a long-running server on many threads: freed memory goes back (web/heap.py)
 
     import logging
     import signal

@@ -12,7 +12,10 @@ from ich.cli import friendly_errors, parser
 
 
 def main(argv=None):
+    from web.heap import one_arena
     from web.settings import ServerSettings
+
+    one_arena()  # before any thread allocates: a flood's freed memory then goes back (web/heap.py)
 
     p = parser(__doc__)
     p.add_argument("--config", default="configs/predict/default.yaml", help="experiments + stage-two config")

@@ -7,7 +7,7 @@ study, times that study's upload when idle, then runs each case of
 BENCHMARKS.md's hostile table for a bounded time. Per case it measures:
 - the server's peak memory above idle, its process and every process under
   it (the upload readers, the forkserver) together, sampled every 50 ms, as
-  PSS (a page shared by the forked readers counts once in all), and how it
+  anonymous PSS (a page shared by the forked readers counts once in all), and how it
   was split at the peak sample (main, forkserver, readers: where to look);
 - the normal user's upload time during the attack against idle (or its
   503 and Retry-After, where the server says it is full): the worst of up
@@ -54,42 +54,12 @@ import pydicom
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from hostile import deflate_bomb, stop, zip_bomb, zip_of  # noqa: E402
+from hostile import anon_kb, anon_mb, deflate_bomb, process_tree, stop, zip_bomb, zip_of  # noqa: E402
 
 HOST = "127.0.0.1"
 
 
 # --- the server's memory -----------------------------------------------------------------------------------
-def _pss_kb(pid: int) -> int:
-    """Proportional set size: a page shared by n processes counts 1/n in each (the upload readers are forked
-    from one forkserver and share its libraries), so the sum over the tree is the memory really taken."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _tree(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*") if Path(f"/proc/{p}/task").is_dir() else []:
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                pass
-    return out
-
-
-def rss_mb(pid: int) -> float:
-    """The server process and every process under it (PSS summed), MB."""
-    return sum(_pss_kb(p) for p in _tree(pid)) / 1024
-
-
 def _parent(pid: int) -> int:
     try:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
@@ -98,10 +68,10 @@ def _parent(pid: int) -> int:
 
 
 def tree_mb(pid: int) -> dict:
-    """The tree's PSS by process (MB): main (serve.py), forkserver (multiprocessing's, a child of main), the
+    """The tree's anonymous PSS by process (MB): main (serve.py), forkserver (multiprocessing's, a child of main), the
     upload readers (forked from the forkserver: summed, with their count) and other (the resource tracker)."""
     out = {"main": 0.0, "forkserver": 0.0, "readers": 0.0, "n_readers": 0, "other": 0.0}
-    for p in _tree(pid):
+    for p in process_tree(pid):
         try:
             cmd = Path(f"/proc/{p}/cmdline").read_bytes()
         except OSError:
@@ -109,20 +79,20 @@ def tree_mb(pid: int) -> dict:
         parent = _parent(p)
         kind = ("main" if p == pid else "forkserver" if b"forkserver" in cmd and parent == pid
                 else "readers" if parent != pid else "other")
-        out[kind] += _pss_kb(p) / 1024
+        out[kind] += anon_kb(p) / 1024
         out["n_readers"] += kind == "readers"
     return out
 
 
 class Peak:
-    """The tree's peak PSS, sampled every 50 ms, and how it was split at that sample (main, forkserver,
+    """The tree's peak anonymous PSS, sampled every 50 ms, and how it was split at that sample (main, forkserver,
     readers)."""
 
     def __init__(self, pid):
         self.pid, self.peak, self.done, self.split = pid, 0.0, threading.Event(), {}
 
     def __enter__(self):
-        self.peak = rss_mb(self.pid)
+        self.peak = anon_mb(self.pid)
         self.thread = threading.Thread(target=self.watch, daemon=True)
         self.thread.start()
         return self
@@ -316,9 +286,9 @@ def main():
         idle_times, doc = upload_times(port, study, 5)
         idle_s = float(np.median(idle_times))
         time.sleep(1)
-        idle = rss_mb(proc.pid)
+        idle = anon_mb(proc.pid)
         print(f"idle by process: { {k: round(v) for k, v in tree_mb(proc.pid).items()} }", flush=True)
-        print(f"idle: {idle:.0f} MB (PSS of the server and its processes), a normal upload {idle_s:.2f} s (median "
+        print(f"idle: {idle:.0f} MB (anonymous PSS of the server and its processes), a normal upload {idle_s:.2f} s (median "
               f"of {[round(t, 2) for t in idle_times]}; server's timings of the last: {doc.get('timings_s')}; load "
               f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)", flush=True)
         made: list[str] = []  # result ids the attack made: deleted after its case
@@ -478,7 +448,7 @@ def main():
             case_idle = float(np.median(here_idle))
             started.clear()
             finished.clear()
-            before = rss_mb(proc.pid)
+            before = anon_mb(proc.pid)
             normal = {}
 
             def user():
@@ -518,7 +488,7 @@ def main():
             row = {"case": what, "statuses": counts, "seconds": round(seconds, 1),
                    "peak_above_idle_mb": round(peak.peak - idle), "before_mb": round(before - idle),
                    "peak_split_mb": {k: round(v) for k, v in peak.split.items()},
-                   "after_delete_above_idle_mb": round(rss_mb(proc.pid) - idle),
+                   "after_delete_above_idle_mb": round(anon_mb(proc.pid) - idle),
                    "normal_status": normal.get("status"), "normal_s": round(normal.get("seconds", 0), 2),
                    "normal_each_s": normal.get("all_s"),
                    "normal_ratio": round(normal.get("seconds", 0) / idle_s, 1), "retry_after": normal.get("retry"),

@@ -50,11 +50,12 @@ def main():
     ap.add_argument("--config", default="configs/predict/demo.yaml")
     ap.add_argument("--slices", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--malloc", choices=("glibc", "mapped"), default="glibc",
-                    help="glibc: its own moving mmap threshold (what serve.py runs with); mapped: blocks of "
+    ap.add_argument("--malloc", choices=("glibc", "mapped", "one-arena"), default="glibc",
+                    help="glibc: its defaults (an arena per thread, a moving mmap threshold); mapped: blocks of "
                          "1 MB and more mapped on their own (mallopt M_MMAP_THRESHOLD), which returns a deleted "
-                         "result's memory sooner but cost stage one 40%% (BENCHMARKS.md, session 9); a "
-                         "process-wide setting: run the two in turn")
+                         "result's memory sooner but cost stage one 40%% (BENCHMARKS.md, session 9); one-arena: "
+                         "every thread in glibc's main arena (web.heap.one_arena, what serve.py runs with "
+                         "since session 10); a process-wide setting: run them in turn")
     args = ap.parse_args()
 
     import torch
@@ -67,6 +68,9 @@ def main():
     if args.malloc == "mapped":
         import ctypes
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    elif args.malloc == "one-arena":
+        from web.heap import one_arena
+        one_arena()
     t = time.perf_counter()
     engine = load_engine(args.settings, args.config)
     client = TestClient(create_app(engine), base_url="http://127.0.0.1")  # a Host the server answers to

@@ -12,7 +12,6 @@ network's windows), then whole results go, the newest last.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import secrets
 import threading
@@ -22,14 +21,7 @@ from dataclasses import dataclass, field
 
 from pipeline.result import StudyResult
 
-def give_back() -> None:
-    """Return freed memory to the system: glibc keeps the heap of a dropped result for reuse, so the
-    server's RSS would stay at its peak after the results that made it are gone."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
+from .heap import give_back
 
 CAMS_KEPT = 64  # Grad-CAM maps (PNG bytes) kept per upload; the page asks for one slice and label at a time
 
