@@ -188,6 +188,109 @@ def test_slow_file_reading_holds_no_one_else_up(engine, members):
     assert post(client, ("study.zip", zip_of(ser1(members)))).status_code == 201
 
 
+def test_slow_reads_give_their_turns_back_and_one_too_many_is_stopped(engine, members):
+    """2 turns, 1 place for slow reads: two uploads of slow files take both turns; a third arrives. Now the
+    first, slow while the second is read, gives its turn back and goes on lowered; the second, slow while
+    the third is read, finds no place left and is stopped at once (503 + Retry-After); a normal study sent
+    then is answered 201 promptly, while the first is still being read; never more than 3 reading processes
+    at once. Before, the slow reads held both turns for their whole time (up to `read_seconds`) and the
+    study waited for one."""
+    client, srv = app_client(engine, max_uploads=2, max_slow_reads=1, read_seconds=300)
+    slow = zip_of({f"slow/{i}": b"\0" * 128 + b"DICM" + b"\x08\x00\x20\x00DA\x00\x00" * 60000 for i in range(100)})
+    study = zip_of(ser1(members))
+    answers, most, stop = {}, [0], threading.Event()
+
+    def send(name, data):
+        t0 = time.time()
+        answers[name] = (post(client, (f"{name}.zip", data)), time.time() - t0)
+
+    def count():
+        while not stop.wait(0.02):
+            most[0] = max(most[0], len(srv.reader._running))
+
+    def until(check, seconds):
+        end = time.time() + seconds
+        while not check() and time.time() < end:
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=count)]
+    threads[0].start()
+    try:
+        for name in ("slow1", "slow2", "slow3"):
+            threads.append(threading.Thread(target=send, args=(name, slow)))
+            threads[-1].start()
+            if name == "slow1":
+                until(lambda: len(srv.reader._running) == 1, 30)
+                time.sleep(0.2)
+            elif name == "slow2":
+                until(lambda: len(srv.reader._running) == 2, 30)
+        until(lambda: "slow2" in answers, 15)
+        time.sleep(1.2)  # the third's read is past its first second: it is the one that met a later upload
+        send("study", study)
+        lowered = srv.uploads.slow
+        still = "slow1" not in answers
+    finally:
+        srv.reader.close()  # the slow reads end here (they would take minutes)
+        stop.set()
+        for t in threads:
+            t.join(60)
+    refused, seconds = answers.get("slow2", (None, None))
+    assert refused is not None and refused.status_code == 503, (refused and refused.text, seconds)
+    assert refused.headers["retry-after"] and "slow uploads" in refused.json()["error"] and seconds < 15
+    done, seconds = answers["study"]
+    assert done.status_code == 201 and seconds < 20, (done.status_code, done.text[:200], seconds)
+    assert still and lowered == 1 and most[0] <= 3, (still, lowered, most)
+    assert srv.uploads.busy == srv.uploads.slow == 0
+
+
+def test_a_slow_read_gives_its_turn_back_and_takes_one_again_for_its_models():
+    """web.deps.Turn with 1 turn and 1 place for slow reads: a read that gives its turn back (`lower`) lets
+    a waiting upload in; a second one finds the place taken (False: the reader stops it) and keeps its turn
+    until it ends; the first then takes a turn again (`again`) before a larger upload that waited longer,
+    and frees its place."""
+    import asyncio
+
+    from web.deps import Slots
+
+    async def run():
+        slots, order = Slots(1, queued=8, wait=10, slow_reads=1), []
+
+        async def upload(size, name):
+            async with slots.turn(size):
+                order.append(name)
+
+        first = slots.turn(100)
+        a = await first.__aenter__()
+        assert not a.wanted()
+        study = asyncio.create_task(upload(1, "study"))
+        await asyncio.sleep(0.2)
+        assert a.wanted() and order == []
+        assert a.lower() and (slots.busy, slots.slow) == (0, 1) and not a.wanted()
+        await study
+        second = slots.turn(100)
+        b = await second.__aenter__()
+        other = asyncio.create_task(upload(1, "other"))
+        await asyncio.sleep(0.2)
+        assert b.wanted() and not b.lower() and (slots.busy, slots.slow) == (1, 1)
+        await second.__aexit__(None, None, None)
+        await other
+        third = slots.turn(1)
+        await third.__aenter__()
+        big = asyncio.create_task(upload(1000, "big"))
+        await asyncio.sleep(0.1)
+        again = asyncio.create_task(a.again())
+        await asyncio.sleep(0.2)
+        assert not again.done() and slots.slow == 1
+        await third.__aexit__(None, None, None)
+        await again
+        assert (slots.busy, slots.slow) == (1, 0) and order == ["study", "other"]
+        await first.__aexit__(None, None, None)
+        await big
+        return order, slots.busy, slots.slow
+
+    assert asyncio.run(run()) == (["study", "other", "big"], 0, 0)
+
+
 def test_a_decode_over_the_reading_process_memory_limit_is_refused_and_the_next_upload_works(engine, members):
     """Slices of 4096 x 4096 (32 MB of pixels each, in a small zip) read with 16 MB of memory allowed to the
     upload's reading process: the documented 400, no reading process left, the next upload 201. Before,

@@ -13,11 +13,16 @@ codestream larger than its header, a header of 90,000 empty elements,
 - shares the CPU fairly: a reading process still running after
   `DEMOTE_AFTER` seconds (a study of a few hundred slices is read in well
   under a second) is lowered to `DEMOTED_NICE` once a later upload is being
-  read beside it, so an upload that arrives while a hostile or huge one is
-  being read gets the CPU first, whoever sent it. Alone, a reading process
-  keeps the server's priority (a busy machine's other programs do not push
-  it down). Turns by client address would not do it: everyone behind one
-  proxy or NAT (or on this machine) has the same one;
+  read beside it or one waits for a turn, so an upload that arrives while
+  a hostile or huge one is being read gets the CPU first, whoever sent it.
+  Alone, a reading process keeps the server's priority (a busy machine's
+  other programs do not push it down). Turns by client address would not
+  do it: everyone behind one proxy or NAT (or on this machine) has the
+  same one;
+- gives its upload's turn back when it is lowered (web.deps.Turn.lower),
+  so slow reads cannot hold every turn; when the server's places for slow
+  reads are all taken, it is stopped instead (ReadStopped: the server
+  answers 503 with Retry-After);
 - prints nothing: its stdout, stderr, warnings and logging go nowhere (a
   library may print a value of a header), and its errors come back as
   reasons.
@@ -191,6 +196,11 @@ class ReadFailed(RuntimeError):
     """The reading process failed in an unexpected way (the type of its error, no message)."""
 
 
+class ReadStopped(RuntimeError):
+    """The read was slow when others wanted its turn, and every place for slow reads was taken: its process
+    was killed (the upload may be sent again later)."""
+
+
 class Reader:
     """Starts one reading process per upload (`read`, blocking: call it from a thread) and stops them all
     at `close`."""
@@ -203,7 +213,8 @@ class Reader:
         self._running: dict = {}  # process -> when it started (time.monotonic)
         self._lock = threading.Lock()
 
-    def read(self, listed: list, work: Path, series_index: int | None, caps: Caps) -> UploadRead:
+    def read(self, listed: list, work: Path, series_index: int | None, caps: Caps, turn=None) -> UploadRead:
+        """turn: the upload's web.deps.Turn (None: no turns, a read is only lowered in priority)."""
         if self.stopping.is_set():
             raise StudyError("the server is stopping")
         receive, send = self.ctx.Pipe(duplex=False)
@@ -217,7 +228,10 @@ class Reader:
             end = start + caps.seconds + 2  # its own deadline first, with its reasons
             demoted = False
             while not receive.poll(0.1):
-                if not demoted and time.monotonic() - start > DEMOTE_AFTER and self._later_than(start):
+                if (not demoted and time.monotonic() - start > DEMOTE_AFTER
+                        and (self._later_than(start) or (turn is not None and turn.wanted()))):
+                    if turn is not None and not turn.lower():
+                        raise ReadStopped("the server is reading other slow uploads: try again later")
                     demote(proc.pid)
                     demoted = True
                 if self.stopping.is_set():
