@@ -226,8 +226,10 @@ def test_slow_reads_give_their_turns_back_and_one_too_many_is_stopped(engine, me
                 until(lambda: len(srv.reader._running) == 2, 30)
         until(lambda: "slow2" in answers, 15)
         time.sleep(1.2)  # the third's read is past its first second: it is the one that met a later upload
-        send("study", study)
-        lowered = srv.uploads.slow
+        threads.append(threading.Thread(target=send, args=("study", study)))
+        threads[-1].start()
+        threads[-1].join(20)
+        lowered = getattr(srv.uploads, "slow", None)
         still = "slow1" not in answers
     finally:
         srv.reader.close()  # the slow reads end here (they would take minutes)
@@ -235,10 +237,10 @@ def test_slow_reads_give_their_turns_back_and_one_too_many_is_stopped(engine, me
         for t in threads:
             t.join(60)
     refused, seconds = answers.get("slow2", (None, None))
-    assert refused is not None and refused.status_code == 503, (refused and refused.text, seconds)
+    assert refused is not None and refused.status_code == 503, (refused and refused.text, seconds, answers)
     assert refused.headers["retry-after"] and "slow uploads" in refused.json()["error"] and seconds < 15
     done, seconds = answers["study"]
-    assert done.status_code == 201 and seconds < 20, (done.status_code, done.text[:200], seconds)
+    assert done.status_code == 201 and seconds < 20, (done.status_code, done.text[:200], seconds, answers)
     assert still and lowered == 1 and most[0] <= 3, (still, lowered, most)
     assert srv.uploads.busy == srv.uploads.slow == 0
 
