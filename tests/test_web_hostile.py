@@ -356,6 +356,62 @@ def test_a_long_read_yields_the_cpu_to_a_later_upload(engine, tmp_path):
     assert len(procs) == 2 and niced == [DEMOTED_NICE, 0], niced
 
 
+def test_reading_processes_share_one_memory_budget_and_the_largest_is_stopped(engine, tmp_path, monkeypatch):
+    """Reader(budget=350 MB) with two reads of slow files at once, the first holding 300 MB and the second
+    100 MB (own_memory stands in for /proc here): alone, the first goes on; once both run (400 MB), the
+    first, the largest, is stopped (ReadStopped) and the second goes on to its own end."""
+    import web.reader
+    from web.reader import Caps, Reader, ReadStopped
+
+    reader = Reader(engine.prepare_cfg, budget=350 << 20)
+    caps = Caps(1 << 30, 8, 2 << 30, 4, 10**9)
+
+    def sizes(pid):
+        first = min(reader._running.items(), key=lambda kv: kv[1])[0].pid if reader._running else None
+        return (300 << 20) if pid == first else (100 << 20)
+
+    monkeypatch.setattr(web.reader, "own_memory", sizes)
+
+    def listed(name):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(20):
+            (folder / f"{i}").write_bytes(b"\0" * 128 + b"DICM" + b"\x08\x00\x20\x00DA\x00\x00" * 60000)
+        return [(f"{i}.dcm", folder / f"{i}") for i in range(20)]
+
+    ended = {}
+
+    def read(name):
+        t0 = time.time()
+        try:
+            reader.read(listed(name), tmp_path / f"{name}_work", None, caps)
+        except Exception as exc:  # noqa: BLE001 - a StudyError (no DICOM, or out of time) is expected
+            ended[name] = (type(exc).__name__, time.time() - t0)
+
+    first = threading.Thread(target=read, args=("first",))
+    first.start()
+    time.sleep(1.0)
+    alone = "first" not in ended
+    second = threading.Thread(target=read, args=("second",))
+    second.start()
+    first.join()
+    second.join()
+    reader.close()
+    assert alone and ended["first"][0] == ReadStopped.__name__ and ended["second"][0] == "StudyError", ended
+    assert ended["first"][1] < ended["second"][1], ended
+
+
+def test_a_read_over_the_readers_memory_budget_is_a_503_and_leaves_no_process(engine):
+    """serve.py's readers_mb, here 1 MB: every reading process is over it, so an upload whose files take
+    seconds to read (a study may be read before the first look at /proc) is stopped and answered 503 with
+    Retry-After, no reading process left."""
+    client, srv = app_client(engine, readers_mb=1)
+    slow = zip_of({f"slow/{i}": b"\0" * 128 + b"DICM" + b"\x08\x00\x20\x00DA\x00\x00" * 60000 for i in range(10)})
+    r = post(client, ("slow.zip", slow))
+    assert r.status_code == 503 and r.headers["retry-after"] and "memory" in r.json()["error"], r.text
+    assert not srv.reader._running and srv.uploads.busy == 0 and len(srv.store) == 0
+
+
 def test_upload_turns_go_to_the_smallest_waiting_upload_first():
     """One turn, held; a 100 MB upload starts waiting, then a 300 kB one: the small one gets the next turn.
     Before, turns went to whichever waiting request polled first (the large one, here, most of the time)."""

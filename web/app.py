@@ -71,7 +71,7 @@ def create_app(engine: WebEngine | None = None, settings: ServerSettings | None 
     store = StudyStore(settings.max_studies, settings.store_mb << 20)
 
     def build(engine: WebEngine) -> Server:
-        return Server(settings, engine, store, Reader(engine.prepare_cfg), work,
+        return Server(settings, engine, store, Reader(engine.prepare_cfg, settings.readers_mb << 20), work,
                       Renders(settings.max_renders, settings.render_wait), Slots(settings.max_uploads, settings.max_queued, settings.upload_seconds,
                             settings.max_uploads * settings.max_upload_mb << 20, settings.max_slow_reads))
 
