@@ -21,7 +21,8 @@ Safety (README "What happens to bad input"; BENCHMARKS.md's hostile
 table): web.guard checks Host and Origin and sets the security headers;
 each upload is streamed into its own folder under one server-owned folder
 (web.uploads) within a total time, at most `max_uploads + max_queued` in
-the server and `max_uploads` read and predicted at once (web.deps.Slots),
+the server and `max_uploads` read and predicted at once (web.deps.Slots;
+a slow read gives its turn back for one of `max_slow_reads` places),
 deleted when the request ends, on error too, or at the next start after a
 crash.
 The files are read, sorted out and decoded in a process of the upload's own
