@@ -73,7 +73,8 @@ def create_app(engine: WebEngine | None = None, settings: ServerSettings | None 
 
     def build(engine: WebEngine) -> Server:
         return Server(settings, engine, store, Reader(engine.prepare_cfg, settings.readers_mb << 20), work,
-                      Renders(settings.max_renders, settings.render_wait), Slots(settings.max_uploads, settings.max_queued, settings.upload_seconds,
+                      Renders(settings.max_renders, settings.render_wait),
+                      Slots(settings.max_uploads, settings.max_queued, settings.upload_seconds,
                             settings.max_uploads * settings.max_upload_mb << 20, settings.max_slow_reads))
 
     @asynccontextmanager
