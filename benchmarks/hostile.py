@@ -379,16 +379,27 @@ def main():
             slow_bodies(port, n_slow, args.seconds, statuses)
             return statuses, ""
 
-        def case_slow_reading():
+        def slow_zip() -> bytes:
             element = b"\x09\x00\x10\x00UN\x00\x00\x00\x00\x00\x00"  # an empty private element, 12 bytes
-            slow = zip_of({f"slow/{i:03d}": b"\0" * 128 + b"DICM" + element * n_elements
-                           for i in range(n_slow // 3)})
+            return zip_of({f"slow/{i:03d}": b"\0" * 128 + b"DICM" + element * n_elements for i in range(n_slow // 3)})
+
+        def case_slow_reading():
+            slow = slow_zip()
             large = multipart("big.dcm", bytes(mib << 20))  # one body for the ten: made here, not timed
             with ThreadPoolExecutor(12) as ex:
                 go()
                 jobs = [ex.submit(upload, port, slow) for _ in range(2)]
                 time.sleep(1)
                 jobs += [ex.submit(upload, port, None, body=large) for _ in range(10)]
+                return [keep(*j.result()) for j in jobs], f"{len(slow) >> 20} MB a slow zip"
+
+        def case_slow_reading_turns():
+            """As many slow zips as there are turns (4): before, they held every turn for the whole read time and
+            the normal study waited for one."""
+            slow = slow_zip()
+            with ThreadPoolExecutor(4) as ex:
+                go()
+                jobs = [ex.submit(upload, port, slow) for _ in range(4)]
                 return [keep(*j.result()) for j in jobs], f"{len(slow) >> 20} MB a slow zip"
 
         def case_sr_odd():
@@ -434,6 +445,7 @@ def main():
             f"slow bodies: {n_slow} uploads at 1 byte / 5 s, {args.seconds:g} s": case_slow_bodies,
             f"slow file reading: 2 zips of {n_slow // 3} x {n_elements:,} empty elements + 10 x {mib} MB uploads":
                 case_slow_reading,
+            f"slow file reading, 4 zips of {n_slow // 3} x {n_elements:,} empty elements": case_slow_reading_turns,
             "SR download on odd headers": case_sr_odd,
             "Host: evil@127.0.0.1": case_host,
             "422 error shape": case_422,

@@ -133,7 +133,7 @@ def test_hostile_benchmark(study_models, prepared, tmp_path):
     out = bench("hostile.py", "--settings", str(settings), "--config", str(cfg), "--study", str(zpath),
                 "--small", "--seconds", "2")
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert len(rows) == 15, out
+    assert len(rows) == 16, out
     for row in rows:
         assert "500" not in row["statuses"] and row["files_left"] == 0, row
         assert row["normal_status"] == 201 or (row["normal_status"] == 503 and row["retry_after"]), row

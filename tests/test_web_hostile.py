@@ -188,6 +188,111 @@ def test_slow_file_reading_holds_no_one_else_up(engine, members):
     assert post(client, ("study.zip", zip_of(ser1(members)))).status_code == 201
 
 
+def test_slow_reads_give_their_turns_back_and_one_too_many_is_stopped(engine, members):
+    """2 turns, 1 place for slow reads: two uploads of slow files take both turns; a third arrives. Now the
+    first, slow while the second is read, gives its turn back and goes on lowered; the second, slow while
+    the third is read, finds no place left and is stopped at once (503 + Retry-After); a normal study sent
+    then is answered 201 promptly, while the first is still being read; never more than 3 reading processes
+    at once. Before, the slow reads held both turns for their whole time (up to `read_seconds`) and the
+    study waited for one."""
+    client, srv = app_client(engine, max_uploads=2, max_slow_reads=1, read_seconds=300)
+    slow = zip_of({f"slow/{i}": b"\0" * 128 + b"DICM" + b"\x08\x00\x20\x00DA\x00\x00" * 60000 for i in range(100)})
+    study = zip_of(ser1(members))
+    answers, most, stop = {}, [0], threading.Event()
+
+    def send(name, data):
+        t0 = time.time()
+        answers[name] = (post(client, (f"{name}.zip", data)), time.time() - t0)
+
+    def count():
+        while not stop.wait(0.02):
+            most[0] = max(most[0], len(srv.reader._running))
+
+    def until(check, seconds):
+        end = time.time() + seconds
+        while not check() and time.time() < end:
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=count)]
+    threads[0].start()
+    try:
+        for name in ("slow1", "slow2", "slow3"):
+            threads.append(threading.Thread(target=send, args=(name, slow)))
+            threads[-1].start()
+            if name == "slow1":
+                until(lambda: len(srv.reader._running) == 1, 30)
+                time.sleep(0.2)
+            elif name == "slow2":
+                until(lambda: len(srv.reader._running) == 2, 30)
+        until(lambda: "slow2" in answers, 15)
+        time.sleep(1.2)  # the third's read is past its first second: it is the one that met a later upload
+        threads.append(threading.Thread(target=send, args=("study", study)))
+        threads[-1].start()
+        threads[-1].join(20)
+        lowered = getattr(srv.uploads, "slow", None)
+        still = "slow1" not in answers
+    finally:
+        srv.reader.close()  # the slow reads end here (they would take minutes)
+        stop.set()
+        for t in threads:
+            t.join(60)
+    refused, seconds = answers.get("slow2", (None, None))
+    assert refused is not None and refused.status_code == 503, (refused and refused.text, seconds, answers)
+    assert refused.headers["retry-after"] and "slow uploads" in refused.json()["error"] and seconds < 15
+    done, seconds = answers["study"]
+    assert done.status_code == 201 and seconds < 20, (done.status_code, done.text[:200], seconds, answers)
+    assert still and lowered == 1 and most[0] <= 3, (still, lowered, most)
+    assert srv.uploads.busy == srv.uploads.slow == 0
+
+
+def test_a_slow_read_gives_its_turn_back_and_takes_one_again_for_its_models():
+    """web.deps.Turn with 1 turn and 1 place for slow reads: a read that gives its turn back (`lower`) lets
+    a waiting upload in; a second one finds the place taken (False: the reader stops it) and keeps its turn
+    until it ends; the first then takes a turn again (`again`) before a larger upload that waited longer,
+    and frees its place."""
+    import asyncio
+
+    from web.deps import Slots
+
+    async def run():
+        slots, order = Slots(1, queued=8, wait=10, slow_reads=1), []
+
+        async def upload(size, name):
+            async with slots.turn(size):
+                order.append(name)
+
+        first = slots.turn(100)
+        a = await first.__aenter__()
+        assert not a.wanted()
+        study = asyncio.create_task(upload(1, "study"))
+        await asyncio.sleep(0.2)
+        assert a.wanted() and order == []
+        assert a.lower() and (slots.busy, slots.slow) == (0, 1) and not a.wanted()
+        await study
+        second = slots.turn(100)
+        b = await second.__aenter__()
+        other = asyncio.create_task(upload(1, "other"))
+        await asyncio.sleep(0.2)
+        assert b.wanted() and not b.lower() and (slots.busy, slots.slow) == (1, 1)
+        await second.__aexit__(None, None, None)
+        await other
+        third = slots.turn(1)
+        await third.__aenter__()
+        big = asyncio.create_task(upload(1000, "big"))
+        await asyncio.sleep(0.1)
+        again = asyncio.create_task(a.again())
+        await asyncio.sleep(0.2)
+        assert not again.done() and slots.slow == 1
+        await third.__aexit__(None, None, None)
+        await again
+        assert (slots.busy, slots.slow) == (1, 0) and order == ["study", "other"]
+        await first.__aexit__(None, None, None)
+        await big
+        return order, slots.busy, slots.slow
+
+    assert asyncio.run(run()) == (["study", "other", "big"], 0, 0)
+
+
 def test_a_decode_over_the_reading_process_memory_limit_is_refused_and_the_next_upload_works(engine, members):
     """Slices of 4096 x 4096 (32 MB of pixels each, in a small zip) read with 16 MB of memory allowed to the
     upload's reading process: the documented 400, no reading process left, the next upload 201. Before,
@@ -249,6 +354,62 @@ def test_a_long_read_yields_the_cpu_to_a_later_upload(engine, tmp_path):
     reader.close()
     assert alone == 0, "a read alone was lowered"
     assert len(procs) == 2 and niced == [DEMOTED_NICE, 0], niced
+
+
+def test_reading_processes_share_one_memory_budget_and_the_largest_is_stopped(engine, tmp_path, monkeypatch):
+    """Reader(budget=350 MB) with two reads of slow files at once, the first holding 300 MB and the second
+    100 MB (own_memory stands in for /proc here): alone, the first goes on; once both run (400 MB), the
+    first, the largest, is stopped (ReadStopped) and the second goes on to its own end."""
+    import web.reader
+    from web.reader import Caps, Reader, ReadStopped
+
+    reader = Reader(engine.prepare_cfg, budget=350 << 20)
+    caps = Caps(1 << 30, 8, 2 << 30, 4, 10**9)
+
+    def sizes(pid):
+        first = min(reader._running.items(), key=lambda kv: kv[1])[0].pid if reader._running else None
+        return (300 << 20) if pid == first else (100 << 20)
+
+    monkeypatch.setattr(web.reader, "own_memory", sizes)
+
+    def listed(name):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(20):
+            (folder / f"{i}").write_bytes(b"\0" * 128 + b"DICM" + b"\x08\x00\x20\x00DA\x00\x00" * 60000)
+        return [(f"{i}.dcm", folder / f"{i}") for i in range(20)]
+
+    ended = {}
+
+    def read(name):
+        t0 = time.time()
+        try:
+            reader.read(listed(name), tmp_path / f"{name}_work", None, caps)
+        except Exception as exc:  # noqa: BLE001 - a StudyError (no DICOM, or out of time) is expected
+            ended[name] = (type(exc).__name__, time.time() - t0)
+
+    first = threading.Thread(target=read, args=("first",))
+    first.start()
+    time.sleep(1.0)
+    alone = "first" not in ended
+    second = threading.Thread(target=read, args=("second",))
+    second.start()
+    first.join()
+    second.join()
+    reader.close()
+    assert alone and ended["first"][0] == ReadStopped.__name__ and ended["second"][0] == "StudyError", ended
+    assert ended["first"][1] < ended["second"][1], ended
+
+
+def test_a_read_over_the_readers_memory_budget_is_a_503_and_leaves_no_process(engine):
+    """serve.py's readers_mb, here 1 MB: every reading process is over it, so an upload whose files take
+    seconds to read (a study may be read before the first look at /proc) is stopped and answered 503 with
+    Retry-After, no reading process left."""
+    client, srv = app_client(engine, readers_mb=1)
+    slow = zip_of({f"slow/{i}": b"\0" * 128 + b"DICM" + b"\x08\x00\x20\x00DA\x00\x00" * 60000 for i in range(10)})
+    r = post(client, ("slow.zip", slow))
+    assert r.status_code == 503 and r.headers["retry-after"] and "memory" in r.json()["error"], r.text
+    assert not srv.reader._running and srv.uploads.busy == 0 and len(srv.store) == 0
 
 
 def test_upload_turns_go_to_the_smallest_waiting_upload_first():

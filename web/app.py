@@ -21,7 +21,8 @@ Safety (README "What happens to bad input"; BENCHMARKS.md's hostile
 table): web.guard checks Host and Origin and sets the security headers;
 each upload is streamed into its own folder under one server-owned folder
 (web.uploads) within a total time, at most `max_uploads + max_queued` in
-the server and `max_uploads` read and predicted at once (web.deps.Slots),
+the server and `max_uploads` read and predicted at once (web.deps.Slots;
+a slow read gives its turn back for one of `max_slow_reads` places),
 deleted when the request ends, on error too, or at the next start after a
 crash.
 The files are read, sorted out and decoded in a process of the upload's own
@@ -71,9 +72,10 @@ def create_app(engine: WebEngine | None = None, settings: ServerSettings | None 
     store = StudyStore(settings.max_studies, settings.store_mb << 20)
 
     def build(engine: WebEngine) -> Server:
-        return Server(settings, engine, store, Reader(engine.prepare_cfg), work,
-                      Renders(settings.max_renders, settings.render_wait), Slots(settings.max_uploads, settings.max_queued, settings.upload_seconds,
-                            settings.max_uploads * settings.max_upload_mb << 20))
+        return Server(settings, engine, store, Reader(engine.prepare_cfg, settings.readers_mb << 20), work,
+                      Renders(settings.max_renders, settings.render_wait),
+                      Slots(settings.max_uploads, settings.max_queued, settings.upload_seconds,
+                            settings.max_uploads * settings.max_upload_mb << 20, settings.max_slow_reads))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

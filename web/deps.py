@@ -35,7 +35,10 @@ class Slots:
        before its body is read (holding only its connection).
     2. `turn(size)`: one of `limit` turns to be read (its own process) and
        predicted, taken once the body is in. In the first seconds of a
-       turn, bodies of 4x its size or more wait (`yield_to_smaller`).
+       turn, bodies of 4x its size or more wait (`yield_to_smaller`). A
+       read that is slow while others want a turn gives its turn back and
+       goes on in one of `slow_reads` places (`Turn.lower`); when they are
+       all taken, it is stopped instead (503 with Retry-After).
 
     Why the body is received before the turn (measured: 2 uploads whose
     files are slow to read held 2 of the 4 turns for their 120 s, and ten
@@ -52,12 +55,14 @@ class Slots:
     large upload waits while smaller ones come, at most `wait` seconds per
     step."""
 
-    def __init__(self, limit: int, queued: int = 16, wait: float = 300, budget: int | None = None):
-        self.limit, self.queued, self.wait = limit, queued, wait
+    def __init__(self, limit: int, queued: int = 16, wait: float = 300, budget: int | None = None,
+                 slow_reads: int = 2):
+        self.limit, self.queued, self.wait, self.slow_reads = limit, queued, wait, slow_reads
         self.budget = budget if budget is not None else limit << 30
         self.admitted = 0  # uploads in the server (admitted, not yet answered)
         self.held = 0      # bytes of the bodies admitted to be received (their Content-Length)
         self.busy = 0      # turns held
+        self.slow = 0      # places of slow reads held (Turn.lower: from the turn given back to the next one)
         self._for_bytes: list[tuple[int, int]] = []  # (size, arrival) of each upload waiting to be received
         self._for_turn: list[tuple[int, int]] = []   # ... and waiting for a turn
         self._turns: dict[int, tuple[int, float]] = {}  # arrival -> (size, when its turn began)
@@ -114,25 +119,26 @@ class Slots:
             with self._lock:
                 self.admitted -= 1
 
+    def _free_turn(self) -> bool:
+        """Take a turn if one is free (under the lock)."""
+        if self.busy < self.limit:
+            self.busy += 1
+            return True
+        return False
+
     @asynccontextmanager
     async def turn(self, size: int = 0):
-        """One of `limit` turns to read and predict an upload whose body is in."""
-        def free() -> bool:
-            if self.busy < self.limit:
-                self.busy += 1
-                return True
-            return False
-
+        """One of `limit` turns to read and predict an upload whose body is in (a Turn: the reader may give
+        it back, the route takes it again before the models)."""
         ticket = (size, next(self._arrivals))
-        await self._wait(self._for_turn, ticket, free)
+        await self._wait(self._for_turn, ticket, self._free_turn)
+        turn = Turn(self, ticket, time.monotonic())
         with self._lock:
-            self._turns[ticket[1]] = (size, time.monotonic())
+            self._turns[ticket[1]] = (size, turn.began)
         try:
-            yield
+            yield turn
         finally:
-            with self._lock:
-                self.busy -= 1
-                self._turns.pop(ticket[1], None)
+            turn.end()
 
     YIELD_SECONDS = 5.0  # the first seconds of a turn, during which larger bodies wait (a study: about 1 s)
 
@@ -151,6 +157,79 @@ class Slots:
             if not ahead or now > end:
                 return
             await asyncio.sleep(0.05)
+
+
+class Turn:
+    """One upload's turn (Slots.turn), which its reading process may give back while it is slow.
+
+    Why (measured, BENCHMARKS.md "Session 10"): four uploads of files that
+    take the whole `read_seconds` to read held all four turns, and a normal
+    study (0.4 s) waited up to 120 s for one. Now a read still running after
+    a second (web.reader.DEMOTE_AFTER; a study of a few hundred slices is
+    read in well under one) while another upload wants a turn (one waits
+    with none free, or a later one is being read) is lowered in priority
+    and gives its turn back (`lower`): it goes on in one of the server's
+    `slow_reads` places. When they are all taken, the read is stopped (its
+    process killed) and the upload told to come back (503 with
+    Retry-After): whoever sends more slow uploads than that gets the 503,
+    not the user who sends a study. A legitimately large upload (thousands
+    of slices) read while two slow ones hold those places is stopped too;
+    it is not harmed otherwise. Reading processes at once are then at most
+    `limit + slow_reads`.
+
+    A lowered upload takes a turn again for its models (`again`: waits as
+    any upload does, smallest first, the same ticket), so the models run
+    for at most `limit` uploads at once, as before, and keeps its slow
+    place until then: uploads read but not yet predicted, whose decoded
+    images are held in the server, stay within the same bounds."""
+
+    def __init__(self, slots: Slots, ticket: tuple[int, int], began: float):
+        self.slots, self.ticket, self.began = slots, ticket, began
+        self.held = True   # one of the turns
+        self.slow = False  # one of the slow reads' places
+
+    def wanted(self) -> bool:
+        """Whether an upload waits for a turn and none is free."""
+        s = self.slots
+        with s._lock:
+            return bool(s._for_turn) and s.busy >= s.limit
+
+    def lower(self) -> bool:
+        """Give the turn back for one of the slow reads' places; False (nothing changed) when those are taken."""
+        s = self.slots
+        with s._lock:
+            if not self.held:
+                return True
+            if s.slow >= s.slow_reads:
+                return False
+            s.slow += 1
+            s.busy -= 1
+            self.slow, self.held = True, False
+            s._turns.pop(self.ticket[1], None)
+            return True
+
+    async def again(self) -> None:
+        """A turn again for the models, if the read gave its turn back (then its slow place is freed)."""
+        if self.held:
+            return
+        s = self.slots
+        await s._wait(s._for_turn, self.ticket, s._free_turn)
+        with s._lock:
+            self.held = True
+            s.slow -= 1
+            self.slow = False
+            s._turns[self.ticket[1]] = (self.ticket[0], self.began)  # its first seconds are long past
+
+    def end(self) -> None:
+        """The upload is answered: its turn or its slow place is free."""
+        s = self.slots
+        with s._lock:
+            if self.held:
+                s.busy -= 1
+                s._turns.pop(self.ticket[1], None)
+            if self.slow:
+                s.slow -= 1
+            self.held = self.slow = False
 
 
 @dataclass

@@ -13,11 +13,22 @@ codestream larger than its header, a header of 90,000 empty elements,
 - shares the CPU fairly: a reading process still running after
   `DEMOTE_AFTER` seconds (a study of a few hundred slices is read in well
   under a second) is lowered to `DEMOTED_NICE` once a later upload is being
-  read beside it, so an upload that arrives while a hostile or huge one is
-  being read gets the CPU first, whoever sent it. Alone, a reading process
-  keeps the server's priority (a busy machine's other programs do not push
-  it down). Turns by client address would not do it: everyone behind one
-  proxy or NAT (or on this machine) has the same one;
+  read beside it or one waits for a turn, so an upload that arrives while
+  a hostile or huge one is being read gets the CPU first, whoever sent it.
+  Alone, a reading process keeps the server's priority (a busy machine's
+  other programs do not push it down). Turns by client address would not
+  do it: everyone behind one proxy or NAT (or on this machine) has the
+  same one;
+- gives its upload's turn back when it is lowered (web.deps.Turn.lower),
+  so slow reads cannot hold every turn; when the server's places for slow
+  reads are all taken, it is stopped instead (ReadStopped: the server
+  answers 503 with Retry-After);
+- shares one memory budget with the others (`budget`: their own resident
+  memory together, read from /proc every 0.1 s): over it, the largest is
+  stopped (ReadStopped). Each has its own limit already, but up to
+  `max_uploads + max_slow_reads` of them run at once; the budget bounds
+  them together below that many times the limit, and the one that is
+  stopped is the one that takes the most;
 - prints nothing: its stdout, stderr, warnings and logging go nowhere (a
   library may print a value of a header), and its errors come back as
   reasons.
@@ -187,23 +198,47 @@ def demote(pid: int) -> None:
             pass
 
 
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def own_memory(pid: int | None) -> int:
+    """Bytes of process pid's resident memory that are not file-backed (statm's resident less shared:
+    its heap and its copies of the forkserver's pages; the libraries mapped from files, shared by every
+    reader, are not counted); 0 when it is not running."""
+    if not pid:
+        return 0
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            resident, shared = f.read().split()[1:3]
+        return max(0, int(resident) - int(shared)) * PAGE
+    except (OSError, ValueError):
+        return 0
+
+
 class ReadFailed(RuntimeError):
     """The reading process failed in an unexpected way (the type of its error, no message)."""
+
+
+class ReadStopped(RuntimeError):
+    """The read was slow when others wanted its turn, and every place for slow reads was taken: its process
+    was killed (the upload may be sent again later)."""
 
 
 class Reader:
     """Starts one reading process per upload (`read`, blocking: call it from a thread) and stops them all
     at `close`."""
 
-    def __init__(self, cfg: PrepareConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: PrepareConfig, budget: int | None = None):
+        """budget: bytes all reading processes together may hold (own_memory); None: no such budget."""
+        self.cfg, self.budget = cfg, budget
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload([__name__])
         self.stopping = threading.Event()
         self._running: dict = {}  # process -> when it started (time.monotonic)
         self._lock = threading.Lock()
 
-    def read(self, listed: list, work: Path, series_index: int | None, caps: Caps) -> UploadRead:
+    def read(self, listed: list, work: Path, series_index: int | None, caps: Caps, turn=None) -> UploadRead:
+        """turn: the upload's web.deps.Turn (None: no turns, a read is only lowered in priority)."""
         if self.stopping.is_set():
             raise StudyError("the server is stopping")
         receive, send = self.ctx.Pipe(duplex=False)
@@ -217,11 +252,16 @@ class Reader:
             end = start + caps.seconds + 2  # its own deadline first, with its reasons
             demoted = False
             while not receive.poll(0.1):
-                if not demoted and time.monotonic() - start > DEMOTE_AFTER and self._later_than(start):
+                if (not demoted and time.monotonic() - start > DEMOTE_AFTER
+                        and (self._later_than(start) or (turn is not None and turn.wanted()))):
+                    if turn is not None and not turn.lower():
+                        raise ReadStopped("the server is reading other slow uploads: try again later")
                     demote(proc.pid)
                     demoted = True
                 if self.stopping.is_set():
                     raise StudyError("the server is stopping")
+                if self.budget is not None and self._largest_over_budget() == proc.pid:
+                    raise ReadStopped("the server is reading other uploads that take its memory: try again later")
                 if not proc.is_alive() and not receive.poll(0):
                     raise StudyError("reading the upload failed: its process ended without an answer (out of "
                                      "memory?): upload fewer or smaller slices")
@@ -245,6 +285,16 @@ class Reader:
         if kind == "error":
             raise StudyError(value)
         return value
+
+    def _largest_over_budget(self) -> int | None:
+        """The pid of the reading process that holds the most memory, when all of them hold more than the
+        budget together (None otherwise)."""
+        with self._lock:
+            pids = [proc.pid for proc in self._running]
+        sizes = {pid: own_memory(pid) for pid in pids if pid}
+        if not sizes or sum(sizes.values()) <= self.budget:
+            return None
+        return max(sizes, key=sizes.get)
 
     def _later_than(self, start: float) -> bool:
         """Whether an upload that started after `start` is being read now."""

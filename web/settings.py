@@ -5,7 +5,11 @@ table): every surface of the server runs under one budget. An upload is
 received within `upload_seconds` (and `body_timeout` per stall), at most
 `max_uploads + max_queued` in the server at once (more: 503 with
 Retry-After), their bodies within `max_uploads x max_upload_mb` of disk,
-`max_uploads` read and predicted at once (web.deps.Slots);
+`max_uploads` read and predicted at once (web.deps.Slots), and a read that
+is slow while others want a turn gives its turn back to go on in one of
+`max_slow_reads` places (more: stopped, 503 with Retry-After), so at most
+`max_uploads + max_slow_reads` reading processes run at once, holding at
+most `readers_mb` of memory together (over it, the largest is stopped);
 it is read and decoded in its own process with `upload_memory_mb` of address
 space and `read_seconds` of time, up to `max_series` series and
 `max_source_mpx` source pixels; results keep at most `store_mb` of images
@@ -36,9 +40,16 @@ class ServerSettings:
                                "max_upload_mb of disk")
     max_queued: int = _opt(16, "uploads in the server beside those turns (receiving their body, or waiting for "
                                "room or a turn); one more is told to come back (503 with Retry-After)")
+    max_slow_reads: int = _opt(2, "reads still running after a second while other uploads want a turn, which "
+                                  "give their turn back and go on at a lower priority; one more is stopped "
+                                  "(503 with Retry-After)")
     max_series: int = _opt(4, "series of one upload decoded and predicted (the page switches between them)")
     max_source_mpx: int = _opt(512, "megapixels of source slices decoded per upload (512: 2,000 slices of 512 x 512)")
     upload_memory_mb: int = _opt(2048, "memory (address space) one upload's reading process may take")
+    readers_mb: int = _opt(4096, "memory all uploads' reading processes may hold together (resident, not "
+                                 "file-backed); over it, the one that holds the most is stopped (503 with "
+                                 "Retry-After). Twice upload_memory_mb: one upload that needs its whole "
+                                 "limit is read beside the others")
     store_mb: int = _opt(256, "memory all kept results may take (images, files for the viewer, Grad-CAM "
                               "maps); over it, the viewer's files of the oldest results go first")
     max_renders: int = _opt(2, "images (PNG, Grad-CAM) drawn at once")

@@ -21,7 +21,7 @@ from pipeline.study import thumbnail
 from ..deps import Server, series_param, server, stored_study
 from ..engine import Busy
 from ..errors import ApiError
-from ..reader import Caps, ReadFailed
+from ..reader import Caps, ReadFailed, ReadStopped
 from ..schemas import ERRORS, Forgotten, Patient, StudyDocument
 from ..store import StoredStudy
 from ..uploads import ClientGone, UploadError, receive_files
@@ -127,14 +127,18 @@ async def _upload(request: Request, series: int | None, srv: Server, t0: float, 
         caps = Caps(cfg.max_unpacked_mb << 20, cfg.read_seconds, cfg.upload_memory_mb << 20, cfg.max_series,
                     cfg.max_source_mpx * 10**6)
         try:
-            async with srv.uploads.turn(length):  # the body is in: a turn to read and predict it
+            async with srv.uploads.turn(length) as turn:  # the body is in: a turn to read and predict it
                 t_read = time.time()
-                read = await run_in_threadpool(srv.reader.read, listed, folder / "unzipped", series, caps)
+                read = await run_in_threadpool(srv.reader.read, listed, folder / "unzipped", series, caps, turn)
+                t_again = time.time()
+                await turn.again()  # a slow read gave its turn back: the models wait for one
                 t_run = time.time()
                 results = await run_in_threadpool(srv.engine.run, read)
                 t_done = time.time()
         except StudyError as exc:
             raise ApiError(400, str(exc).replace(str(srv.work.root), "(server folder)")) from None
+        except ReadStopped as exc:
+            raise ApiError(503, str(exc), retry_after=30) from None
         except ReadFailed as exc:
             log.error("upload: reading failed: %s", exc)
             raise ApiError(400, "the files could not be read (an unexpected error while reading them)") from None
@@ -148,11 +152,13 @@ async def _upload(request: Request, series: int | None, srv: Server, t0: float, 
         if s["index"] == read.chosen:
             s["why_chosen"] = ("picked on upload (?series=)" if series is not None
                                else "the axial series with the most slices")
-    # "upload": from the request to its body in (a wait for room included); "turn": the wait for a turn;
-    # "read" (the reading process's own time) is within "reading" (from its start to its answer here);
-    # "models" holds the model's "queue", "stage one" and "stage two"
-    study = StoredStudy(results, listing, read.chosen, {"upload": received, "turn": t_read - t0 - received,
-                                                        "reading": t_run - t_read,
+    # "upload": from the request to its body in (a wait for room included); "turn": the wait for a turn
+    # (and, after a slow read that gave it back, the wait for one again); "read" (the reading process's own
+    # time) is within "reading" (from its start to its answer here); "models" holds the model's "queue",
+    # "stage one" and "stage two"
+    study = StoredStudy(results, listing, read.chosen, {"upload": received,
+                                                        "turn": t_read - t0 - received + t_run - t_again,
+                                                        "reading": t_again - t_read,
                                                         "models": t_done - t_run, "total": time.time() - t0},
                         {i: png for i, r in results.items() if (png := thumbnail(r.images)) is not None})
     study_id = srv.store.add(study)
