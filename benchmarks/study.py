@@ -65,12 +65,11 @@ def main():
     from web.app import create_app
     from web.engine import load_engine
 
+    from web import heap
     if args.malloc == "mapped":
-        import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        heap.set_option(heap.M_MMAP_THRESHOLD, 1 << 20)
     elif args.malloc == "one-arena":
-        from web.heap import one_arena
-        one_arena()
+        heap.one_arena()
     t = time.perf_counter()
     engine = load_engine(args.settings, args.config)
     client = TestClient(create_app(engine), base_url="http://127.0.0.1")  # a Host the server answers to

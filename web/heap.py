@@ -10,17 +10,20 @@ whose results were deleted, and 143 MB over a run of every hostile case
 (glibc's free bytes 21 -> 287 MB, live bytes unchanged). With one arena,
 the same cases kept 2 to 6 MB, and the peaks were lower (freed blocks are
 reused by the next thread instead of a new arena growing). The threads
-that allocate much (stage one, drawings) take turns under locks anyway,
-so they do not wait for each other on the arena's lock; the upload's time
-was measured the same (`benchmarks/study.py --malloc`).
+that allocate much take turns anyway (the models on their own threads,
+web.engine; drawings `max_renders` at a time), so they seldom wait for
+each other on the arena's lock; the upload's time was measured the same
+(`benchmarks/study.py --malloc`).
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 
-M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # mallopt's parameter numbers (malloc.h)
 
 
+@functools.cache
 def _libc():
     try:
         return ctypes.CDLL("libc.so.6")
@@ -28,14 +31,19 @@ def _libc():
         return None
 
 
+def set_option(param: int, value: int) -> bool:
+    """glibc's mallopt(param, value); -> whether it was set (False where the C library is not glibc)."""
+    libc = _libc()
+    try:
+        return bool(libc and libc.mallopt(param, value))
+    except AttributeError:
+        return False
+
+
 def one_arena() -> bool:
     """Every thread allocates from the one main arena from now on (threads that already have an arena keep
     it: call this before the server starts its threads); -> whether it was set (glibc only)."""
-    libc = _libc()
-    try:
-        return bool(libc and libc.mallopt(M_ARENA_MAX, 1))
-    except AttributeError:
-        return False
+    return set_option(M_ARENA_MAX, 1)
 
 
 def give_back() -> None:
